@@ -1,0 +1,168 @@
+"""Press interfaces: what a KV-cache compression method must decide, and the scorer-based selection.
+
+A *press* decides, per attention layer and KV head, which key/value pairs stay in the cache. The cache
+layer (:mod:`kvpress_like.cache`) owns the tensors and asks its press three questions: how many tokens to
+keep (:meth:`Press.target_size`), how to score keys, and which ones to keep (:meth:`Press.select`).
+
+Sizes and rounding (documented once, here):
+
+* ``ratio`` is the fraction of KV pairs removed from each compressed layer and KV head. After a prefill of
+  ``n`` tokens a layer keeps ``n - floor(ratio * n)`` tokens, so a press never removes more than asked and
+  ``ratio=0`` keeps everything.
+* ``max_cache_tokens`` is a hard budget per layer and KV head, enforced after every forward call (prefill
+  chunks and decoding steps alike).
+* ``n_sink`` first tokens and the ``window`` most recent tokens are never evicted. When a ratio's target
+  is smaller than those protected tokens, the protected tokens are kept and a warning says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Press", "ScorerPress"]
+
+
+@dataclass
+class Press(ABC):
+    """Abstract compression policy shared by every method.
+
+    Subclasses are small dataclasses holding their settings; the library calls :meth:`target_size`,
+    :meth:`key_scores` / :meth:`query_scores` and :meth:`select`. Nothing here touches a model.
+    """
+
+    #: Registry name (set by subclasses; used by :func:`kvpress_like.get_press`).
+    name: ClassVar[str] = ""
+    #: True when scores depend only on each key (and its position): they are computed once, when the key
+    #: enters the cache, stored beside it, and eviction can happen inside the cache without queries.
+    query_free: ClassVar[bool] = True
+
+    def prepare(self, model) -> None:
+        """Called by :func:`kvpress_like.press` on entry: check the model fits (raise ``ValueError``), load
+        per-model data such as Q-Filters."""
+
+    def compresses_layer(self, layer_idx: int) -> bool:
+        """Whether the full-attention layer ``layer_idx`` is compressed at all."""
+        return True
+
+    @abstractmethod
+    def target_size(self, seen: int, decoding: bool) -> int | None:
+        """How many tokens a layer that has seen ``seen`` tokens may keep; ``None`` for no limit."""
+
+    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Scores ``(batch, kv_heads, n)`` of new keys; higher is kept. Only for ``query_free`` presses."""
+        raise NotImplementedError
+
+    def query_scores(
+        self,
+        module: nn.Module,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+        seen: int,
+    ) -> torch.Tensor:
+        """Scores ``(batch, kv_heads, n)`` of cached keys given the latest queries (query-dependent presses)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen: int, n_keep: int) -> torch.Tensor:
+        """Indices ``(batch, kv_heads, n_keep)`` into the cached tokens to keep, in position order."""
+
+    @abstractmethod
+    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
+        """Index ``(batch, kv_heads)`` of the slot to evict when one decoded token enters a full cache."""
+
+
+@dataclass
+class ScorerPress(Press):
+    """A press that keeps the highest-scoring keys, with protected sinks and recent window.
+
+    Args:
+        ratio: fraction of KV pairs removed per layer and KV head, in ``[0, 1)``.
+        n_sink: number of first tokens never evicted (attention sinks).
+        window: number of most recent tokens never evicted.
+        skip_layers: indices of full-attention layers left uncompressed (the Q-Filters paper leaves the
+            first two layers alone in its needle test).
+        max_cache_tokens: hard budget per layer and KV head, enforced during prefill and decoding.
+        decoding: also apply ``ratio`` while decoding, keeping the cache near ``(1 - ratio) x tokens seen``.
+        prefill_chunk_size: under :func:`kvpress_like.press`, ``generate()`` prefills long prompts in chunks of
+            this many tokens, so peak KV memory stays near ``max_cache_tokens + prefill_chunk_size``.
+    """
+
+    ratio: float = 0.0
+    n_sink: int = 0
+    window: int = 0
+    skip_layers: tuple[int, ...] = field(default_factory=tuple)
+    max_cache_tokens: int | None = None
+    decoding: bool = False
+    prefill_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise ValueError(
+                f"ratio must be a number in [0, 1) (the fraction of KV pairs removed), got {self.ratio!r}; "
+                "for example ratio=0.875 keeps one token in eight."
+            )
+        for name in ("n_sink", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        self.skip_layers = tuple(int(i) for i in self.skip_layers)
+        if self.max_cache_tokens is not None:
+            budget = self.max_cache_tokens
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget <= self.n_sink + self.window:
+                raise ValueError(
+                    f"max_cache_tokens={budget!r} must be an integer larger than n_sink + window "
+                    f"= {self.n_sink} + {self.window}: the protected tokens alone would fill the cache. "
+                    "Raise the budget or shrink the window."
+                )
+        if self.prefill_chunk_size is not None and (
+            not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 1
+        ):
+            raise ValueError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}.")
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def compresses_layer(self, layer_idx: int) -> bool:
+        return layer_idx not in self.skip_layers
+
+    def target_size(self, seen: int, decoding: bool) -> int | None:
+        target = None
+        if self.ratio > 0 and (not decoding or self.decoding):
+            target = seen - math.floor(seen * self.ratio + 1e-9)
+        if self.max_cache_tokens is not None:
+            target = self.max_cache_tokens if target is None else min(target, self.max_cache_tokens)
+        return target
+
+    def n_protected(self, seen: int) -> int:
+        """Number of tokens the sinks and the window protect once ``seen`` tokens went through a layer."""
+        sinks = min(self.n_sink, seen)
+        return sinks + min(self.window, seen - sinks)
+
+    # -- selection -----------------------------------------------------------------------------------
+    def protected(self, positions: torch.Tensor, seen: int) -> torch.Tensor:
+        """Boolean mask of sink and recent-window tokens, by true position."""
+        return (positions < self.n_sink) | (positions >= seen - self.window)
+
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen: int, n_keep: int) -> torch.Tensor:
+        n_protected = self.n_protected(seen)
+        if n_keep < n_protected:
+            warnings.warn(
+                f"{type(self).__name__}: the target of {n_keep} tokens is below the {n_protected} protected "
+                f"sink/window tokens; keeping the protected tokens only.",
+                stacklevel=3,
+            )
+            n_keep = n_protected
+        n_keep = min(n_keep, scores.shape[-1])
+        masked = scores.float().masked_fill(self.protected(positions, seen), float("inf"))
+        kept = masked.topk(n_keep, dim=-1, sorted=False).indices
+        order = positions.gather(-1, kept).argsort(dim=-1)
+        return kept.gather(-1, order)
+
+    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
+        return scores.float().masked_fill(self.protected(positions, seen), float("inf")).argmin(dim=-1)

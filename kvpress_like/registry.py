@@ -1,0 +1,54 @@
+"""The press registry: one pluggy plugin manager, the library's only global."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pluggy
+
+from . import hookspecs
+from .base import Press
+
+__all__ = ["plugin_manager", "list_presses", "get_press", "press_class"]
+
+
+@lru_cache(maxsize=1)
+def plugin_manager() -> pluggy.PluginManager:
+    """Created on first use (not at import): built-ins, then entry-point plugins."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    from . import methods
+
+    pm.register(methods, name="kvpress_like.builtin")
+    pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
+    return pm
+
+
+def _presses() -> dict[str, type[Press]]:
+    found: dict[str, type[Press]] = {}
+    for provided in plugin_manager().hook.kvpress_like_presses():
+        for name, cls in provided.items():
+            if not (isinstance(cls, type) and issubclass(cls, Press)):
+                raise TypeError(f"plugin press {name!r} is {cls!r}, not a kvpress_like.Press subclass")
+            if name in found and found[name] is not cls:
+                raise ValueError(f"two plugins provide a press named {name!r}: {found[name]} and {cls}")
+            found[name] = cls
+    return found
+
+
+def list_presses() -> list[str]:
+    """Names of every registered press, sorted."""
+    return sorted(_presses())
+
+
+def press_class(name: str) -> type[Press]:
+    """The press class registered as ``name``; ``KeyError`` listing valid names otherwise."""
+    presses = _presses()
+    if name not in presses:
+        raise KeyError(f"unknown press {name!r}; registered presses: {', '.join(sorted(presses))}")
+    return presses[name]
+
+
+def get_press(name: str, **settings) -> Press:
+    """Instantiate a registered press by name, e.g. ``get_press("qfilters", ratio=0.5)``."""
+    return press_class(name)(**settings)
