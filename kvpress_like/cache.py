@@ -181,7 +181,7 @@ class PressedLayer(DynamicLayer):
             if budget is not None and self.n + q <= budget:
                 new_capacity = budget  # a budgeted layer allocates its budget once, like a static cache
             elif q == 1:
-                new_capacity = self.n + 1 + max(16, self.n // 4)  # amortized growth while decoding
+                new_capacity = self.n + 1 + max(16, self.n // 8)  # amortized growth while decoding
             else:
                 new_capacity = self.n + q  # prefill: exact, so KV bytes match what is kept
             self._allocate(k, v, new_capacity)

@@ -20,7 +20,7 @@ PREFIX = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about the important information there.\n\n"
 )
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+QUESTION = "\nWhat is the pass key? The pass key is"  # a single newline: "\\n\\n" here makes SmolLM2 ramble
 
 
 def offline_corpus() -> str:

@@ -96,6 +96,8 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
     ).to(device)
+    if name_or_path in EMBEDDED_MODELS:
+        model.config._name_or_path = name_or_path  # the filter store and results name the model, not the cache path
     model.eval()
     return model, tokenizer
 
