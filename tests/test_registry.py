@@ -1,0 +1,71 @@
+"""The pluggy registry: built-ins by name, and a third-party scorer installed through an entry point."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpress_like as kp
+from kvpress_like.registry import plugin_manager
+from kvpress_like.models import tiny_model
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+
+from kvpress_like import ScorerPress, hookimpl
+
+
+@dataclass
+class OddPositionsPress(ScorerPress):
+    """Keeps odd positions first: an easy rule to verify from the outside."""
+
+    name = "odd_positions"
+
+    def key_scores(self, layer_idx, keys, positions):
+        return (positions % 2).float() + positions.float() * 1e-6
+
+
+@hookimpl
+def kvpress_like_presses():
+    return {"odd_positions": OddPositionsPress}
+'''
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    (tmp_path / "odd_plugin.py").write_text(PLUGIN)
+    dist = tmp_path / "odd_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: odd-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent("[kvpress_like]\nodd = odd_plugin\n"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin_manager.cache_clear()
+    yield
+    plugin_manager.cache_clear()
+    sys.modules.pop("odd_plugin", None)
+
+
+def test_builtins_by_name():
+    assert {"qfilters", "knorm", "snapkv", "streaming_llm"} <= set(kp.list_presses())
+    p = kp.get_press("qfilters", ratio=0.5)
+    assert isinstance(p, kp.QFilterPress) and p.ratio == 0.5
+
+
+def test_third_party_press_through_entry_point(installed_plugin):
+    assert "odd_positions" in kp.list_presses()
+    model = tiny_model("llama")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kp.press(model, "odd_positions", ratio=0.5):
+        model(torch.randint(3, 100, (1, 20)), past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.positions.tolist() == [[list(range(1, 20, 2))] * 2]
+
+
+def test_settings_need_a_name():
+    with pytest.raises(TypeError, match="settings"):
+        with kp.press(tiny_model("llama"), kp.KnormPress(), ratio=0.5):
+            pass
