@@ -10,6 +10,7 @@ from .cache import PressedCache, PressedLayer, cache_nbytes, uncompressed
 from .context import press
 from .hookspecs import hookimpl
 from .methods import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress
+from .qfilters_cache import QFiltersCache
 from .registry import get_press, list_presses
 
 __version__ = "0.1.0"

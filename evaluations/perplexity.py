@@ -1,0 +1,304 @@
+"""``kvpress-like eval perplexity``: streaming perplexity with a capped KV cache (Q-Filters paper, Fig. 5).
+
+A long text is fed through the model in small chunks; the cache keeps at most a fixed number of tokens per
+layer and KV head, and each method decides which. Every token's negative log-likelihood is recorded, so
+perplexity can be read over the whole text, after the cache filled, or in a running window (the plot).
+
+Budget semantics. With ``chunk == 1`` a decoding step evicts before attention, so each prediction sees
+exactly ``budget`` keys. With larger chunks the cache stores ``budget - chunk`` tokens between calls and
+each chunk's tokens see between ``budget - chunk + 1`` and ``budget`` keys: no prediction ever attends to
+more than ``budget`` keys, for every method alike.
+
+All scorers share the same protected tokens (``--n-sink`` first tokens, ``--window`` most recent ones),
+chosen before looking at results; StreamingLLM's position score makes its window irrelevant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvpress_like.base import ScorerPress
+from kvpress_like.cache import PressedCache
+
+METHODS = ("full", "streaming_llm", "knorm", "qfilters")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stored_budget(budget: int, chunk: int) -> int:
+    """Tokens kept between calls so that no prediction attends to more than ``budget`` keys."""
+    stored = budget if chunk == 1 else budget - chunk
+    if stored < 1:
+        raise ValueError(f"chunk={chunk} leaves no room in a budget of {budget}; use a chunk well below the budget.")
+    return stored
+
+
+@torch.no_grad()
+def stream_nll(
+    model, ids: torch.Tensor, p: ScorerPress | None, chunk: int = 16, progress: bool = True, desc: str = ""
+) -> torch.Tensor:
+    """Negative log-likelihood ``(T - 1,)`` of ``ids[0, 1:]`` with the text fed through a (capped) cache.
+
+    The first call holds as many tokens as the cache may keep (nothing is evicted before then, so this
+    equals feeding them in chunks); the rest go in ``chunk``-token calls. ``p=None`` is the full cache.
+    """
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"stream_nll takes one sequence of token ids (1, T), got {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    total = ids.shape[1]
+    budget = None if p is None else p.max_cache_tokens
+    cache = DynamicCache(config=model.config) if p is None else PressedCache(p, config=model.config)
+    first = min(total, budget if budget is not None else chunk)
+    bounds = [(0, first)] + [(s, min(s + chunk, total)) for s in range(first, total, chunk)]
+    nll = []
+    for start, end in tqdm(bounds, desc=desc or "stream", disable=not progress, leave=False):
+        logits = model(ids[:, start:end], past_key_values=cache).logits[0].float()
+        targets = ids[0, start + 1 : end + 1]
+        nll.append(torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="none"))
+    return torch.cat(nll).cpu()
+
+
+def make_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int) -> ScorerPress | None:
+    """The press for ``method`` with the shared sinks/window, or None for the full cache."""
+    if method == "full":
+        return None
+    from kvpress_like.methods import KnormPress, QFilterPress, StreamingLLMPress
+    from kvpress_like.methods.qfilters import filters_for
+
+    settings = dict(max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
+    if method == "qfilters":
+        return QFilterPress(filters=filters_for(model), **settings)
+    if method == "knorm":
+        return KnormPress(**settings)
+    if method == "streaming_llm":
+        return StreamingLLMPress(**settings)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def load_text_ids(tokenizer, tokens: int, dataset: str | None, dataset_config: str | None, split: str) -> torch.Tensor:
+    """``tokens`` token ids of the offline corpus, or of a Hugging Face dataset's ``text`` column (online)."""
+    if dataset is None:
+        from kvpress_like.data import corpus_ids
+
+        ids = corpus_ids(tokenizer, "prose")
+    else:
+        try:
+            from datasets import load_dataset
+        except ImportError as err:
+            raise SystemExit("--dataset needs the `datasets` package: pip install datasets") from err
+        rows = load_dataset(dataset, dataset_config, split=split, streaming=True)
+        text, count = [], 0
+        for row in rows:
+            text.append(row["text"])
+            count += len(row["text"]) // 3  # rough token estimate, only to stop reading early
+            if count > 2 * tokens:
+                break
+        ids = torch.tensor(tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"])
+    if len(ids) < tokens:
+        raise SystemExit(f"the text has only {len(ids)} tokens; ask for --tokens {len(ids)} or fewer")
+    return ids[:tokens][None]
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    return math.exp(nll.mean().item())
+
+
+def running_perplexity(nll: torch.Tensor, window: int) -> torch.Tensor:
+    """Perplexity over the ``window`` tokens ending at each position (shorter at the start)."""
+    csum = torch.cat([torch.zeros(1, dtype=torch.float64), nll.double().cumsum(0)])
+    ends = torch.arange(1, len(nll) + 1)
+    starts = (ends - window).clamp(min=0)
+    return ((csum[ends] - csum[starts]) / (ends - starts)).exp()
+
+
+def gap_reduction(full: float, streaming: float, method: float) -> float | None:
+    """Fraction of StreamingLLM's perplexity gap to the full cache that ``method`` closes (1 = all of it)."""
+    gap = streaming - full
+    return None if gap <= 0 else (streaming - method) / gap
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--budgets", default="512", help="comma-separated KV budgets per layer and KV head")
+    parser.add_argument("--tokens", type=int, default=4096, help="length of the text")
+    parser.add_argument("--chunk", type=int, default=32, help="tokens per forward call after the cache fills")
+    parser.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (all methods)")
+    parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted (all methods)")
+    parser.add_argument("--plot-window", type=int, default=256, help="tokens per point of the running perplexity")
+    parser.add_argument("--dataset", default=None, help="Hugging Face dataset with a `text` column (online only)")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for perplexity.json/.png/.md")
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvpress_like.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    model, tokenizer = load_model(args.model)
+    ids = load_text_ids(tokenizer, args.tokens, args.dataset, args.dataset_config, args.split)
+
+    runs = []
+    for budget in budgets:
+        for method in methods:
+            if method == "full" and any(r["method"] == "full" for r in runs):
+                continue
+            p = make_press(method, model, budget, args.chunk, args.n_sink, args.window)
+            start = time.perf_counter()
+            nll = stream_nll(model, ids, p, args.chunk, desc=f"{method} @ {budget}")
+            runs.append(
+                dict(
+                    method=method,
+                    budget=None if method == "full" else budget,
+                    nll=nll,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+            print(f"{method:>14} budget={budget}: ppl {perplexity(nll):.3f}", file=sys.stderr)
+    report = summarize(runs, budgets, args)
+    write_outputs(report, runs, args)
+    print(render_markdown(report))
+    return 0
+
+
+def summarize(runs: list[dict], budgets: list[int], args) -> dict:
+    full = next((r for r in runs if r["method"] == "full"), None)
+    rows = []
+    for r in runs:
+        after = r["nll"][(r["budget"] or min(budgets)) :]
+        rows.append(
+            dict(
+                method=r["method"],
+                budget=r["budget"],
+                ppl=perplexity(r["nll"]),
+                ppl_after_fill=perplexity(after),
+                seconds=round(r["seconds"], 1),
+            )
+        )
+    gaps = []
+    if full is not None:
+        ref = {row["method"]: row for row in rows if row["method"] == "full"}["full"]
+        for budget in budgets:
+            by = {row["method"]: row for row in rows if row["budget"] == budget}
+            if "streaming_llm" not in by:
+                continue
+            for method in ("qfilters", "knorm"):
+                if method in by:
+                    gaps.append(
+                        dict(
+                            method=method,
+                            budget=budget,
+                            gap_closed=gap_reduction(ref["ppl"], by["streaming_llm"]["ppl"], by[method]["ppl"]),
+                            gap_closed_after_fill=gap_reduction(
+                                perplexity(full["nll"][budget:]),
+                                by["streaming_llm"]["ppl_after_fill"],
+                                by[method]["ppl_after_fill"],
+                            ),
+                        )
+                    )
+    return dict(
+        model=args.model,
+        text="pydoc_data.topics (offline)" if args.dataset is None else f"{args.dataset}:{args.split}",
+        tokens=args.tokens,
+        chunk=args.chunk,
+        n_sink=args.n_sink,
+        window=args.window,
+        budgets=budgets,
+        rows=rows,
+        gap_reduction_vs_streaming_llm=gaps,
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
+        versions=dict(python=platform.python_version(), torch=torch.__version__, transformers=_tf_version()),
+        command="kvpress-like eval perplexity " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["eval", "perplexity"] else []),
+    )
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def write_outputs(report: dict, runs: list[dict], args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = dict(report, nll={f"{r['method']}@{r['budget']}": [round(x, 4) for x in r["nll"].tolist()] for r in runs})
+    (args.out / "perplexity.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "perplexity.md").write_text(render_markdown(report))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in runs:
+        curve = running_perplexity(r["nll"], args.plot_window)
+        label = "full cache" if r["method"] == "full" else f"{r['method']} ({r['budget']})"
+        ax.plot(range(1, len(curve) + 1), curve.numpy(), label=label, lw=1.2, ls="--" if r["method"] == "full" else "-")
+    for budget in report["budgets"]:
+        ax.axvline(budget, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel(f"perplexity (running, {args.plot_window} tokens)")
+    ax.set_yscale("log")
+    ax.set_title(f"Streaming perplexity, {report['model']}, KV budget {', '.join(map(str, report['budgets']))}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "perplexity.png", dpi=120)
+    plt.close(fig)
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        "## Streaming perplexity with a capped KV cache",
+        "",
+        f"Model {report['model']}, text {report['text']}, first {report['tokens']} tokens, fed in chunks of "
+        f"{report['chunk']} tokens once the cache is full (no prediction attends to more than the budget). "
+        f"Every method keeps the same {report['n_sink']} sink tokens and {report['window']}-token recent window. "
+        "`ppl` is over all predicted tokens; `after fill` only over tokens predicted after the budget was reached.",
+        "",
+        "| method | budget | ppl | ppl after fill | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        budget = "-" if row["budget"] is None else row["budget"]
+        lines.append(
+            f"| {row['method']} | {budget} | {row['ppl']:.3f} | {row['ppl_after_fill']:.3f} | {row['seconds']} |"
+        )
+    if report["gap_reduction_vs_streaming_llm"]:
+        lines += ["", "Share of StreamingLLM's perplexity gap to the full cache that each method closes:", ""]
+        lines += ["| method | budget | gap closed (all tokens) | gap closed (after fill) |", "|---|---|---|---|"]
+        for gap in report["gap_reduction_vs_streaming_llm"]:
+            def fmt(x):
+                return "n/a (no gap)" if x is None else f"{100 * x:.1f}%"
+
+            lines.append(f"| {gap['method']} | {gap['budget']} | {fmt(gap['gap_closed'])} | {fmt(gap['gap_closed_after_fill'])} |")
+    lines += [
+        "",
+        "![streaming perplexity](perplexity.png)",
+        "",
+        f"Machine: {report['machine']}; Python {report['versions']['python']}, torch {report['versions']['torch']}, "
+        f"transformers {report['versions']['transformers']}.",
+        "",
+        f"Command: `{report['command'].strip()}`",
+        "",
+    ]
+    return "\n".join(lines)
