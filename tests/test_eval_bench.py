@@ -1,0 +1,83 @@
+"""Speed/memory benchmark: schema, KV bytes against the ratio's promise, and the CUDA path's shape on CPU."""
+
+import argparse
+
+import pytest
+import torch
+
+from kvpress_like.evaluations import bench
+
+
+def _check_rows(rows, model, dtype, lengths, methods):
+    assert [(r["tokens"], r["method"]) for r in rows] == [(n, m) for n in lengths for m in methods]
+    cfg = model.config
+    per_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * torch.finfo(dtype).bits // 8
+    for r in rows:
+        assert r["kv_within_one_token_per_head"], r
+        keep = r["tokens"] if r["method"] == "no_press" else r["tokens"] - int(0.5 * r["tokens"])
+        assert r["kv_bytes"] == r["kv_promised_bytes"] == cfg.num_hidden_layers * keep * per_token
+        assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_prefill_bytes"] >= 0
+    assert all(r["prefill_overhead_pct"] == 0 for r in rows if r["method"] == "no_press")
+
+
+def test_bench_rows_and_kv_promise():
+    model, filters = bench.build_model("tiny", "cpu", torch.float32)
+    # lengths where half the tokens still exceed SnapKV's protected 64-token query window
+    result = bench.run_bench(model, filters, lengths=[201], ratio=0.5, repeats=1, decode_steps=2, progress=False)
+    _check_rows(result["rows"], model, torch.float32, (201,), bench.METHODS)  # odd: floor rounding
+    assert "RSS" in result["memory_measure"]
+
+
+def test_bench_bf16_random_model_path():
+    """The CUDA configuration's code path (random weights, calibrated filters, bf16) on a tiny model."""
+    model, filters = bench.build_model("tiny", "cpu", torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16 and filters.shape == (4, 2, 16)
+    result = bench.run_bench(model, filters, lengths=[160], methods=("qfilters",), ratio=0.5, repeats=1,
+                             decode_steps=1, progress=False)
+    _check_rows(result["rows"], model, torch.bfloat16, (160,), ("no_press", "qfilters"))
+
+
+def test_cli_writes_device_named_files(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    args = parser.parse_args(["--model", "tiny", "--lengths", "64", "--repeats", "1", "--decode-steps", "1",
+                              "--methods", "qfilters", "--out", str(tmp_path)])
+    assert bench.main(args) == 0
+    md = (tmp_path / "bench.cpu.tiny.md").read_text()
+    assert "CPU" in md and "| 64 | qfilters |" in md and "| 64 | no_press |" in md
+
+
+def test_cuda_request_without_gpu_is_explained(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    parser = argparse.ArgumentParser()
+    bench.configure(parser)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(parser.parse_args(["--device", "cuda", "--model", "tiny", "--out", str(tmp_path)]))
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        bench.make_press("h2o", 0.5, None)
+
+
+def test_kvpress_compare_without_kvpress(tmp_path):
+    """The side-by-side module imports without kvpress, explains how to get it, and scores agreement right."""
+    from kvpress_like.evaluations import kvpress_compare as kc
+
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install kvpress"):
+            kc.run_theirs(tmp_path)
+    full = torch.randn(2, 10, 4)
+    kept_idx = torch.tensor([[0, 3, 7], [1, 2, 9]])
+    kept = full.gather(1, kept_idx[..., None].expand(-1, -1, 4))
+    assert torch.equal(kc.match_positions(kept, full), kept_idx)
+    assert kc.jaccard(torch.tensor([0, 3, 7]), torch.tensor([0, 3, 7])) == 1.0
+    assert kc.jaccard(torch.tensor([0, 3, 7]), torch.tensor([1, 3, 8])) == 0.2
+    rows = kc.compare(
+        {"knorm": dict(prefill_s=1.0, peak_rss=10, kept=[[[0, 1], [2, 3]]])},
+        {"knorm": dict(prefill_s=2.0, peak_rss=20, kept=[[[0, 1], [2, 4]]])},
+    )
+    assert rows["knorm"] == dict(time_ratio=0.5, memory_ratio=0.5, jaccard_mean=(1 + 1 / 3) / 2, jaccard_min=1 / 3)

@@ -1,0 +1,68 @@
+"""Attention-correlation analysis: Spearman helper, received attention, schema, and the real model's sign."""
+
+import pytest
+import torch
+
+from kvpress_like.evaluations import correlation
+from kvpress_like.models import tiny_model
+
+
+def test_spearman_matches_definition():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 3.0, 2.0, 4.0]])
+    b = torch.tensor([10.0, 20.0, 30.0, 45.0]).expand(3, 4)
+    rho = correlation.spearman(a, b)
+    torch.testing.assert_close(rho, torch.tensor([1.0, -1.0, 0.8], dtype=torch.float64))
+
+
+def test_received_attention_is_a_distribution_over_earlier_keys():
+    model = tiny_model("llama", seed=0)
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 40, 16)
+    k = torch.randn(1, 2, 40, 16)
+    att = correlation.received_attention(module, q, k, n_queries=8)
+    assert att.shape == (2, 32)
+    # the 8 observed queries also attend to each other; what earlier keys receive is at most 1 on average
+    assert bool((att >= 0).all()) and float(att.sum(-1).max()) <= 1 + 1e-5
+
+
+def test_filters_aligned_with_keys_correlate_and_schema():
+    """On a tiny model, a filter built to favour the keys that receive attention correlates positively."""
+    model = tiny_model("llama", seed=0, attn_implementation="sdpa", max_position_embeddings=1024)
+    ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros(4, 2, 16)
+    result = correlation.correlations(model, ids, zeros, n_queries=32)
+    assert result["layers"] == [0, 1, 2, 3]
+    assert len(result["correlations"]["qfilters"]) == 4 and len(result["correlations"]["qfilters"][0]) == 2
+    s = result["summary"]
+    assert s["heads"] == 8 and 0 <= s["qfilters_beats_knorm_share"] <= 1
+    # -<k, f> with f = -(mean query direction) scores keys by their alignment with the queries
+    queries = {}
+    from kvpress_like.integrations.transformers import attention_layers, patched_attention
+
+    def grab(module, query, key, value):
+        queries[module.layer_idx] = query[0, :, -32:].mean(1)  # (hq, d)
+
+    with torch.no_grad(), patched_attention(model, attention_layers(model), grab):
+        model(ids)
+    aligned = torch.stack([-queries[i].view(2, 2, 16).mean(1) for i in range(4)])
+    good = correlation.correlations(model, ids, aligned, n_queries=32)["summary"]
+    bad = correlation.correlations(model, ids, -aligned, n_queries=32)["summary"]
+    assert good["qfilters_mean"] > 0.2 > bad["qfilters_mean"]
+
+
+def test_too_short_text_is_rejected():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="longer than n_queries"):
+        correlation.correlations(model, torch.zeros(1, 50, dtype=torch.long), torch.zeros(4, 2, 16), n_queries=64)
+
+
+@pytest.mark.slow
+def test_real_model_qfilters_correlate_with_attention(smollm):
+    """On SmolLM2, Q-Filters scores correlate positively with received attention (mean over heads)."""
+    from kvpress_like.methods.qfilters import filters_for
+
+    model, tok = smollm
+    ids = correlation.text_ids(tok, "code", 768, offset=5000)
+    result = correlation.correlations(model, ids, filters_for(model, tok), n_queries=64)
+    assert result["summary"]["heads"] == 90
+    assert result["summary"]["qfilters_mean"] > 0
