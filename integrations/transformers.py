@@ -79,6 +79,7 @@ class _State:
         self.original_impl = original_impl
         self.current_impl = ATTENTION_NAME
         self.callback = callback
+        self.layer = None  # cache layer of the current call (set by press()); may take over decode attention
         if original_impl == "eager":
             modeling = sys.modules[type(module).__module__]
             self.inner = getattr(modeling, "eager_attention_forward", None)
@@ -141,6 +142,12 @@ def align_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
 
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     state: _State = module.config._state
+    decode = getattr(state.layer, "decode_attention", None) if query.shape[-2] == 1 else None
+    out = None if decode is None else decode(module, query, key, value, **kwargs)
+    if out is not None:  # e.g. the static cache: maskless GQA attention over its slots
+        if state.callback is not None:
+            state.callback(module, query, key, value)
+        return out
     attention_mask = align_mask(attention_mask, query, key, state.original_impl)
     state.current_impl = state.original_impl  # flash_attention_forward reads module.config too
     try:
@@ -178,6 +185,20 @@ def patched_attention(
     finally:
         for module, config in originals:
             module.config = config
+
+
+def set_cache_layer(module: nn.Module, layer) -> None:
+    """Tell a patched module's attention function which cache layer the current call uses.
+
+    A layer with a ``decode_attention(module, query, key, value, **kwargs)`` method computes single-query
+    attention itself (returning ``None`` to decline); other layers get the model's implementation.
+    """
+    module.config._state.layer = layer
+
+
+def cache_layer(module: nn.Module):
+    """The cache layer :func:`set_cache_layer` gave a patched module for its current call (or None)."""
+    return module.config._state.layer
 
 
 def cache_argument(kwargs: dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -11,13 +12,20 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .base import Press
 from .cache import PressedLayer
-from .integrations.transformers import attention_layers, cache_argument, patched_attention
+from .integrations.transformers import (
+    attention_layers,
+    cache_argument,
+    cache_layer,
+    patched_attention,
+    set_cache_layer,
+)
 from .registry import get_press
+from .static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
 
 __all__ = ["press"]
 
 
-def _adopt(cache: Cache, idx: int, p: Press) -> PressedLayer:
+def _adopt(cache: Cache, idx: int, p: Press) -> PressedLayer | StaticPressedLayer:
     """The cache layer ``idx`` as a :class:`PressedLayer` driven by ``p`` (converting a plain layer)."""
     layers = cache.layers
     while len(layers) <= idx:
@@ -25,7 +33,7 @@ def _adopt(cache: Cache, idx: int, p: Press) -> PressedLayer:
             raise TypeError(f"{type(cache).__name__} has no layer {idx} and cannot create one.")
         layers.append(cache.layer_class_to_replicate())
     layer = layers[idx]
-    if isinstance(layer, PressedLayer):
+    if isinstance(layer, (PressedLayer, StaticPressedLayer)):
         if layer.press is not p:
             raise ValueError(
                 f"cache layer {idx} was compressed by another press ({type(layer.press).__name__}); "
@@ -56,8 +64,70 @@ def _reject_padding(module: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
+def _static_generation(model: nn.Module, p: Press, stack: ExitStack) -> None:
+    """Make ``generate()`` use a :class:`StaticPressedCache` and keep its prefill out of ``torch.compile``.
+
+    Two methods of the model instance are wrapped (undone on exit): cache preparation, which builds the
+    static cache when the caller passes none, sized by :func:`static_budget` from the prompt; and the
+    prefill, during which compilation is disabled, so chunked prefills run eagerly while generate() still
+    compiles the decode steps (it decides that before the prefill).
+    """
+    prepare, prefill = model._prepare_cache_for_generation, model._prefill
+
+    def prepare_cache(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        if (model_kwargs.get("cache") is not None or generation_config.use_cache is False
+                or generation_config.cache_implementation is not None):
+            return prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        prompt = model_kwargs.get("position_ids")
+        if prompt is None:
+            prompt = model_kwargs.get("attention_mask")
+        prompt_tokens = prompt.shape[-1] if prompt is not None else max_cache_length
+        budget = static_budget(p, prompt_tokens, max_cache_length)
+        model_kwargs["cache"] = StaticPressedCache(p, model.config, budget)
+
+    def eager_prefill(*args, **kwargs):
+        generation_config = kwargs["generation_config"] if "generation_config" in kwargs else args[1]
+        disabled = generation_config.disable_compile
+        generation_config.disable_compile = True  # read by the chunked prefill only, after decode's choice
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            generation_config.disable_compile = disabled
+
+    for name, wrapper in (("_prepare_cache_for_generation", prepare_cache), ("_prefill", eager_prefill)):
+        if name in model.__dict__:
+            stack.callback(setattr, model, name, model.__dict__[name])
+        else:
+            stack.callback(delattr, model, name)
+        setattr(model, name, wrapper)
+
+
+def _compile_settings(generation_config, compile, stack: ExitStack) -> None:
+    """Apply press()'s ``compile`` option to the generation config (restored on exit)."""
+    from transformers import CompileConfig
+
+    if compile is None:
+        return
+    if compile is False:
+        stack.callback(setattr, generation_config, "disable_compile", generation_config.disable_compile)
+        generation_config.disable_compile = True
+        return
+    if compile is True:
+        compile = CompileConfig()
+    if not isinstance(compile, CompileConfig):
+        raise TypeError(f"compile must be None, a bool or a transformers.CompileConfig, got {type(compile).__name__}")
+    compile = copy.copy(compile)
+    compile._compile_all_devices = True  # transformers otherwise compiles only on accelerators
+    stack.callback(setattr, generation_config, "compile_config", generation_config.compile_config)
+    stack.callback(setattr, generation_config, "disable_compile", generation_config.disable_compile)
+    generation_config.compile_config = compile
+    generation_config.disable_compile = False
+
+
 @contextmanager
-def press(model: nn.Module, p: Press | str, **settings) -> Iterator[Press]:
+def press(
+    model: nn.Module, p: Press | str, *, static: bool = False, compile=None, **settings
+) -> Iterator[Press]:
     """Compress ``model``'s KV cache with press ``p`` (an instance, or a registered name plus settings).
 
     Every non-sliding attention layer is routed through kvpress_like's attention function; the caches
@@ -65,6 +135,14 @@ def press(model: nn.Module, p: Press | str, **settings) -> Iterator[Press]:
     :class:`~kvpress_like.cache.PressedLayer` s that evict as ``p`` decides. Sliding-window layers are left
     alone: their cache is already bounded. On exit, even through an exception, the model is restored
     exactly (configs, hooks and generation config); caches created inside keep their pressed layers.
+
+    ``static=True`` selects the fast decoding path: ``generate()`` (when given no cache) uses a
+    :class:`~kvpress_like.static.StaticPressedCache` of fixed-size slot buffers, prefills eagerly, then runs
+    one-token steps that ``torch.compile`` / CUDA graphs capture once (transformers compiles them
+    automatically on GPUs, with ``generation_config.compile_config``). Query-free presses only; the budget
+    is ``max_cache_tokens`` (or the prompt's kept size for a ratio-only press, see :mod:`kvpress_like.static`).
+    ``compile`` (static only): ``None`` follows transformers' rule (compile on accelerators), ``False``
+    disables compilation, ``True`` or a ``transformers.CompileConfig`` compiles on every device, CPU included.
     """
     if isinstance(p, str):
         p = get_press(p, **settings)
@@ -72,6 +150,10 @@ def press(model: nn.Module, p: Press | str, **settings) -> Iterator[Press]:
         raise TypeError("settings are only accepted with a press name, e.g. press(model, 'knorm', ratio=0.5)")
     if not isinstance(p, Press):
         raise TypeError(f"press() needs a kvpress_like Press or a registered name, got {type(p).__name__}")
+    if static:
+        check_static_press(p)
+    elif compile is not None:
+        raise ValueError("compile= selects how the static cache's decode steps are compiled; pass static=True too.")
     layers = attention_layers(model)
     full = [layer for layer in layers if not layer.sliding]
     if not full:
@@ -80,17 +162,21 @@ def press(model: nn.Module, p: Press | str, **settings) -> Iterator[Press]:
             + (" (all of its attention layers are sliding-window, already bounded)." if layers else
                ": no module with a layer_idx takes a transformers cache (is it a Hugging Face causal LM?).")
         )
+    if static and len(full) < len(layers):
+        raise ValueError(f"static=True needs a model whose layers all use full attention; {type(model).__name__} "
+                         "has sliding-window layers. Use static=False.")
     p.prepare(model)
     compressed = {layer.layer_idx for layer in full if p.compresses_layer(layer.layer_idx)}
-    active: dict[int, PressedLayer | None] = {}
 
+    # The layer of each call is kept on the module's attention state (not in a dict here): a compiled
+    # decode step traces this hook, and a store on an object adds no guard, so no recompilation follows.
     def adopt_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = cache_argument(kwargs)
         idx = module.layer_idx
-        active[idx] = _adopt(cache, idx, p) if cache is not None and idx in compressed else None
+        set_cache_layer(module, _adopt(cache, idx, p) if cache is not None and idx in compressed else None)
 
     def after_attention(module: nn.Module, query: torch.Tensor, key, value) -> None:
-        layer = active.get(module.layer_idx)
+        layer = cache_layer(module)
         if layer is not None:
             layer.prune_with_queries(module, query)
 
@@ -106,4 +192,8 @@ def press(model: nn.Module, p: Press | str, **settings) -> Iterator[Press]:
         if chunk is not None and generation_config is not None:
             stack.callback(setattr, generation_config, "prefill_chunk_size", generation_config.prefill_chunk_size)
             generation_config.prefill_chunk_size = chunk
+        if static:
+            _static_generation(model, p, stack)
+            if generation_config is not None:
+                _compile_settings(generation_config, compile, stack)
         yield p
