@@ -2,7 +2,7 @@
 
 lm-eval calls these through ``custom_dataset`` with the run's metadata: the task YAML's ``metadata``, then
 ``--metadata`` JSON, then the ``--model_args`` (``pretrained``/``tokenizer`` name the tokenizer that sizes the
-pass-key prompts). See ``docs/lm_eval.md``.
+pass-key prompts). See the README section "lm-evaluation-harness".
 """
 
 from __future__ import annotations
