@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvpress_like.evaluations.results import environment, environment_markdown
 from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
 from kvpress_like.context import press as press_context
 
@@ -190,8 +190,7 @@ def main(args: argparse.Namespace) -> int:
         n_sink=args.n_sink,
         steps=args.steps,
         repeats=args.repeats,
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
-        versions=dict(python=platform.python_version(), torch=torch.__version__, transformers=_tf_version()),
+        environment=environment(),
         command="kvpress-like bench decode " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "decode"] else []),
     )
     report["decode"] = decode_benchmark(model, ids, args)
@@ -203,11 +202,6 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     return 0
 
-
-def _tf_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def render_markdown(report: dict) -> str:
@@ -263,8 +257,7 @@ def render_markdown(report: dict) -> str:
         "Only one layer at a time holds the budget + chunk working set (its kept tokens concatenated with the "
         "chunk, plus the gathered survivors before they are copied into the layer's fixed buffer).",
         "",
-        f"Machine: {report['machine']}; Python {report['versions']['python']}, torch {report['versions']['torch']}, "
-        f"transformers {report['versions']['transformers']}.",
+        environment_markdown(report["environment"]),
         "",
         f"Command: `{report['command'].strip()}`",
         "",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_like.base import ScorerPress
+from kvpress_like.evaluations.results import environment, environment_markdown
 from kvpress_like.cache import PressedCache
 
 METHODS = ("full", "streaming_llm", "knorm", "qfilters")
@@ -224,16 +224,10 @@ def summarize(runs: list[dict], budgets: list[int], args) -> dict:
         budgets=budgets,
         rows=rows,
         gap_reduction_vs_streaming_llm=gaps,
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads",
-        versions=dict(python=platform.python_version(), torch=torch.__version__, transformers=_tf_version()),
+        environment=environment(),
         command="kvpress-like eval perplexity " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["eval", "perplexity"] else []),
     )
 
-
-def _tf_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def write_outputs(report: dict, runs: list[dict], args) -> None:
@@ -295,8 +289,7 @@ def render_markdown(report: dict) -> str:
         "",
         "![streaming perplexity](perplexity.png)",
         "",
-        f"Machine: {report['machine']}; Python {report['versions']['python']}, torch {report['versions']['torch']}, "
-        f"transformers {report['versions']['transformers']}.",
+        environment_markdown(report["environment"]),
         "",
         f"Command: `{report['command'].strip()}`",
         "",

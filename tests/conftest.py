@@ -20,3 +20,16 @@ def smollm():
     from kvpress_like.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama with the SmolLM2 tokenizer beside it: loadable by name like any local model."""
+    from transformers import AutoTokenizer
+
+    from kvpress_like.models import _materialize, tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-llama-smol-vocab")
+    tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=49152, max_position_embeddings=4096).save_pretrained(out)
+    AutoTokenizer.from_pretrained(_materialize("smollm2-135m")).save_pretrained(out)
+    return out

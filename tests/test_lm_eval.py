@@ -20,7 +20,6 @@ from transformers import DynamicCache
 from kvpress_like import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress, press, uncompressed
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-SMOLLM2_TOKENIZER = Path.home() / ".cache" / "kvpress_like" / "models" / "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
     from kvpress_like.models import _materialize, tiny_model
 
-    source = SMOLLM2_TOKENIZER if (SMOLLM2_TOKENIZER / "tokenizer.json").exists() else _materialize("smollm2-135m")
+    source = _materialize("smollm2-135m")  # the cached safetensors copy after the first conversion
     out = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=49152, max_position_embeddings=4096)
     with torch.no_grad():  # sharper, stronger attention: which keys stay in the cache then visibly matters
