@@ -1,0 +1,265 @@
+"""Issue 6: Q-Filters calibration, the filter directory format, the filter store and the CLI (tiny models)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import DynamicCache, PreTrainedTokenizerFast
+
+import kvpress_like.methods.qfilters as qf
+from kvpress_like import QFilterPress, press
+from kvpress_like.calibration import read_texts
+from kvpress_like.data import offline_corpus
+from kvpress_like.models import load_model, tiny_model
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer of 99 ids, so tiny models (vocabulary 128) can read real text offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {"<unk>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>")
+
+
+def save_tiny(path, arch="llama", seed=0, **overrides):
+    model = tiny_model(arch, seed=seed, **overrides)
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty cache directory for the filter store, so tests never touch the user's."""
+    monkeypatch.setenv("KVPRESS_LIKE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def test_same_seed_gives_identical_filters():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 128, (2000,), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(num_sequences=3, seq_len=64, samples_per_head=100, progress=False)  # windows and queries are sampled
+    a = qf.calibrate(model, ids, seed=0, **kwargs)
+    b = qf.calibrate(model, ids, seed=0, **kwargs)
+    c = qf.calibrate(model, ids, seed=1, **kwargs)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_sign_convention_on_queries_with_a_known_direction():
+    """Queries = c * u + small noise per GQA group: filters must be -u, and keys along u score highest."""
+    model = tiny_model("llama", attention_bias=True)
+    n_kv, groups, d = 2, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    low_freq = [6, 7, 14, 15]  # RoPE pairs (6, 14) and (7, 15) barely rotate over 64 positions
+    directions = torch.zeros(4, n_kv, d)
+    directions[..., low_freq] = torch.randn(4, n_kv, 4, generator=gen)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        for layer, u in zip(model.model.layers, directions):
+            layer.self_attn.q_proj.weight.mul_(0.1)
+            layer.self_attn.q_proj.bias.copy_(3 * u.repeat_interleave(groups, dim=0).flatten())
+    ids = torch.randint(2, 128, (4, 64), generator=gen)
+    filters = qf.calibrate(model, ids, samples_per_head=256, progress=False)
+    assert (cosine(filters, -directions) > 0.99).all(), cosine(filters, -directions)
+
+    p = QFilterPress(ratio=0.5, filters=filters)
+    for layer_idx in range(4):
+        keys = 0.1 * torch.randn(1, n_kv, 10, d, generator=gen)
+        keys[0, :, 3] = 2 * directions[layer_idx]
+        keys[0, :, 5] = -2 * directions[layer_idx]
+        scores = p.key_scores(layer_idx, keys, torch.arange(10).expand(1, n_kv, 10))
+        assert (scores.argmax(-1) == 3).all() and (scores.argmin(-1) == 5).all()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3", "qwen2"])
+def test_calibration_sees_the_queries_attention_uses(arch):
+    """Captured queries equal q_proj (+ bias) -> QK-norm -> RoPE, recomputed independently per layer."""
+    model = tiny_model(arch, attn_implementation="sdpa")
+    with torch.no_grad():  # make biases and norms non-trivial so that skipping them would show
+        for name, param in model.named_parameters():
+            if "q_proj.bias" in name or "q_norm" in name:
+                param.normal_(0, 0.5)
+    inputs = {}
+
+    def grab(module, args, kwargs):
+        inputs[module.layer_idx] = (kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"])
+
+    handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    ids = torch.randint(2, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    captured = qf.collect_queries(model, ids, samples_per_head=24, progress=False)  # all 24, in order
+    for h in handles:
+        h.remove()
+
+    sliding = qf.uncompressed_layers(model)
+    assert sorted(captured) == [i for i in range(4) if i not in sliding]
+    assert sliding == ([0, 2] if arch == "gemma3" else [])
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    for idx, queries in captured.items():
+        attn = model.model.layers[idx].self_attn
+        hidden, (cos, sin) = inputs[idx]
+        raw = attn.q_proj(hidden).view(1, 24, -1, attn.head_dim)
+        normed = attn.q_norm(raw) if hasattr(attn, "q_norm") else raw
+        expected, _ = modeling.apply_rotary_pos_emb(normed.transpose(1, 2), normed.transpose(1, 2), cos, sin)
+        torch.testing.assert_close(queries, expected[0].detach(), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(queries, raw.transpose(1, 2)[0].detach(), atol=1e-2)
+
+
+def test_sliding_layers_get_zero_filters_and_are_recorded(tmp_path):
+    model = tiny_model("gemma3")
+    filters, info = qf.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
+    assert info["uncompressed_layers"] == [0, 2]
+    assert filters[[0, 2]].abs().max() == 0
+    assert (filters[[1, 3]].norm(dim=-1) > 0.5).all()
+    qf.save_filters(filters, tmp_path, **info)
+    assert json.loads((tmp_path / "config.json").read_text())["uncompressed_layers"] == [0, 2]
+
+
+def _kept_and_logits(model, p, ids):
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        logits = model(ids, past_key_values=cache).logits
+    return [layer.positions.clone() for layer in cache.layers], logits
+
+
+def test_saved_directory_loads_back_and_scores_identically(tmp_path):
+    model = tiny_model("qwen3")
+    filters, info = qf.run_calibration(model, texts=torch.randint(2, 128, (3, 64)), corpus="random ids", progress=False)
+    qf.save_filters(filters, tmp_path / "f", **info)
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert config["num_layers"] == 4 and config["num_kv_heads"] == 2 and config["kv_head_dim"] == 16
+    assert config["sign_convention"] == qf.SIGN_CONVENTION and config["corpus"] == "random ids"
+    assert config["num_sequences"] == 3 and config["samples_per_head"] == 192 and config["seed"] == 0
+    assert torch.equal(qf.load_filters(tmp_path / "f"), filters)
+
+    ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    kept_a, logits_a = _kept_and_logits(model, QFilterPress(ratio=0.5, filters=filters), ids)
+    kept_b, logits_b = _kept_and_logits(model, QFilterPress(ratio=0.5, filters=tmp_path / "f"), ids)
+    kept_c, _ = _kept_and_logits(model, QFilterPress(ratio=0.5, filters=-filters), ids)
+    assert all(torch.equal(a, b) for a, b in zip(kept_a, kept_b))
+    assert torch.equal(logits_a, logits_b)
+    assert not all(torch.equal(a, c) for a, c in zip(kept_a, kept_c))  # the filters do decide what is kept
+
+
+def test_wrong_shape_or_wrong_model_filters_fail_clearly(tmp_path):
+    filters = qf.calibrate(tiny_model("llama"), torch.randint(2, 128, (1, 32)), progress=False)
+    qf.save_filters(filters, tmp_path / "llama")
+    for other, want in [
+        (tiny_model("llama", num_hidden_layers=2), "[2, 2, 16]"),
+        (tiny_model("qwen3", num_key_value_heads=4), "[4, 4, 16]"),
+    ]:
+        with pytest.raises(ValueError) as err, press(other, QFilterPress(ratio=0.5, filters=tmp_path / "llama")):
+            pass
+        assert "(4, 2, 16)" in str(err.value) and want in str(err.value) and "kvpress-like calibrate" in str(err.value)
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(KeyError, match="not a Q-Filters file"):
+        QFilterPress(filters=tmp_path / "other.safetensors")
+
+
+def test_cli_writes_a_loadable_directory_and_the_store(tmp_path, store, monkeypatch):
+    model_dir = save_tiny(tmp_path / "a" / "tiny", "gemma3")
+    text = tmp_path / "corpus.txt"
+    text.write_text(offline_corpus()[:6000])  # under the CLI's reading cap (32 chars per token asked)
+    out = tmp_path / "out"
+    env = dict(os.environ, KVPRESS_LIKE_CACHE=str(store), HF_HUB_OFFLINE="1")
+    cmd = ["kvpress-like", "calibrate", "--model", str(model_dir), "--texts", str(text), "--num-sequences", "4",
+           "--seq-len", "64", "--samples", "128", "--out", str(out), "--quiet"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "[0, 2]" in run.stdout  # the sliding layers are reported
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == str(model_dir) and config["uncompressed_layers"] == [0, 2]
+    assert config["corpus"].startswith("file ") and config["samples_per_head"] == 128 and config["seed"] == 0
+    assert config["calibration_seconds"] > 0 and config["sign_convention"] == qf.SIGN_CONVENTION
+    from_cli = qf.load_filters(out)
+
+    model, tokenizer = load_model(str(model_dir))
+    again = qf.calibrate(model, [text.read_text()], tokenizer, 4, 64, 128, seed=0, progress=False)
+    assert torch.equal(from_cli, again)  # same seed, another process: the same filters
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("filters should come from the store")
+
+    monkeypatch.setattr(qf, "run_calibration", no_calibration)
+    with press(model, QFilterPress(ratio=0.5)) as p:
+        assert torch.equal(p._filters, from_cli)
+    assert torch.equal(qf.load_filters(qf.store_path(model)), from_cli)
+
+
+def test_cli_reports_bad_input(tmp_path, store, capsys):
+    from kvpress_like.cli import main
+
+    model_dir = save_tiny(tmp_path / "tiny")
+    assert main(["calibrate", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot load --model" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(model_dir), "--texts", str(tmp_path / "no" / "such.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert main(["calibrate", "--model", str(model_dir), "--texts", str(short), "--out", str(tmp_path / "o")]) == 2
+    assert "fewer than seq_len=512" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    args = ["--texts", "offline:random", "--num-sequences", "2", "--seq-len", "32", "--out", str(tmp_path / "o"), "--no-store"]
+    assert main(["calibrate", "--model", str(model_dir), *args, "--quiet"]) == 0
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["corpus"] == "uniformly random token ids" and config["samples_per_head"] == 64
+    assert not (store / "filters").exists()  # --no-store
+
+
+def test_read_texts_from_a_directory_skips_binary_files(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("alpha " * 10)
+    (tmp_path / "d" / "sub" / "b.md").write_text("beta " * 10)
+    (tmp_path / "d" / "c.bin").write_bytes(bytes(range(256)))
+    texts, description = read_texts(str(tmp_path / "d"), max_chars=1000, seed=0)
+    assert sorted(t.split()[0] for t in texts) == ["alpha", "beta"] and "2 of 3 files" in description
+    texts, _ = read_texts(str(tmp_path / "d"), max_chars=20, seed=0)
+    assert sum(map(len, texts)) == 20
+
+
+def test_store_is_keyed_by_identity_not_basename(tmp_path, store):
+    a, _ = load_model(str(save_tiny(tmp_path / "a" / "tiny", seed=0)))
+    b, _ = load_model(str(save_tiny(tmp_path / "b" / "tiny", seed=0)))  # same weights, same basename
+    assert qf.store_path(a) != qf.store_path(b)
+    assert "_a_tiny_llama_4x2x16-" in qf.store_path(a).name
+    assert qf.store_path(a) == qf.store_path(a.to(torch.bfloat16))  # a bfloat16 load is the same model
+    assert qf.store_path(tiny_model("llama", seed=0)) != qf.store_path(tiny_model("llama", seed=1))  # both unnamed
+    qf.save_filters(torch.ones(4, 2, 16), qf.store_path(a))
+    with pytest.raises(ValueError, match="no Q-Filters found"), press(b, QFilterPress(ratio=0.5)):
+        pass
+
+
+def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, caplog):
+    """First press() on an embedded model calibrates on the offline corpus and says so; the second does not."""
+    name = "tiny-embedded"
+    monkeypatch.setitem(qf.EMBEDDED_MODELS, name, "a tiny stand-in for an embedded model")
+    char_tokenizer().save_pretrained(store / "models" / name)
+    model = tiny_model("qwen3", num_hidden_layers=2)  # the default calibration (8 x 512 tokens) runs here
+    model.config._name_or_path = name
+    calls = []
+    real = qf.run_calibration
+    monkeypatch.setattr(qf, "run_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(2, 128, (1, 32))
+    with caplog.at_level(logging.WARNING, logger="kvpress_like"):
+        with torch.no_grad(), press(model, QFilterPress(ratio=0.5)) as first:
+            model(ids)
+    assert len(calls) == 1 and "calibrating on the offline corpus" in caplog.text
+    config = json.loads((qf.store_path(model) / "config.json").read_text())
+    assert config["model"] == name and config["corpus"].startswith("offline prose") and config["num_sequences"] == 8
+    with torch.no_grad(), press(model, QFilterPress(ratio=0.5)) as second:
+        model(ids)
+    assert len(calls) == 1
+    assert torch.equal(first._filters, second._filters)
