@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvpress_like.evaluations.results import environment, environment_markdown
+from kvpress_like.evaluations.results import environment, markdown_footer
 from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
 from kvpress_like.context import press as press_context
 
@@ -256,10 +256,5 @@ def render_markdown(report: dict) -> str:
         "",
         "Only one layer at a time holds the budget + chunk working set (its kept tokens concatenated with the "
         "chunk, plus the gathered survivors before they are copied into the layer's fixed buffer).",
-        "",
-        environment_markdown(report["environment"]),
-        "",
-        f"Command: `{report['command'].strip()}`",
-        "",
-    ]
+    ] + markdown_footer(report)
     return "\n".join(lines)

@@ -246,31 +246,27 @@ def run(args: argparse.Namespace) -> dict:
             )
     graphs = {PATHS[3]: _compile_stats()}
     torch._dynamo.reset()  # frees the captured graphs and their memory pools before the full caches
+    def full_cache_runs(path: str, make_cache, step, compiled: bool) -> None:
+        """Full-cache runs, each at the largest batch whose cache fits (skipped where none does)."""
+        for prompt, batch in configs:
+            fit = largest_batch(cfg, prompt, extra, dtype, device, batch)
+            if fit < 1:
+                rows.append(dict(path=path, prompt=prompt, batch=batch, skipped="full cache does not fit"))
+                continue
+            measure(
+                path, prompt, fit, lambda: _filled(make_cache(prompt), cfg, fit, prompt, dtype, device),
+                step, nullcontext(), compiled, prompt,
+            )
+
     # 2. Full cache, transformers StaticCache + compiled.
     compiled_full = torch.compile(model, **compile_kwargs)
-    for prompt, batch in configs:
-        fit = largest_batch(cfg, prompt, extra, dtype, device, batch)
-        if fit < 1:
-            rows.append(dict(path=PATHS[1], prompt=prompt, batch=batch, skipped="full cache does not fit"))
-            continue
-        measure(
-            PATHS[1], prompt, fit,
-            lambda: _filled(StaticCache(config=cfg, max_cache_len=prompt + extra), cfg, fit, prompt, dtype, device),
-            step_fn(compiled_full), nullcontext(), True, prompt,
-        )
+    full_cache_runs(
+        PATHS[1], lambda prompt: StaticCache(config=cfg, max_cache_len=prompt + extra), step_fn(compiled_full), True
+    )
     graphs[PATHS[1]] = _compile_stats()
     torch._dynamo.reset()
     # 3. Full cache, eager (DynamicCache grows by torch.cat every step).
-    for prompt, batch in configs:
-        fit = largest_batch(cfg, prompt, extra, dtype, device, batch)
-        if fit < 1:
-            rows.append(dict(path=PATHS[0], prompt=prompt, batch=batch, skipped="full cache does not fit"))
-            continue
-        measure(
-            PATHS[0], prompt, fit,
-            lambda: _filled(DynamicCache(config=cfg), cfg, fit, prompt, dtype, device),
-            step_fn(model), nullcontext(), False, prompt,
-        )
+    full_cache_runs(PATHS[0], lambda prompt: DynamicCache(config=cfg), step_fn(model), False)
     # 4. Q-Filters x8, eager PressedLayer (same selection: budget = the prompt's kept size, one eviction per step).
     for prompt, batch in configs:
         budget = p_static.target_size(prompt, decoding=False)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_like.base import ScorerPress
-from kvpress_like.evaluations.results import environment, environment_markdown
+from kvpress_like.evaluations.results import environment, markdown_footer
 from kvpress_like.cache import PressedCache
 
 METHODS = ("full", "streaming_llm", "knorm", "qfilters")
@@ -288,10 +288,5 @@ def render_markdown(report: dict) -> str:
     lines += [
         "",
         "![streaming perplexity](perplexity.png)",
-        "",
-        environment_markdown(report["environment"]),
-        "",
-        f"Command: `{report['command'].strip()}`",
-        "",
-    ]
+    ] + markdown_footer(report)
     return "\n".join(lines)

@@ -92,6 +92,11 @@ def environment_markdown(env: dict) -> str:
     )
 
 
+def markdown_footer(report: dict) -> list[str]:
+    """The lines every results section ends with: machine and versions, then the command."""
+    return ["", environment_markdown(report["environment"]), "", f"Command: `{report['command'].strip()}`", ""]
+
+
 def command_line() -> str:
     """The command that is running, as a user would type it."""
     argv = list(sys.argv)
