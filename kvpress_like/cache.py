@@ -34,6 +34,25 @@ if TYPE_CHECKING:
 __all__ = ["PressedLayer", "PressedCache", "cache_nbytes", "uncompressed"]
 
 
+def gather_kept(keep: torch.Tensor, keys, values, positions, scores=None) -> tuple:
+    """The ``keep`` indices ``(batch, kv_heads, m)`` of keys, values, positions and (optional) scores."""
+    kept = (
+        keys.gather(2, keep[..., None].expand(-1, -1, -1, keys.shape[-1])),
+        values.gather(2, keep[..., None].expand(-1, -1, -1, values.shape[-1])),
+        positions.gather(-1, keep),
+    )
+    return kept + (None if scores is None else scores.float().gather(-1, keep),)
+
+
+def refuse_crop(tokens_to_remove: int) -> None:
+    """Compressed caches cannot roll back: what was evicted is gone."""
+    if tokens_to_remove:
+        raise NotImplementedError(
+            "A compressed cache cannot be cropped: evicted tokens cannot be restored. Assisted/speculative "
+            "decoding is not supported under press(); run it without a press."
+        )
+
+
 class PressedLayer(DynamicLayer):
     """Full-attention cache layer whose contents are chosen by a :class:`~kvpress_like.base.Press`."""
 
@@ -203,10 +222,7 @@ class PressedLayer(DynamicLayer):
 
     def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
         """Store the ``keep`` indices of the given tokens as the new live contents."""
-        kept_k = full_k.gather(2, keep[..., None].expand(-1, -1, -1, full_k.shape[-1]))
-        kept_v = full_v.gather(2, keep[..., None].expand(-1, -1, -1, full_v.shape[-1]))
-        kept_pos = full_pos.gather(-1, keep)
-        kept_score = None if full_score is None else full_score.float().gather(-1, keep)
+        kept_k, kept_v, kept_pos, kept_score = gather_kept(keep, full_k, full_v, full_pos, full_score)
         m = keep.shape[-1]
         budget = self._budget()
         if budget is not None and m <= budget:
@@ -235,11 +251,7 @@ class PressedLayer(DynamicLayer):
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError(
-                "A pressed cache cannot be cropped: evicted tokens cannot be restored. Assisted/speculative "
-                "decoding is not supported under press(); run it without a press."
-            )
+        refuse_crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .cache import gather_kept, refuse_crop
+
 if TYPE_CHECKING:
     from .base import Press
 
@@ -198,13 +200,7 @@ class StaticPressedLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: the press keeps {m} protected tokens (n_sink + window), more than the "
                 f"{self.budget} slots of the static cache; raise max_cache_tokens or shrink the window."
             )
-        self._write(
-            slice(0, m),
-            full_k.gather(2, keep[..., None].expand(-1, -1, -1, full_k.shape[-1])),
-            full_v.gather(2, keep[..., None].expand(-1, -1, -1, full_v.shape[-1])),
-            full_pos.gather(-1, keep),
-            full_score.gather(-1, keep),
-        )
+        self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score))
         self._set_filled(m)
         return full_k, full_v
 
@@ -250,11 +246,7 @@ class StaticPressedLayer(CacheLayerMixin):
         self.masked = True
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError(
-                "A static compressed cache cannot be cropped: evicted tokens cannot be restored. Assisted/speculative "
-                "decoding is not supported under press(); run it without a press."
-            )
+        refuse_crop(tokens_to_remove)
 
     def _fixed_batch(self, *_args) -> None:
         raise NotImplementedError(
