@@ -12,6 +12,7 @@ each module's own ``config`` back. Our function is registered under :data:`ATTEN
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable, Iterator
@@ -205,3 +206,20 @@ def cache_argument(kwargs: dict):
     """The cache passed to an attention module (``cache`` since transformers 5.24, ``past_key_values`` before)."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """Keyword under which models' ``forward()`` and ``generate()`` take a cache in the installed transformers.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns (FutureWarning) on the old name.
+    """
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_kwargs(cache) -> dict:
+    """``{keyword: cache}`` for ``model(**inputs, **cache_kwargs(cache))`` or ``model.generate(...)``."""
+    return {cache_keyword(): cache}

@@ -15,9 +15,10 @@ from transformers import DynamicCache
 
 from .cache import cache_nbytes, uncompressed
 from .context import press
+from .integrations.transformers import cache_kwargs
 from .data import passkey_sample
 from .methods import QFilterPress
-from .methods.qfilters import filters_for
+from .filters import filters_for
 from .models import DEFAULT_MODEL, load_model
 
 
@@ -34,11 +35,11 @@ def answer(model, tokenizer, sample, p=None) -> tuple[str, int, float]:
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
     with torch.no_grad(), press(model, p) if p is not None else contextlib.nullcontext():
-        model(sample.context_ids.to(model.device), past_key_values=cache)
+        model(sample.context_ids.to(model.device), **cache_kwargs(cache))
         kv_bytes = cache_nbytes(cache)
         ids = torch.cat([sample.context_ids, sample.question_ids], dim=1).to(model.device)
         with uncompressed(cache):
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=10, do_sample=False)
+            out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=10, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     return text, kv_bytes, time.perf_counter() - start
 
