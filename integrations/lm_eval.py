@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import inspect
 import json
 import re
 import types
@@ -66,6 +65,7 @@ from transformers import DynamicCache
 from kvpress_like.base import Press
 from kvpress_like.cache import uncompressed
 from kvpress_like.context import press as press_model
+from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import EMBEDDED_MODELS, _materialize
 from kvpress_like.registry import list_presses, press_class
 
@@ -210,16 +210,11 @@ class QFiltersHFLM(HFLM):
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
-    @property
-    def _cache_kw(self) -> str:
-        """Keyword that passes a cache to forward()/generate(): ``cache`` since transformers 5.24."""
-        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-
     def _prefill(self, ids: torch.Tensor, cache: DynamicCache) -> None:
         """Run ``ids`` into ``cache`` under the press, ``prefill_chunk_size`` tokens per call."""
         chunk = getattr(self._press, "prefill_chunk_size", None) or ids.shape[1]
         for start in range(0, ids.shape[1], chunk):
-            self.model(ids[:, start : start + chunk], use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            self.model(ids[:, start : start + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype or torch.float32)
@@ -274,7 +269,7 @@ class QFiltersHFLM(HFLM):
         pad = self.tokenizer.pad_token_id or 0
         batch = torch.tensor([tails[i] + [pad] * (width - len(tails[i])) for _, i in part], device=self.device)
         with uncompressed(cache):
-            logprobs = self._log_softmax(self.model(batch, use_cache=True, **{self._cache_kw: cache}).logits)
+            logprobs = self._log_softmax(self.model(batch, use_cache=True, **cache_kwargs(cache)).logits)
         for row, (_, i) in enumerate(part):
             key, _, continuation = requests[i]
             n = len(continuation)
@@ -323,7 +318,7 @@ class QFiltersHFLM(HFLM):
         cache, total, chunk = self._new_cache(), 0.0, self.rolling_chunk
         for start in range(0, len(inputs), chunk):
             end = min(start + chunk, len(inputs))
-            logits = self.model(inputs[None, start:end], use_cache=True, **{self._cache_kw: cache}).logits[0]
+            logits = self.model(inputs[None, start:end], use_cache=True, **cache_kwargs(cache)).logits[0]
             lo = max(start, first_scored)
             if lo < end:
                 logprobs = self._log_softmax(logits[lo - start :])
@@ -367,7 +362,7 @@ class QFiltersHFLM(HFLM):
                         max_length=kwargs.get("max_length", ids.shape[1] + max_gen_toks),
                         stop=until,
                         attention_mask=torch.ones_like(ids),
-                        **{self._cache_kw: cache},
+                        **cache_kwargs(cache),
                         **{k: v for k, v in kwargs.items() if k != "max_length"},
                     )
                     for (i, _), row in zip(part, generated[:, ids.shape[1] :].tolist(), strict=True):

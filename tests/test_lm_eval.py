@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kvpress_like import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress, press, uncompressed
+from kvpress_like.integrations.transformers import cache_kwargs
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -78,22 +79,15 @@ def _loglikelihood(lm, pairs):
     )
 
 
-def _cache_kw(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _manual_pressed_logprob(model, p, context_ids, continuation_ids) -> float:
     """Prefill all but the last context token under ``p``; score the continuation on that pruned cache."""
-    kw = _cache_kw(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(torch.tensor([context_ids[:-1]]), **{kw: cache})
+        model(torch.tensor([context_ids[:-1]]), **cache_kwargs(cache))
         kept = cache.layers[0].keys.shape[2]
         with uncompressed(cache):
             tail = torch.tensor([context_ids[-1:] + continuation_ids[:-1]])
-            logits = model(tail, **{kw: cache}).logits[0]
+            logits = model(tail, **cache_kwargs(cache)).logits[0]
     assert kept < len(context_ids) - 1, "the press should have pruned the context"
     return float(F.log_softmax(logits.float(), -1).gather(-1, torch.tensor(continuation_ids)[:, None]).sum())
 
@@ -241,11 +235,10 @@ def test_generate_until_runs_on_the_pruned_cache(lm_eval, tiny_dir):
     (text,) = lm.generate_until([request], disable_tqdm=True)
 
     ids = lm.tok_batch_encode([context])[0]
-    kw = _cache_kw(lm.model)
     cache = DynamicCache(config=lm.model.config)
     with torch.no_grad(), press(lm.model, KnormPress(ratio=0.9, max_cache_tokens=48)):
-        lm.model(ids[:, :-1], **{kw: cache})
-        out = lm.model.generate(ids, max_new_tokens=8, do_sample=False, **{kw: cache})
+        lm.model(ids[:, :-1], **cache_kwargs(cache))
+        out = lm.model.generate(ids, max_new_tokens=8, do_sample=False, **cache_kwargs(cache))
     assert all(layer.n <= 48 for layer in cache.layers), "decoding-time budget must hold"
     assert text == lm._finish(out[0, ids.shape[1] :].tolist(), ["\n\n", lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)])
 
@@ -259,11 +252,10 @@ def test_rolling_streams_through_the_capped_cache(lm_eval, tiny_dir):
     (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
 
     tokens = [lm.prefix_token_id] + lm.tok_encode(text)
-    kw = _cache_kw(lm.model)
     cache, expected = DynamicCache(config=lm.model.config), 0.0
     with torch.no_grad(), press(lm.model, StreamingLLMPress(max_cache_tokens=24, n_sink=4)):
         for t in range(len(tokens) - 1):
-            logits = lm.model(torch.tensor([[tokens[t]]]), **{kw: cache}).logits[0, -1]
+            logits = lm.model(torch.tensor([[tokens[t]]]), **cache_kwargs(cache)).logits[0, -1]
             expected += float(F.log_softmax(logits.float(), -1)[tokens[t + 1]])
             assert cache.layers[0].n <= 24
     assert got == pytest.approx(expected, abs=1e-3)

@@ -1,0 +1,336 @@
+"""``pipeline("kvpress-qa")``: read a long context once, compress its KV cache, answer many questions on it.
+
+    import kvpress_like.integrations.pipeline          # registers the task (its only import-time effect)
+    from transformers import pipeline
+    from kvpress_like import QFilterPress
+
+    pipe = pipeline("kvpress-qa", model=model, tokenizer=tokenizer)
+    out = pipe(context, questions=["Who?", "When?"], press=QFilterPress(ratio=0.875))
+    out["answers"], out["kv_bytes"]
+
+The context is prefilled and compressed **once**; each question is then answered on its own copy of the
+compressed cache (:func:`fork`), so questions never see each other. By default a question's tokens are
+appended uncompressed (:func:`kvpress_like.uncompressed`): every question reads the same pruned context.
+``compress_questions=True`` lets the press evict among context and question tokens instead (the question
+goes through the cache like more context). Decoding budgets (``max_cache_tokens``, ``decoding=True``) apply
+while the answer is generated. Query-dependent presses (SnapKV) score the context with the context's own
+last queries: the question is not part of them, since the context is compressed before any question is seen.
+
+The task is registered under ``"kvpress-qa"`` and, unless another package (NVIDIA kvpress) already took it,
+under kvpress's name ``"kv-press-text-generation"``, through ``transformers.pipelines.PIPELINE_REGISTRY``.
+Importing ``kvpress_like`` does not register it: transformers' pipelines module roughly doubles the
+package's import time, and ``import kvpress_like`` promises to change nothing. Importing this module (or
+calling :func:`register`, idempotent) does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections import defaultdict
+from contextlib import ExitStack, nullcontext
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, Pipeline
+from transformers.cache_utils import Cache
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from kvpress_like.base import Press
+from kvpress_like.cache import PressedLayer, cache_nbytes, uncompressed
+from kvpress_like.context import press as press_model
+from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.registry import list_presses, press_class
+
+__all__ = ["KVPressQAPipeline", "register", "fork", "cache_press", "benchmark", "TASK", "KVPRESS_TASK"]
+
+TASK = "kvpress-qa"
+#: NVIDIA kvpress's task name, registered as an alias when free.
+KVPRESS_TASK = "kv-press-text-generation"
+#: Attribute under which a cache made by the pipeline remembers its context's token ids (``(1, n)``).
+PROMPT_ATTR = "kvpress_like_prompt_ids"
+_SLOT = "\u2063kvpress-like-context\u2063"  # placeholder that splits the chat template around the user text
+
+
+def cache_press(cache: Cache) -> Press | None:
+    """The press that compressed ``cache`` (None for a plain cache); a cache must be continued under it."""
+    presses = {id(layer.press): layer.press for layer in cache.layers if isinstance(layer, PressedLayer)}
+    if len(presses) > 1:
+        raise ValueError("this cache was compressed by several presses; continue it layer by layer with press().")
+    return next(iter(presses.values()), None)
+
+
+def fork(cache: Cache, rows: int = 1) -> Cache:
+    """An independent copy of ``cache`` repeated ``rows`` times along the batch (for ``rows`` questions).
+
+    The press is shared, not copied: pressed layers must stay tied to the press object that is active.
+    """
+    p = cache_press(cache)
+    copied = copy.deepcopy(cache, {} if p is None else {id(p): p})
+    if rows > 1:
+        copied.batch_repeat_interleave(rows)
+    return copied
+
+
+def _press_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
+
+
+def _resolve_press(p: Press | str | None, settings: dict) -> Press | None:
+    """A press from an instance or a registered name plus settings; a clear error otherwise."""
+    if isinstance(p, str):
+        try:
+            cls = press_class(p)
+        except KeyError:
+            raise ValueError(f"unknown press {p!r}; registered presses: {', '.join(list_presses())}") from None
+        return cls(**settings)
+    if settings:
+        raise TypeError(
+            f"press settings ({', '.join(sorted(settings))}) go with a press name, e.g. press='knorm', ratio=0.5; "
+            "set them on the instance instead."
+        )
+    if p is not None and not isinstance(p, Press):
+        raise TypeError(f"press must be a kvpress_like Press, a registered name or None, got {type(p).__name__}")
+    return p
+
+
+def _check_questions(question: Any, questions: Any) -> list[str]:
+    if (question is None) == (questions is None):
+        raise ValueError("ask exactly one of question='...' or questions=['...', ...].")
+    if question is not None:
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}; use questions=[...] for several.")
+        questions = [question]
+    if isinstance(questions, str) or not isinstance(questions, (list, tuple)):
+        raise TypeError(f"questions must be a list of strings, got {type(questions).__name__}.")
+    if not questions:
+        raise ValueError("questions is empty: pass at least one question.")
+    for i, q in enumerate(questions):
+        if not isinstance(q, str):
+            raise TypeError(f"questions[{i}] is a {type(q).__name__}, not a string.")
+        if not q.strip():
+            raise ValueError(f"questions[{i}] is empty.")
+    return list(questions)
+
+
+class KVPressQAPipeline(Pipeline):
+    """Question answering over one long context whose KV cache is compressed once and reused per question.
+
+    Call ``pipe(context, question=... | questions=[...], press=..., **options)``, or
+    ``pipe(cache=<a cache from return_cache=True>, question=...)`` to keep asking later. Options:
+
+    * ``press``: a :class:`~kvpress_like.Press`, a registered name (its settings as keywords: ``press="knorm",
+      ratio=0.5``), or None for a full cache. A cache passed back is continued under the press that made it.
+    * ``compress_questions`` (False): let the press evict among the question's tokens too.
+    * ``answer_prefix`` (""): text the answer starts with (after the chat template's assistant header).
+    * ``question_batch_size`` (8): questions of equal token length are answered together, up to this many.
+    * ``return_cache`` (False): also return the compressed context cache (never modified by answering).
+    * anything else (``max_new_tokens``, default 50; ``do_sample``, ...) goes to ``generate()``.
+
+    Returns ``{"answer": str}`` for ``question=`` or ``{"answers": [str, ...]}`` for ``questions=``, plus
+    ``kv_bytes`` (the compressed context cache), ``peak_kv_bytes`` (that cache plus the copies of one batch of
+    questions, after answering), ``context_tokens``, ``prefill_seconds``, ``answer_seconds`` (per question; a
+    batch's time is split evenly) and, on request, ``cache``.
+    """
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=50)
+
+    def __call__(
+        self,
+        context: str | None = None,
+        question: str | None = None,
+        questions: list[str] | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        if cache is None:
+            if not isinstance(context, str):
+                raise TypeError(
+                    f"context must be a string (one context per call), got {type(context).__name__}; "
+                    "or pass cache=<a cache from return_cache=True> to continue."
+                )
+            if not context.strip():
+                raise ValueError("context is empty: pass the document to ask about.")
+        else:
+            if context is not None:
+                raise ValueError("pass either a context or a cache returned with return_cache=True, not both.")
+            if not isinstance(cache, Cache) or cache.get_seq_length() == 0:
+                raise TypeError("cache must be a non-empty transformers Cache, e.g. out['cache'] from return_cache=True.")
+        inputs = {"context": context, "questions": _check_questions(question, questions), "cache": cache}
+        out = super().__call__(inputs, **kwargs)
+        if question is not None:
+            out["answer"] = out.pop("answers")[0]
+        return out
+
+    def _sanitize_parameters(
+        self,
+        press: Press | str | None = None,
+        compress_questions: bool | None = None,
+        answer_prefix: str | None = None,
+        question_batch_size: int | None = None,
+        return_cache: bool | None = None,
+        **kwargs: Any,
+    ):
+        fields = _press_fields(press_class(press) if press in list_presses() else type(press))
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+        preprocess, forward = {}, {}
+        if press is not None or settings:
+            forward["press"] = _resolve_press(press, settings)
+        if answer_prefix is not None:
+            if not isinstance(answer_prefix, str):
+                raise TypeError(f"answer_prefix must be a string, got {type(answer_prefix).__name__}")
+            preprocess["answer_prefix"] = answer_prefix
+        if compress_questions is not None:
+            forward["compress_questions"] = bool(compress_questions)
+        if question_batch_size is not None:
+            if isinstance(question_batch_size, bool) or not isinstance(question_batch_size, int) or question_batch_size < 1:
+                raise ValueError(f"question_batch_size must be a positive integer, got {question_batch_size!r}")
+            forward["question_batch_size"] = question_batch_size
+        if return_cache is not None:
+            forward["return_cache"] = bool(return_cache)
+        forward.update(kwargs)  # generation parameters
+        return preprocess, forward, {}
+
+    # -- prompt -------------------------------------------------------------------------------------
+    def encode(self, context: str | None, questions: list[str], answer_prefix: str = "") -> tuple:
+        """``(context_ids (1, n) or None, [question_ids (1, m), ...])``: the prompt, split where the context ends.
+
+        With a chat template, the context opens the user turn and each question follows it (after a blank
+        line), then the assistant header and ``answer_prefix``. Without one: context, blank line, question,
+        newline, ``answer_prefix``.
+        """
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            rendered = tok.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False)
+            head, tail = rendered.split(_SLOT)
+            context_text, specials = (None if context is None else head + context), False
+            question_texts = [f"\n\n{q}{tail}{answer_prefix}" for q in questions]
+        else:
+            context_text, specials = context, True
+            question_texts = [f"\n\n{q}\n{answer_prefix}" for q in questions]
+        context_ids = None
+        if context_text is not None:
+            context_ids = torch.tensor([tok(context_text, add_special_tokens=specials)["input_ids"]])
+        question_ids = [torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]) for text in question_texts]
+        return context_ids, question_ids
+
+    def preprocess(self, inputs: dict, answer_prefix: str = "") -> dict:
+        context_ids, question_ids = self.encode(inputs["context"], inputs["questions"], answer_prefix)
+        return {"context_ids": context_ids, "question_ids": question_ids, "cache": inputs["cache"]}
+
+    # -- compress once, ask many ----------------------------------------------------------------------
+    def _forward(
+        self,
+        inputs: dict,
+        press: Press | None = None,
+        compress_questions: bool = False,
+        question_batch_size: int = 8,
+        return_cache: bool = False,
+        **generate_kwargs: Any,
+    ) -> dict:
+        cache, context_ids = inputs["cache"], inputs["context_ids"]
+        prefill_seconds = 0.0
+        if cache is not None:
+            made_by = cache_press(cache)
+            if press is not None and press is not made_by:
+                raise ValueError(
+                    f"this cache was compressed by {type(made_by).__name__ if made_by else 'no press'}; "
+                    "omit press= when continuing it (the cache keeps its own press)."
+                )
+            press, context_ids = made_by, self._prompt_of(cache)
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        with ExitStack() as stack:
+            if press is not None:
+                stack.enter_context(press_model(self.model, press))
+            if cache is None:
+                start = time.perf_counter()
+                cache = DynamicCache(config=self.model.config)
+                self._prefill(context_ids, cache, press)
+                setattr(cache, PROMPT_ATTR, context_ids)
+                prefill_seconds = time.perf_counter() - start
+            kv_bytes = cache_nbytes(cache)
+            questions = inputs["question_ids"]
+            by_length: dict[int, list[int]] = defaultdict(list)
+            for i, ids in enumerate(questions):
+                by_length[ids.shape[1]].append(i)
+            answers: list = [None] * len(questions)
+            seconds: list = [None] * len(questions)
+            peak = kv_bytes
+            for members in by_length.values():
+                for lo in range(0, len(members), question_batch_size):
+                    part = members[lo : lo + question_batch_size]
+                    start = time.perf_counter()
+                    tokens, fork_bytes = self._answer(
+                        cache, context_ids, torch.cat([questions[i] for i in part]), compress_questions, generate_kwargs
+                    )
+                    elapsed = (time.perf_counter() - start) / len(part)
+                    peak = max(peak, kv_bytes + fork_bytes)
+                    for row, i in enumerate(part):
+                        answers[i], seconds[i] = tokens[row], elapsed
+        out = {
+            "answer_ids": answers,
+            "kv_bytes": kv_bytes,
+            "peak_kv_bytes": peak,
+            "context_tokens": context_ids.shape[1],
+            "prefill_seconds": prefill_seconds,
+            "answer_seconds": seconds,
+        }
+        if return_cache:
+            out["cache"] = cache
+        return out
+
+    def _prefill(self, ids: torch.Tensor, cache: Cache, p: Press | None) -> None:
+        """The context into ``cache``, in chunks of the press's ``prefill_chunk_size`` when it has one."""
+        chunk = (p.prefill_chunk_size if p is not None else None) or ids.shape[1]
+        for lo in range(0, ids.shape[1], chunk):
+            self.model(ids[:, lo : lo + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+
+    def _prompt_of(self, cache: Cache) -> torch.Tensor:
+        """Context ids of a cache passed back; placeholders (pad tokens) for a cache made outside the pipeline,
+        which only logits processors that read the prompt (repetition penalties) could notice."""
+        ids = getattr(cache, PROMPT_ATTR, None)
+        if ids is None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((1, cache.get_seq_length()), pad, dtype=torch.long)
+        return ids.to(self.device)
+
+    def _answer(self, cache, context_ids, question_ids, compress_questions: bool, generate_kwargs: dict):
+        """Generated token ids of a batch of equal-length questions, each on its own copy of ``cache``."""
+        rows = question_ids.shape[0]
+        own = fork(cache, rows)
+        # All question tokens but the last are appended here (kept whole unless compress_questions); the
+        # last one starts generate(), whose decoding steps follow the press's decoding rules (budgets).
+        if question_ids.shape[1] > 1:
+            with nullcontext() if compress_questions else uncompressed(own):
+                self.model(question_ids[:, :-1], use_cache=True, logits_to_keep=1, **cache_kwargs(own))
+        prompt = torch.cat([context_ids.expand(rows, -1), question_ids], dim=1)
+        out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), **cache_kwargs(own), **generate_kwargs)
+        return out[:, prompt.shape[1] :], cache_nbytes(own)
+
+    def postprocess(self, outputs: dict) -> dict:
+        outputs["answers"] = [
+            self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs.pop("answer_ids")
+        ]
+        return outputs
+
+
+def register() -> None:
+    """Register ``"kvpress-qa"`` (and ``"kv-press-text-generation"`` when no other package holds it)."""
+    from transformers import AutoModelForCausalLM
+
+    for task in (TASK, KVPRESS_TASK):
+        current = PIPELINE_REGISTRY.supported_tasks.get(task)
+        if current is not None and (current["impl"] is KVPressQAPipeline or task == KVPRESS_TASK):
+            continue
+        PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=KVPressQAPipeline, pt_model=AutoModelForCausalLM, type="text")
+    KVPressQAPipeline._registered_impl = {TASK: PIPELINE_REGISTRY.supported_tasks[TASK]}
+
+
+register()
