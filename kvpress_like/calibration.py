@@ -1,13 +1,26 @@
-"""``kvpress-like calibrate``: compute Q-Filters for any Hugging Face causal LM and save them.
+"""Calibration: the query statistics that query-free presses score with, and ``kvpress-like calibrate``.
 
     kvpress-like calibrate --model smollm2-135m --out filters/smollm2
     kvpress-like calibrate --model ./my-model --texts notes/ --samples 4096 --out filters/my-model
 
-The output directory holds ``model.safetensors`` with a ``q_filters`` tensor
-``[num_layers, num_kv_heads, head_dim]`` (the published ``*_qfilt`` format, sign convention included) and
-a ``config.json`` naming the model, corpus, sample counts, seed, timing and the layers that are never
-compressed. Unless ``--no-store``, the filters also go to the local filter store, where
-``QFilterPress()`` finds them for this model without a path.
+One pass over calibration windows records, per full-attention layer, a random sample of the queries the
+attention function really receives (post-RoPE, after QK-norm and biases) and the same queries un-rotated
+by their positions with the model's own rotary embedding (pre-RoPE). From them:
+
+* Q-Filters (the paper's method, published ``*_qfilt`` format, unchanged): per KV head, the negated
+  dominant direction of the *post-RoPE* queries (:func:`filters_from_queries`).
+* Pre-RoPE statistics per layer and query head (:func:`query_statistics`): mean, dominant direction and
+  covariance, for the position-targeted presses, which rotate them to the reading position.
+
+The output directory holds ``model.safetensors`` (``q_filters``), ``config.json`` (model, corpus, sample
+counts, seed, window length, timing, layers never compressed) and ``query_stats.safetensors`` (statistics,
+metadata in its header). Unless ``--no-store``, both also go to the local filter store
+(:mod:`kvpress_like.filters`), where the presses find them for this model without a path.
+
+The RoPE phase. Post-RoPE queries at position ``p`` are ``R(p) q``; their dominant direction depends on
+the positions sampled, so filters from short windows fit short contexts. Measured on SmolLM2-135M (mean
+Spearman with the attention received at 2k tokens, see ``evaluations/correlation.py``): the README's
+Q-Filters section gives the numbers per window length; the pre-RoPE statistics do not depend on it.
 """
 
 from __future__ import annotations
@@ -18,11 +31,31 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used, so `kvpress-like calibrate --help` stays fast
+    import torch
 
-__all__ = ["configure", "main", "read_texts"]
+__all__ = [
+    "CalibrationResult",
+    "QuerySample",
+    "calibrate",
+    "calibration_ids",
+    "collect_queries",
+    "configure",
+    "filters_from_queries",
+    "main",
+    "query_statistics",
+    "read_texts",
+    "run_calibration",
+    "sample_queries",
+    "uncompressed_layers",
+]
+
+log = logging.getLogger(__name__)
 
 OFFLINE = {
     "offline:prose": "offline prose (pydoc_data.topics)",
@@ -31,6 +64,296 @@ OFFLINE = {
 }
 #: Characters of text read per calibration token asked for: enough for a random choice of windows.
 CHARS_PER_TOKEN = 32
+#: Default calibration window length (tokens per sequence); see the module docstring for the measurement.
+DEFAULT_SEQ_LEN = 512
+DEFAULT_NUM_SEQUENCES = 8
+DEFAULT_SAMPLES = 2048
+
+
+def uncompressed_layers(model) -> list[int]:
+    """Layers press() never compresses (sliding-window attention): their filters are zeros."""
+    from kvpress_like.integrations.transformers import attention_layers
+
+    return sorted(layer.layer_idx for layer in attention_layers(model) if layer.sliding)
+
+
+def calibration_ids(texts, tokenizer, num_sequences: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``(num_sequences, seq_len)`` token windows drawn at random (``seed``) from ``texts``.
+
+    ``texts`` is ``None`` (the offline prose corpus), a string or list of strings, or token ids: a 2-D
+    tensor is used as given (one row per sequence), a 1-D tensor is cut into windows like text.
+    """
+    import torch
+
+    if isinstance(texts, torch.Tensor) and texts.dim() == 2:
+        return texts.long()
+    if isinstance(texts, torch.Tensor):
+        ids = texts.long().flatten()
+    elif texts is None:
+        if tokenizer is None:
+            raise ValueError("calibrate() needs a tokenizer to tokenize the offline corpus (or pass token ids).")
+        from kvpress_like.data import corpus_ids
+
+        ids = corpus_ids(tokenizer, "prose")
+    else:
+        if tokenizer is None:
+            raise ValueError("calibrate() needs a tokenizer to turn texts into token ids (or pass token ids).")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n_windows = len(ids) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}: give more text")
+    if n_windows < num_sequences:
+        log.warning(
+            "kvpress_like: calibration text holds %d windows of %d tokens, fewer than the %d sequences asked",
+            n_windows,
+            seq_len,
+            num_sequences,
+        )
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_windows, generator=gen)[:num_sequences]
+    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in pick.tolist()])
+
+
+@dataclass
+class QuerySample:
+    """Queries sampled per full-attention layer, ``{layer: (q_heads, S, head_dim)}``, and their positions.
+
+    ``post_rope`` is what attention received; ``pre_rope`` the same queries un-rotated by ``positions``
+    (equal to ``post_rope`` for a model without RoPE). ``rotary_dims[layer]`` is the number of rotated
+    dims (0 without RoPE).
+    """
+
+    post_rope: dict[int, torch.Tensor]
+    pre_rope: dict[int, torch.Tensor]
+    positions: torch.Tensor
+    rotary_dims: dict[int, int] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)
+
+
+def sample_queries(
+    model, ids: torch.Tensor, samples_per_head: int = DEFAULT_SAMPLES, seed: int = 0, progress: bool = True
+) -> QuerySample:
+    """A random sample of the queries each full-attention layer really uses, with their positions.
+
+    Queries are taken from the attention call itself, so they include QK-norm and projection biases. Each
+    sequence contributes ``ceil(samples_per_head / len(ids))`` random positions (the same for every head
+    and layer), so memory stays bounded whatever the corpus size; when a sequence has fewer positions, all
+    of them are kept in order. Pre-RoPE queries come from un-rotating with the model's rotary module
+    (:mod:`kvpress_like.integrations.rope`).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvpress_like.filters import expected_shape
+    from kvpress_like.integrations.rope import rotary
+    from kvpress_like.integrations.transformers import attention_layers, patched_attention
+
+    layers = [layer for layer in attention_layers(model) if not layer.sliding]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no full-attention layers to calibrate")
+    if samples_per_head < 1:
+        raise ValueError(f"samples_per_head must be positive, got {samples_per_head}")
+    head_dim = expected_shape(model)[2]
+    rotaries = {layer.layer_idx: rotary(model, layer.layer_idx, head_dim) for layer in layers}
+    per_sequence = -(-samples_per_head // len(ids))
+    gen = torch.Generator().manual_seed(seed + 1)
+    post: dict[int, list[torch.Tensor]] = {layer.layer_idx: [] for layer in layers}
+    pre: dict[int, list[torch.Tensor]] = {layer.layer_idx: [] for layer in layers}
+    positions: list[torch.Tensor] = []
+    scaling: dict[int, float] = {}
+    state: dict = {"take": None}
+
+    def record(module, query, key, value) -> None:
+        b, hq, q, d = query.shape
+        if state["take"] is None:  # one draw per forward call, shared by every layer
+            n = b * q
+            take = torch.arange(n) if per_sequence * b >= n else torch.randperm(n, generator=gen)[: per_sequence * b]
+            state["take"], state["cos_sin"] = take, {}
+            positions.append(take % q)
+        take = state["take"].to(query.device)
+        flat = query.detach().transpose(0, 1).reshape(hq, b * q, d)[:, take].float()
+        idx = module.layer_idx
+        scaling[idx] = float(getattr(module, "scaling", d**-0.5))
+        post[idx].append(flat.cpu())
+        rot = rotaries[idx]
+        if rot is None:
+            pre[idx].append(flat.cpu())
+            return
+        key_ = rot.layer_type
+        if key_ not in state["cos_sin"]:
+            state["cos_sin"][key_] = rot.cos_sin((take % q).to(query.device))
+        cos, sin = state["cos_sin"][key_]
+        pre[idx].append(rot.unrotate(flat, cos, sin).cpu())
+
+    device = next(model.parameters()).device
+    # Only queries matter: skip the LM head where the model allows (a 262k vocabulary costs more than the layers).
+    import inspect
+
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad(), patched_attention(model, layers, record):
+        for row in tqdm(ids, desc="calibrating", unit="seq", disable=not progress):
+            state["take"] = None
+            model(row[None].to(device), use_cache=False, **extra)
+    cut = lambda chunks: torch.cat(chunks, dim=1)[:, :samples_per_head]  # noqa: E731
+    return QuerySample(
+        post_rope={idx: cut(c) for idx, c in post.items()},
+        pre_rope={idx: cut(c) for idx, c in pre.items()},
+        positions=torch.cat(positions)[:samples_per_head],
+        rotary_dims={idx: 0 if r is None else r.rotary_dim for idx, r in rotaries.items()},
+        scaling=scaling,
+    )
+
+
+def collect_queries(
+    model, ids: torch.Tensor, samples_per_head: int = DEFAULT_SAMPLES, seed: int = 0, progress: bool = True
+) -> dict[int, torch.Tensor]:
+    """The post-RoPE queries of :func:`sample_queries`, ``{layer: (q_heads, S, d)}`` (Q-Filters' input)."""
+    return sample_queries(model, ids, samples_per_head, seed, progress).post_rope
+
+
+def _dominant(q: torch.Tensor) -> torch.Tensor:
+    """Per head, the first right singular vector of ``q`` ``(h, S, d)``, signed so the mean projection is positive.
+
+    It is the top eigenvector of the ``d x d`` Gram matrix ``Q^T Q``: the same vector as an SVD of ``Q``, at
+    a fraction of the cost.
+    """
+    import torch
+
+    _, vectors = torch.linalg.eigh((q.transpose(1, 2) @ q).double())  # eigenvalues ascending
+    direction = vectors[:, :, -1].float()  # (h, d)
+    sign = torch.sign(torch.einsum("hsd,hd->hs", q, direction).mean(dim=1))
+    return direction * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
+
+
+def filters_from_queries(queries: dict[int, torch.Tensor], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Filters ``shape = [num_layers, num_kv_heads, head_dim]`` from sampled queries (published sign).
+
+    Per query head, the dominant direction ``u`` (:func:`_dominant`); directions are averaged over each GQA
+    group and negated. Layers absent from ``queries`` (never compressed) stay zero.
+    """
+    import torch
+
+    n_layers, n_kv, head_dim = shape
+    filters = torch.zeros(n_layers, n_kv, head_dim)
+    for idx, q in queries.items():
+        direction = _dominant(q)
+        filters[idx] = -direction.view(n_kv, direction.shape[0] // n_kv, head_dim).mean(dim=1)
+    return filters
+
+
+def query_statistics(queries: dict[int, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Per layer and query head: ``mean`` ``[L, hq, d]``, ``direction`` ``[L, hq, d]`` (dominant, signed as
+    Q-Filters' ``u``), ``covariance`` ``[L, hq, d, d]`` (unbiased), and ``count`` ``[L]`` samples (0: layer
+    not calibrated, statistics zero)."""
+    import torch
+
+    some = next(iter(queries.values()))
+    hq, _, d = some.shape
+    mean = torch.zeros(num_layers, hq, d)
+    direction = torch.zeros(num_layers, hq, d)
+    covariance = torch.zeros(num_layers, hq, d, d)
+    count = torch.zeros(num_layers)
+    for idx, q in queries.items():
+        q64 = q.double()
+        mu = q64.mean(dim=1)
+        centered = q64 - mu[:, None]
+        mean[idx] = mu.float()
+        covariance[idx] = (centered.transpose(1, 2) @ centered / max(q.shape[1] - 1, 1)).float()
+        direction[idx] = _dominant(q)
+        count[idx] = q.shape[1]
+    return dict(mean=mean, direction=direction, covariance=covariance, count=count)
+
+
+@dataclass
+class CalibrationResult:
+    """What one calibration pass produces: Q-Filters and their ``config.json`` metadata, pre-RoPE
+    statistics and their header metadata."""
+
+    filters: torch.Tensor
+    info: dict
+    stats: dict[str, torch.Tensor]
+    stats_info: dict
+
+
+def calibrate(
+    model,
+    texts=None,
+    tokenizer=None,
+    num_sequences: int = DEFAULT_NUM_SEQUENCES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    samples_per_head: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Compute Q-Filters ``[num_layers, num_kv_heads, head_dim]`` (published sign convention).
+
+    Runs ``num_sequences`` windows of ``seq_len`` tokens of ``texts`` (default: the offline prose corpus;
+    see :func:`calibration_ids`), samples ``samples_per_head`` queries per head and reduces them with
+    :func:`filters_from_queries`. Sliding-window layers, which press() never compresses, get zero filters.
+    """
+    return run_calibration(model, tokenizer, texts, "", num_sequences, seq_len, samples_per_head, seed, progress).filters
+
+
+def run_calibration(
+    model,
+    tokenizer=None,
+    texts=None,
+    corpus: str = OFFLINE["offline:prose"],
+    num_sequences: int = DEFAULT_NUM_SEQUENCES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    samples_per_head: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationResult:
+    """:func:`calibrate` plus the pre-RoPE statistics, timed, with the metadata both files record."""
+    import torch
+    import transformers
+
+    from kvpress_like import __version__
+    from kvpress_like.filters import expected_shape, store_key
+    from kvpress_like.models import model_identity
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    ids = calibration_ids(texts, tokenizer, num_sequences, seq_len, seed)
+    sample = sample_queries(model, ids, samples_per_head, seed, progress)
+    shape = expected_shape(model)
+    filters = filters_from_queries(sample.post_rope, shape)
+    stats = query_statistics(sample.pre_rope, shape[0])
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    common = dict(
+        model=str(getattr(model.config, "_name_or_path", "") or "unnamed"),
+        model_identity=model_identity(model),
+        store_key=store_key(model),
+        corpus=corpus,
+        num_sequences=int(ids.shape[0]),
+        seq_len=int(ids.shape[1]),
+        samples_per_head=int(min(q.shape[1] for q in sample.post_rope.values())),
+        seed=seed,
+        uncompressed_layers=uncompressed_layers(model),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        versions=dict(kvpress_like=__version__, torch=torch.__version__, transformers=transformers.__version__),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    info = dict(
+        common,
+        calibration_seconds=round(seconds, 2),
+        calibration_cpu_seconds=round(cpu_seconds, 2),  # all threads; wall time depends on the machine's load
+        torch_threads=torch.get_num_threads(),
+        queries="post-RoPE queries as passed to the attention function (after QK-norm and biases)",
+    )
+    stats_info = dict(
+        common,
+        format="kvpress_like query statistics v1",
+        window_length=int(ids.shape[1]),
+        layers=sorted(sample.pre_rope),
+        rotary_dims={str(k): v for k, v in sample.rotary_dims.items()},
+        scaling={str(k): v for k, v in sample.scaling.items()},
+        query_positions=[int(sample.positions.min()), int(sample.positions.max())],
+        queries="pre-RoPE: attention's queries (after QK-norm and biases) un-rotated by their positions "
+        "with the model's rotary embedding; rotary dims only",
+    )
+    return CalibrationResult(filters, info, stats, stats_info)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +367,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text", help="dataset column holding the text (default: text)")
     parser.add_argument("--dataset-config", default=None, help="dataset configuration name, e.g. wikitext-2-raw-v1")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--num-sequences", type=int, default=8, help="calibration windows (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
-    parser.add_argument("--samples", type=int, default=2048, help="queries sampled per head (default: 2048)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory or hub id, for a model directory without tokenizer files"
+    )
+    parser.add_argument(
+        "--num-sequences", type=int, default=DEFAULT_NUM_SEQUENCES, help=f"calibration windows (default: {DEFAULT_NUM_SEQUENCES})"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"calibration window length in tokens: post-RoPE Q-Filters fit contexts of about this length "
+        f"(default: {DEFAULT_SEQ_LEN})",
+    )
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"queries sampled per head (default: {DEFAULT_SAMPLES})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the window and query sampling (default: 0)")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--no-store", action="store_true", help="do not copy the filters into the local filter store")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     parser.add_argument("--attn-implementation", default="sdpa", help="eager, sdpa, flash_attention_2 (default: sdpa)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -130,33 +464,64 @@ def _dataset_texts(name: str, max_chars: int, column: str, config: str | None, s
 
 def _calibration_input(args, tokenizer, vocab_size: int):
     """``(texts or token ids, corpus description)`` for :func:`run_calibration`."""
+    import torch
+
+    if args.texts == "offline:random":  # needs no tokenizer
+        gen = torch.Generator().manual_seed(args.seed)
+        return torch.randint(0, vocab_size, (args.num_sequences, args.seq_len), generator=gen), OFFLINE[args.texts]
+    if tokenizer is None:
+        raise ValueError(
+            f"--model {args.model} has no tokenizer files, and --texts {args.texts} must be tokenized. Pass "
+            "--tokenizer <tokenizer dir or hub id>, or calibrate on --texts offline:random, which needs none."
+        )
     if args.texts == "offline:prose":
         return None, OFFLINE[args.texts]
     if args.texts == "offline:code":
         from kvpress_like.data import corpus_ids
 
         return corpus_ids(tokenizer, "code"), OFFLINE[args.texts]
-    if args.texts == "offline:random":
-        gen = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, vocab_size, (args.num_sequences, args.seq_len), generator=gen), OFFLINE[args.texts]
     max_chars = CHARS_PER_TOKEN * args.num_sequences * args.seq_len
     return read_texts(args.texts, max_chars, args.seed, args.text_column, args.dataset_config, args.split)
 
 
+#: Files any of which makes a directory hold a tokenizer (fast, sentencepiece, BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _load(args):
+    """``(model, tokenizer or None)``: a model directory without tokenizer files loads without one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvpress_like.models import load_model
+
+    dtype = getattr(torch, args.dtype)
+    path = Path(args.model)
+    if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation)
+        model = model.to(args.device).eval()
+    else:
+        model, tokenizer = load_model(args.model, dtype=dtype, attn_implementation=args.attn_implementation, device=args.device)
+        if args.tokenizer is None:
+            return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+
+
 def main(args: argparse.Namespace) -> int:
-    from kvpress_like.methods.qfilters import run_calibration, save_filters, store_path
-    from kvpress_like.models import EMBEDDED_MODELS, load_model
+    import torch
+
+    from kvpress_like.filters import save_filters, save_query_stats, store_path
+    from kvpress_like.models import EMBEDDED_MODELS
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("num_sequences", "seq_len", "samples"):
         if getattr(args, name) < 1:
             print(f"kvpress-like calibrate: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     try:
-        model, tokenizer = load_model(
-            args.model, dtype=getattr(torch, args.dtype), attn_implementation=args.attn_implementation, device=args.device
-        )
+        model, tokenizer = _load(args)
     except (OSError, ValueError) as err:
         where = "local directory" if Path(args.model).exists() else "hub id"
         print(
@@ -168,7 +533,7 @@ def main(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - start
     try:
         texts, corpus = _calibration_input(args, tokenizer, model.config.get_text_config().vocab_size)
-        filters, info = run_calibration(
+        result = run_calibration(
             model,
             tokenizer,
             texts,
@@ -182,6 +547,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"kvpress-like calibrate: {err}", file=sys.stderr)
         return 2
+    filters, info = result.filters, result.info
     info.update(
         load_seconds=round(load_seconds, 2),
         device=str(args.device),
@@ -191,14 +557,16 @@ def main(args: argparse.Namespace) -> int:
         ),
     )
     out = save_filters(filters, args.out, **info)
+    save_query_stats(result.stats, out, **result.stats_info)
     print(
         f"Q-Filters {list(filters.shape)} for {info['model']} from {info['num_sequences']} x {info['seq_len']} tokens "
         f"of {corpus}, {info['samples_per_head']} queries per head: {info['calibration_seconds']:.1f} s "
-        f"(model load {load_seconds:.1f} s) -> {out}"
+        f"(model load {load_seconds:.1f} s) -> {out} (with pre-RoPE query statistics)"
     )
     if info["uncompressed_layers"]:
         print(f"layers never compressed (sliding window, zero filters): {info['uncompressed_layers']}")
     if not args.no_store:
         stored = save_filters(filters, store_path(model), **info)
+        save_query_stats(result.stats, stored, **result.stats_info)
         print(f"stored for QFilterPress() in {stored}")
     return 0

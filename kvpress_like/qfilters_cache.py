@@ -18,7 +18,8 @@ import os
 import torch
 
 from .cache import PressedCache
-from .methods.qfilters import FILTER_FILE, QFilterPress, check_filters, filters_for, load_filters, store_path
+from .filters import FILTER_FILE, filters_for, load_filters, store_path
+from .methods.qfilters import QFilterPress
 from .models import EMBEDDED_MODELS
 
 __all__ = ["QFiltersCache"]
@@ -83,7 +84,7 @@ class QFiltersCache(PressedCache):
                 )
         qpress = QFilterPress(max_cache_tokens=max_length, window=window_length, n_sink=n_sink, filters=filters)
         if model is not None:
-            check_filters(qpress._filters, model)
+            qpress.prepare(model)  # explicit filters: only the shape check
             config = model.config if config is None else config
         super().__init__(qpress, config=config)
         self.window_length = window_length

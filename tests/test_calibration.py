@@ -12,10 +12,12 @@ from safetensors.torch import save_file
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import kvpress_like.methods.qfilters as qf
+from kvpress_like import calibration
 from kvpress_like import QFilterPress, press
 from kvpress_like.calibration import read_texts
 from kvpress_like.data import offline_corpus
-from kvpress_like.models import load_model, tiny_model
+from kvpress_like.models import EMBEDDED_MODELS, load_model, tiny_model
+from kvpress_like.integrations.transformers import cache_kwargs
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -119,7 +121,8 @@ def test_calibration_sees_the_queries_attention_uses(arch):
 
 def test_sliding_layers_get_zero_filters_and_are_recorded(tmp_path):
     model = tiny_model("gemma3")
-    filters, info = qf.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
+    result = qf.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
+    filters, info = result.filters, result.info
     assert info["uncompressed_layers"] == [0, 2]
     assert filters[[0, 2]].abs().max() == 0
     assert (filters[[1, 3]].norm(dim=-1) > 0.5).all()
@@ -130,13 +133,14 @@ def test_sliding_layers_get_zero_filters_and_are_recorded(tmp_path):
 def _kept_and_logits(model, p, ids):
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(cache)).logits
     return [layer.positions.clone() for layer in cache.layers], logits
 
 
 def test_saved_directory_loads_back_and_scores_identically(tmp_path):
     model = tiny_model("qwen3")
-    filters, info = qf.run_calibration(model, texts=torch.randint(2, 128, (3, 64)), corpus="random ids", progress=False)
+    result = qf.run_calibration(model, texts=torch.randint(2, 128, (3, 64)), corpus="random ids", progress=False)
+    filters, info = result.filters, result.info
     qf.save_filters(filters, tmp_path / "f", **info)
     config = json.loads((tmp_path / "f" / "config.json").read_text())
     assert config["num_layers"] == 4 and config["num_kv_heads"] == 2 and config["kv_head_dim"] == 16
@@ -193,9 +197,9 @@ def test_cli_writes_a_loadable_directory_and_the_store(tmp_path, store, monkeypa
     def no_calibration(*args, **kwargs):
         raise AssertionError("filters should come from the store")
 
-    monkeypatch.setattr(qf, "run_calibration", no_calibration)
+    monkeypatch.setattr(calibration, "run_calibration", no_calibration)
     with press(model, QFilterPress(ratio=0.5)) as p:
-        assert torch.equal(p._filters, from_cli)
+        assert torch.equal(p.active_filters, from_cli)
     assert torch.equal(qf.load_filters(qf.store_path(model)), from_cli)
 
 
@@ -245,13 +249,13 @@ def test_store_is_keyed_by_identity_not_basename(tmp_path, store):
 def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, caplog):
     """First press() on an embedded model calibrates on the offline corpus and says so; the second does not."""
     name = "tiny-embedded"
-    monkeypatch.setitem(qf.EMBEDDED_MODELS, name, "a tiny stand-in for an embedded model")
+    monkeypatch.setitem(EMBEDDED_MODELS, name, "a tiny stand-in for an embedded model")
     char_tokenizer().save_pretrained(store / "models" / name)
     model = tiny_model("qwen3", num_hidden_layers=2)  # the default calibration (8 x 512 tokens) runs here
     model.config._name_or_path = name
     calls = []
-    real = qf.run_calibration
-    monkeypatch.setattr(qf, "run_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = calibration.run_calibration
+    monkeypatch.setattr(calibration, "run_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(2, 128, (1, 32))
     with caplog.at_level(logging.WARNING, logger="kvpress_like"):
         with torch.no_grad(), press(model, QFilterPress(ratio=0.5)) as first:
@@ -262,4 +266,4 @@ def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, 
     with torch.no_grad(), press(model, QFilterPress(ratio=0.5)) as second:
         model(ids)
     assert len(calls) == 1
-    assert torch.equal(first._filters, second._filters)
+    assert torch.equal(first.active_filters, second.active_filters)
