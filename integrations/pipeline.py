@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections import defaultdict
 from contextlib import ExitStack, nullcontext
@@ -43,7 +44,7 @@ from kvpress_like.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.registry import list_presses, press_class
 
-__all__ = ["KVPressQAPipeline", "register", "fork", "cache_press", "benchmark", "TASK", "KVPRESS_TASK"]
+__all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "benchmark", "TASK", "KVPRESS_TASK"]
 
 TASK = "kvpress-qa"
 #: NVIDIA kvpress's task name, registered as an alias when free.
@@ -77,7 +78,7 @@ def _press_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
 
 
-def _resolve_press(p: Press | str | None, settings: dict) -> Press | None:
+def resolve_press(p: Press | str | None, settings: dict) -> Press | None:
     """A press from an instance or a registered name plus settings; a clear error otherwise."""
     if isinstance(p, str):
         try:
@@ -182,7 +183,7 @@ class KVPressQAPipeline(Pipeline):
         settings = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
         preprocess, forward = {}, {}
         if press is not None or settings:
-            forward["press"] = _resolve_press(press, settings)
+            forward["press"] = resolve_press(press, settings)
         if answer_prefix is not None:
             if not isinstance(answer_prefix, str):
                 raise TypeError(f"answer_prefix must be a string, got {type(answer_prefix).__name__}")
@@ -319,6 +320,77 @@ class KVPressQAPipeline(Pipeline):
             self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs.pop("answer_ids")
         ]
         return outputs
+
+
+#: The benchmark's ten questions about the opening of the Python language reference (the offline corpus).
+BENCHMARK_QUESTIONS = (
+    "What is this text about?",
+    "Summarize the first paragraph in one sentence.",
+    "Which Python keywords does the text mention?",
+    "What does the text say about the assert statement?",
+    "Name one built-in function that appears in the text.",
+    "What is an expression statement?",
+    "Give one example of Python syntax shown in the text.",
+    "Which exception can be raised, according to the text?",
+    "What is the last topic of the text?",
+    "Is the text written for beginners or for experts?",
+)
+
+
+def benchmark(
+    pipe: KVPressQAPipeline,
+    p: Press | None,
+    context_tokens: int = 4096,
+    questions: tuple[str, ...] = BENCHMARK_QUESTIONS,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
+    """Time ``questions`` on one context compressed once vs. one prefill per question; print and return numbers.
+
+    The context is the first ``context_tokens`` tokens of the offline corpus; answers are greedy. Both ways
+    use the same press; the per-question runs are exactly what a caller without the pipeline's cache reuse
+    pays. Also reports peak KV bytes (compressed context + the copies of one batch of questions) and how many
+    answers agree between the two ways (batched equal-length questions may differ by float rounding).
+    """
+    from kvpress_like.data import corpus_ids
+
+    context = pipe.tokenizer.decode(corpus_ids(pipe.tokenizer)[:context_tokens])
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    many = pipe(context, questions=list(questions), press=p, **gen)
+    many_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    separate = [pipe(context, question=q, press=p, **gen) for q in questions]
+    separate_seconds = time.perf_counter() - start
+    result = {
+        "model": str(pipe.model.config._name_or_path),
+        "press": repr(p),
+        "context_tokens": many["context_tokens"],
+        "questions": len(questions),
+        "max_new_tokens": max_new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average": (load_before, os.getloadavg()[0]),
+        "once_seconds": many_seconds,
+        "once_prefill_seconds": many["prefill_seconds"],
+        "separate_seconds": separate_seconds,
+        "speedup": separate_seconds / many_seconds,
+        "once_peak_kv_bytes": many["peak_kv_bytes"],
+        "once_context_kv_bytes": many["kv_bytes"],
+        "separate_peak_kv_bytes": max(s["peak_kv_bytes"] for s in separate),
+        "agreeing_answers": sum(a == s["answer"] for a, s in zip(many["answers"], separate, strict=True)),
+        "answers": many["answers"],
+    }
+    mib = 2**20
+    print(f"kvpress-qa benchmark: {result['model']}, {result['press']}, context {result['context_tokens']} tokens, "
+          f"{len(questions)} questions, max_new_tokens {max_new_tokens}, greedy")
+    print(f"torch threads {result['torch_threads']} of {result['cpus']} CPUs, load average (1 min) "
+          f"{load_before:.1f} before, {result['load_average'][1]:.1f} after")
+    print(f"compress once, ask many: {many_seconds:7.1f} s total (prefill {many['prefill_seconds']:.1f} s) | "
+          f"KV peak {many['peak_kv_bytes'] / mib:.1f} MiB (compressed context {many['kv_bytes'] / mib:.1f} MiB)")
+    print(f"one prefill per question: {separate_seconds:6.1f} s total | KV peak {result['separate_peak_kv_bytes'] / mib:.1f} MiB")
+    print(f"speed-up x{result['speedup']:.1f}; answers identical for {result['agreeing_answers']}/{len(questions)} questions")
+    return result
 
 
 def register() -> None:

@@ -1,0 +1,114 @@
+"""``kvpress-like ask``: compress a document's KV cache once, then answer every question on it.
+
+    kvpress-like ask --context FILE --question "..." [--question ...] --press qfilters --ratio 0.875
+
+Prints each answer with its time, the context's prefill time and the KV bytes kept. ``--benchmark`` instead
+times ten questions on one 4k-token context against ten separate prefills
+(:func:`kvpress_like.integrations.pipeline.benchmark`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. window=16), got {text!r}")
+    return key, value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local directory or hub id")
+    parser.add_argument("--context", type=Path, help="text file holding the document ('-' reads stdin)")
+    parser.add_argument("--question", action="append", default=[], help="a question (repeat for several)")
+    parser.add_argument("--press", default="qfilters", help="registered press name, or 'none' for a full cache")
+    parser.add_argument("--ratio", type=float, default=0.875, help="fraction of KV pairs removed (0.875 = x8)")
+    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="another press setting, e.g. --set window=16 --set max_cache_tokens=512")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length cap (default 50; --benchmark: 16)")
+    parser.add_argument("--compress-questions", action="store_true", help="let the press evict question tokens too")
+    parser.add_argument("--answer-prefix", default="", help="text each answer starts with")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time ten questions on one 4k-token context vs ten separate prefills (ignores --context)")
+    parser.add_argument("--context-tokens", type=int, default=4096, help="--benchmark: context length")
+
+
+def _value(text: str):
+    """A ``--set`` value as Python reads it (``16``, ``0.5``, ``[0, 1]``, ``true``); a plain string otherwise."""
+    import ast
+
+    lowered = text.strip().lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _press_settings(args: argparse.Namespace) -> dict:
+    """``--ratio`` and ``--set`` values for the press; unknown names fail here rather than inside generate()."""
+    import dataclasses
+
+    from .registry import press_class
+
+    fields = {f.name for f in dataclasses.fields(press_class(args.press)) if f.init}
+    settings = {"ratio": args.ratio, **{key: _value(value) for key, value in args.settings}}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} do not apply to press {args.press}; its settings: {', '.join(sorted(fields))}")
+    return settings
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import pipeline
+
+    from .integrations import pipeline as qa
+    from .models import load_model
+    from .registry import list_presses
+
+    press = None if args.press.lower() == "none" else args.press
+    if press is not None and press not in list_presses():
+        print(f"kvpress-like ask: unknown press {press!r}; registered presses: {', '.join(list_presses())}", file=sys.stderr)
+        return 2
+    if not args.benchmark:
+        if args.context is None or not args.question:
+            print("kvpress-like ask: give --context FILE and at least one --question (or --benchmark)", file=sys.stderr)
+            return 2
+        try:
+            context = sys.stdin.read() if str(args.context) == "-" else args.context.read_text()
+        except OSError as err:
+            print(f"kvpress-like ask: cannot read --context: {err}", file=sys.stderr)
+            return 2
+        if not context.strip():
+            print(f"kvpress-like ask: the context file {args.context} is empty", file=sys.stderr)
+            return 2
+    try:
+        settings = {} if press is None else _press_settings(args)
+        p = qa.resolve_press(press, settings)
+    except (TypeError, ValueError) as err:
+        print(f"kvpress-like ask: {err}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model(args.model)
+    pipe = pipeline(qa.TASK, model=model, tokenizer=tokenizer, device=model.device)
+    if p is not None:
+        p.prepare(model)  # find or calibrate Q-Filters before anything is timed
+    if args.benchmark:
+        qa.benchmark(pipe, p, context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens or 16)
+        return 0
+    out = pipe(context, questions=args.question, press=p, max_new_tokens=args.max_new_tokens or 50, do_sample=False,
+               compress_questions=args.compress_questions, answer_prefix=args.answer_prefix)
+    label = "no press" if p is None else f"{args.press} " + ", ".join(f"{k}={v}" for k, v in settings.items())
+    print(f"model {args.model} | {label} | torch threads {torch.get_num_threads()}")
+    print(f"context: {out['context_tokens']} tokens, prefilled and compressed once in {out['prefill_seconds']:.2f} s, "
+          f"KV cache kept {out['kv_bytes'] / 2**20:.2f} MiB (peak {out['peak_kv_bytes'] / 2**20:.2f} MiB with the question copies)")
+    for question, answer, seconds in zip(args.question, out["answers"], out["answer_seconds"], strict=True):
+        print(f"Q: {question}\nA: {answer}  ({seconds:.2f} s)")
+    return 0

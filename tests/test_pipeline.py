@@ -1,0 +1,159 @@
+"""The ``kvpress-qa`` pipeline: compress a context once, answer many questions, each on its own copy.
+
+A tiny random Llama saved with SmolLM2's tokenizer (and chat template) stands in for a real model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
+
+import kvpress_like.integrations.pipeline as qa
+from kvpress_like import KnormPress, SnapKVPress, StreamingLLMPress, cache_nbytes, press, uncompressed
+from kvpress_like.data import offline_corpus
+from kvpress_like.integrations.transformers import cache_kwargs
+
+GREEDY = {"max_new_tokens": 8, "do_sample": False}
+CONTEXT = offline_corpus()[:1500]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():  # sharper attention, so which keys are kept visibly matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.v_proj.weight.mul_(8)
+    return pipeline("kvpress-qa", model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), device="cpu")
+
+
+def _by_hand(pipe, p, question: str) -> tuple[str, int]:
+    """press() + generate() on the pipeline's prompt, as a user would write it (demo style)."""
+    model, tokenizer = pipe.model, pipe.tokenizer
+    context_ids, (question_ids,) = pipe.encode(CONTEXT, [question])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(context_ids, **cache_kwargs(cache))
+        kv_bytes = cache_nbytes(cache)
+        ids = torch.cat([context_ids, question_ids], dim=1)
+        with uncompressed(cache):
+            out = model.generate(ids, **cache_kwargs(cache), **GREEDY)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip(), kv_bytes
+
+
+@pytest.mark.parametrize("make_press", [lambda: KnormPress(ratio=0.75), lambda: SnapKVPress(ratio=0.75, window_size=8)],
+                         ids=["knorm", "snapkv"])
+def test_answer_equals_press_and_generate_by_hand(pipe, make_press):
+    question = "What is this text about?"
+    out = pipe(CONTEXT, question=question, press=make_press(), **GREEDY)
+    expected, kv_bytes = _by_hand(pipe, make_press(), question)
+    assert out["answer"] == expected
+    assert out["kv_bytes"] == kv_bytes
+    full = pipe(CONTEXT, question=question, **GREEDY)
+    assert out["kv_bytes"] < 0.3 * full["kv_bytes"], "ratio=0.75 must keep about a quarter of the context"
+
+
+def test_prompt_is_the_chat_template_split_where_the_context_ends(pipe):
+    context_ids, question_ids = pipe.encode(CONTEXT, ["Who?", "When?"], answer_prefix="Answer:")
+    for q, ids in zip(["Who?", "When?"], question_ids, strict=True):
+        text = pipe.tokenizer.decode(torch.cat([context_ids, ids], dim=1)[0])
+        chat = [{"role": "user", "content": f"{CONTEXT}\n\n{q}"}]
+        assert text == pipe.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + "Answer:"
+
+
+def test_returned_cache_answers_later_questions_like_asking_at_once(pipe):
+    questions = ["What is this text about?", "Which keyword is described first, and why?"]
+    p = StreamingLLMPress(ratio=0.8)
+    both = pipe(CONTEXT, questions=questions, press=p, return_cache=True, **GREEDY)
+    cache = both["cache"]
+    kept = cache_nbytes(cache)
+    later = [pipe(cache=cache, question=q, **GREEDY) for q in reversed(questions)]
+    assert [o["answer"] for o in reversed(later)] == both["answers"]
+    assert cache_nbytes(cache) == kept and later[0]["prefill_seconds"] == 0.0, "answering must not touch the cache"
+    with pytest.raises(ValueError, match="omit press="):
+        pipe(cache=cache, question="Why?", press=KnormPress(ratio=0.8))
+
+
+def test_equal_length_questions_batched_equal_one_by_one(pipe):
+    questions = ["Who wrote it?", "Who read it?", "Who sold it?"]
+    assert len({ids.shape[1] for ids in pipe.encode(None, questions)[1]}) == 1, "the test needs equal lengths"
+    batched = pipe(CONTEXT, questions=questions, press=KnormPress(ratio=0.75), **GREEDY)
+    alone = pipe(CONTEXT, questions=questions, press=KnormPress(ratio=0.75), question_batch_size=1, **GREEDY)
+    assert batched["answers"] == alone["answers"]
+    assert batched["peak_kv_bytes"] > alone["peak_kv_bytes"], "a batch holds one copy of the cache per question"
+
+
+def test_press_by_name_with_settings_equals_instance(pipe):
+    question = "What is this text about?"
+    by_name = pipe(CONTEXT, question=question, press="knorm", ratio=0.75, **GREEDY)
+    assert by_name["answer"] == pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), **GREEDY)["answer"]
+    assert by_name["kv_bytes"] == pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), **GREEDY)["kv_bytes"]
+
+
+def test_compress_questions_lets_the_press_evict_question_tokens(pipe):
+    question = "Tell me, in plain words and with an example, what this long text is about and who it is for."
+    kept = pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), **GREEDY)
+    pressed = pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), compress_questions=True, **GREEDY)
+    assert pressed["kv_bytes"] == kept["kv_bytes"]
+    assert pressed["peak_kv_bytes"] < kept["peak_kv_bytes"]
+
+
+def test_decoding_budget_holds_while_answering(pipe):
+    p = KnormPress(max_cache_tokens=48, window=8)
+    out = pipe(CONTEXT, question="What is this text about?", press=p, return_cache=True, max_new_tokens=12, do_sample=False)
+    assert all(layer.n <= 48 for layer in out["cache"].layers)
+    later = qa.fork(out["cache"])
+    with torch.no_grad(), press(pipe.model, p):
+        _, (q,) = pipe.encode(None, ["Why?"])
+        ids = torch.cat([getattr(out["cache"], qa.PROMPT_ATTR), q], dim=1)
+        pipe.model.generate(ids, **cache_kwargs(later), max_new_tokens=12, do_sample=False)
+    assert all(layer.n <= 48 for layer in later.layers), "decoding steps evict back to the budget"
+
+
+def test_bad_input_gets_clear_errors(pipe):
+    with pytest.raises(ValueError, match="context is empty"):
+        pipe("   ", question="Why?")
+    with pytest.raises(ValueError, match="exactly one of question"):
+        pipe(CONTEXT)
+    with pytest.raises(TypeError, match=r"questions\[1\] is a int"):
+        pipe(CONTEXT, questions=["Why?", 3])
+    with pytest.raises(ValueError, match=r"questions\[0\] is empty"):
+        pipe(CONTEXT, questions=[""])
+    with pytest.raises(ValueError, match="unknown press 'nope'; registered presses: .*knorm"):
+        pipe(CONTEXT, question="Why?", press="nope")
+    with pytest.raises(TypeError, match="go with a press name"):
+        pipe(CONTEXT, question="Why?", press=KnormPress(ratio=0.5), ratio=0.5)
+    with pytest.raises(TypeError, match="one context per call"):
+        pipe([CONTEXT, CONTEXT], question="Why?")
+    with pytest.raises(ValueError, match="not both"):
+        pipe(CONTEXT, question="Why?", cache=DynamicCache())
+
+
+def test_kvpress_alias_and_no_registration_on_package_import(pipe):
+    alias = pipeline("kv-press-text-generation", model=pipe.model, tokenizer=pipe.tokenizer, device="cpu")
+    assert isinstance(alias, qa.KVPressQAPipeline)
+    code = (
+        "import kvpress_like, sys; from transformers.pipelines import PIPELINE_REGISTRY as R; "
+        "assert 'kvpress-qa' not in R.supported_tasks; import kvpress_like.integrations.pipeline; "
+        "assert 'kvpress-qa' in R.supported_tasks and 'kv-press-text-generation' in R.supported_tasks"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_ask_cli_prints_answers_and_kv_bytes(tiny_model_dir, tmp_path, capsys):
+    from kvpress_like.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(CONTEXT)
+    argv = ["ask", "--model", str(tiny_model_dir), "--context", str(doc), "--question", "Who?", "--question",
+            "What is it about?", "--press", "knorm", "--ratio", "0.75", "--set", "window=4", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "knorm ratio=0.75, window=4" in printed and printed.count("\nA: ") == 2 and "KV cache kept" in printed
+    assert main(["ask", "--model", str(tiny_model_dir), "--context", str(doc), "--question", "Who?", "--set", "windw=4",
+                 "--press", "knorm"]) == 2
+    assert "windw do not apply to press knorm" in capsys.readouterr().err
