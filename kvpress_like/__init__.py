@@ -3,31 +3,46 @@
     from kvpress_like import press, QFilterPress
     with press(model, QFilterPress(ratio=0.875)):
         out = model.generate(**inputs, max_new_tokens=64)
+
+Names are imported on first access (PEP 562), so ``import kvpress_like`` and the command line's ``--help``
+do not import torch or transformers.
 """
 
-from .base import Press, ScorerPress
-from .cache import PressedCache, PressedLayer, cache_nbytes, uncompressed
-from .context import press
-from .hookspecs import hookimpl
-from .methods import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress
-from .qfilters_cache import QFiltersCache
-from .registry import get_press, list_presses
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-__all__ = [
-    "Press",
-    "ScorerPress",
-    "press",
-    "get_press",
-    "list_presses",
-    "hookimpl",
-    "PressedCache",
-    "PressedLayer",
-    "cache_nbytes",
-    "uncompressed",
-    "QFilterPress",
-    "KnormPress",
-    "SnapKVPress",
-    "StreamingLLMPress",
-]
+__version__ = "0.1.0"  # the only place the version is written (pyproject.toml reads it)
+
+#: public name -> submodule defining it
+_EXPORTS = {
+    "Press": ".base",
+    "ScorerPress": ".base",
+    "press": ".context",
+    "get_press": ".registry",
+    "list_presses": ".registry",
+    "hookimpl": ".hookspecs",
+    "PressedCache": ".cache",
+    "PressedLayer": ".cache",
+    "cache_nbytes": ".cache",
+    "uncompressed": ".cache",
+    "QFilterPress": ".methods",
+    "KnormPress": ".methods",
+    "SnapKVPress": ".methods",
+    "StreamingLLMPress": ".methods",
+    "QFiltersCache": ".qfilters_cache",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvpress_like' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -24,10 +24,10 @@ from .models import DEFAULT_MODEL, load_model
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local directory or hub id")
-    parser.add_argument("--context-tokens", type=int, default=2048)
-    parser.add_argument("--compression", type=float, default=4.0, help="x-fold compression (ratio = 1 - 1/x)")
-    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context-tokens", type=int, default=2048, help="length of the haystack context in tokens (default: 2048)")
+    parser.add_argument("--compression", type=float, default=4.0, help="x-fold compression, ratio = 1 - 1/x (default: 4)")
+    parser.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default: 0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed that draws the pass key (default: 0)")
 
 
 def answer(model, tokenizer, sample, p=None) -> tuple[str, int, float]:
