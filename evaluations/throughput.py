@@ -52,9 +52,9 @@ MODES = ("dynamic", "static", "static+compile")
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, local path, 'tiny' or 'llama-8b-random'")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="batch sizes")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed run (>= 3)")
     parser.add_argument("--presses", nargs="+", default=None,
@@ -64,13 +64,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="cache paths per press (static+compile also runs on --compiled-cells)")
     parser.add_argument("--compiled-cells", nargs="*", default=["8x4096"], metavar="BxC",
                         help="cells where the static compiled path runs (Q-Filters, or the first press, at the largest factor)")
-    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the static+compile path")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path and cell (interleaved)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="distinct prompts prefilled, tiled over the batch rows (default: one per row); decode "
+                             "cost does not depend on the content, prefill cost does")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set and reported)")
     parser.add_argument("--quick", action="store_true",
                         help="batches 1 8, contexts 2k 4k, 8 new tokens, 2 repeats, Q-Filters x8 only")
-    parser.add_argument("--no-figure", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
 # -- bytes and the bound ---------------------------------------------------------------------------------
@@ -392,9 +395,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
     vocab = model.config.get_text_config().vocab_size
     max_b, max_c = max(args.batches), max(args.contexts)
-    ids = torch.randint(100, vocab, (max_b, max_c), generator=torch.Generator().manual_seed(0)).to(device)
+    distinct = min(args.prompts or max_b, max_b)
+    ids = torch.randint(100, vocab, (distinct, max_c), generator=torch.Generator().manual_seed(0)).to(device)
     keys, values, first, prefill_s = prefill_rows(model, ids, sorted(args.contexts))
-    log(f"[{time.perf_counter() - t0:6.1f}s] prefilled {max_b} rows x {max_c} tokens (full cache) in {prefill_s:.1f} s")
+    log(f"[{time.perf_counter() - t0:6.1f}s] prefilled {distinct} prompt(s) x {max_c} tokens (full cache) in "
+        f"{prefill_s:.1f} s")
+    if distinct < max_b:  # rows r and r + distinct hold the same prompt
+        tile = torch.arange(max_b, device=device) % distinct
+        ids, keys, values = ids[tile], [t[tile] for t in keys], [t[tile] for t in values]
+        first = {c: t[tile] for c, t in first.items()}
 
     rows: list[dict] = []
     loads: list[float] = []
@@ -407,15 +416,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             v = [t[:batch] for t in values]
             runs: dict[str, list[dict]] = {p.name: [] for p in cell_paths}
             budgets: dict[str, int | None] = {}
-            for p in cell_paths:  # warm-up (and compilation) run, untimed
-                if p.kind == "static+compile":
-                    cache, budget = build_cache(p, model, k, v, context, args.new_tokens)
-                    start = time.perf_counter()
+            for p in [p for p in cell_paths if p.kind == "static+compile"]:  # compilation run, untimed
+                cache, budget = build_cache(p, model, k, v, context, args.new_tokens)
+                start = time.perf_counter()
+                try:
                     decode_run(model, p, cache, prompt, args.new_tokens, compile_config, device, False)
-                    compile_first_call[f"b={batch} ctx={context}"] = time.perf_counter() - start
-                    log(f"[{time.perf_counter() - t0:6.1f}s] b={batch} ctx={context}: first compiled generate() "
-                        f"took {compile_first_call[f'b={batch} ctx={context}']:.1f} s")
+                except Exception as err:  # reported, not fatal: the eager paths still run
+                    failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    notes.append(f"static+compile failed at batch {batch} x {context}: {failed}")
+                    cell_paths.remove(p)
+                    continue
+                finally:
                     del cache
+                seconds = time.perf_counter() - start
+                compile_first_call[f"b={batch} ctx={context}"] = seconds
+                log(f"[{time.perf_counter() - t0:6.1f}s] b={batch} ctx={context}: first compiled generate() took "
+                    f"{seconds:.1f} s")
+            runs = {p.name: [] for p in cell_paths}
             for r in range(args.repeats):
                 order = cell_paths[r % len(cell_paths):] + cell_paths[: r % len(cell_paths)]
                 for p in order:
@@ -468,7 +485,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                       threads=torch.get_num_threads(), timed_steps_per_run=args.new_tokens - 2),
         copy_bandwidth_gb_s=bandwidth / 1e9, weight_bytes_read=weights, kv_bytes_per_token=per_token,
         prefill_s=prefill_s, compile_first_call_s=compile_first_call,
-        load_average=dict(start=load_start, max_during=load_max, cores=cores), warnings=notes,
+        distinct_prompts=distinct, load_average=dict(start=load_start, max_during=load_max, cores=cores), warnings=notes,
         rows=rows, headline=headline(rows), environment=env, command=command_line(),
         wall_s=time.perf_counter() - t0,
     )
@@ -519,8 +536,9 @@ def markdown(report: dict, figure: str | None) -> str:
         f"Model {report['model']} ({report['dtype']}) on {report['device']}; greedy `generate()`, "
         f"{s['new_tokens']} new tokens per run ({s['timed_steps_per_run']} timed steps; the first forward and "
         f"the first decode step are untimed), {s['repeats']} interleaved repeats per path, medians; spread = "
-        "(max - min) / median over repeats. Prompts: random token ids, equal length; prefill timed apart "
-        f"({report['prefill_s']:.0f} s for the full-cache prefill of all rows) and excluded.",
+        "(max - min) / median over repeats. Prompts: random token ids, equal length, "
+        f"{report['distinct_prompts']} distinct prompt(s) tiled over the batch rows; prefill timed apart "
+        f"({report['prefill_s']:.0f} s for the full-cache prefill of the distinct prompts) and excluded.",
         f"Copy bandwidth measured in this run: {report['copy_bandwidth_gb_s']:.1f} GB/s (read + write, "
         f"{s['threads']} thread(s)); weights read per step {report['weight_bytes_read'] / 2**20:.0f} MiB; "
         f"KV {report['kv_bytes_per_token'] / 1024:.1f} KiB per token. Bound tokens/s = batch x bandwidth / "
