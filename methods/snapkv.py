@@ -13,10 +13,13 @@ from kvpress_like.base import ScorerPress
 class SnapKVPress(ScorerPress):
     """Score keys by the attention of the last ``window_size`` queries, pooled over neighbours.
 
-    Only the window's attention is computed here (``window_size x tokens`` per head), so the model can
-    keep running sdpa or flash attention, which never materialize attention weights. The window's own
-    keys are always kept. Scores need queries, so pruning happens right after a multi-token attention
-    call; SnapKV has no query window while decoding one token at a time, so it offers no decoding budget.
+    As published (SnapKV's code and kvpress): each head's causal softmax over all keys, averaged over the
+    window's queries, then average-pooled (``kernel_size``, stride 1) over the keys *before* the window
+    only, zero padding counted in each average; query heads are then averaged per KV head. The window's
+    own keys are always kept. Only the window's attention is computed here (``window_size x tokens`` per
+    head), so the model can keep running sdpa or flash attention, which never materialize attention
+    weights. Scores need queries, so pruning happens right after a multi-token attention call; SnapKV has
+    no query window while decoding one token at a time, so it offers no decoding budget.
     """
 
     name = "snapkv"
@@ -32,8 +35,14 @@ class SnapKVPress(ScorerPress):
                 "(decoding=True / max_cache_tokens). Use QFilterPress, KnormPress or StreamingLLMPress for a "
                 "decoding budget."
             )
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError("window_size must be >= 1 and kernel_size a positive odd number.")
+        for field in ("window_size", "kernel_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SnapKVPress({field}=...) must be an int, got {value!r} ({type(value).__name__}).")
+        if self.window_size < 1:
+            raise ValueError(f"SnapKVPress(window_size=...) must be >= 1 (queries in the window), got {self.window_size}.")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"SnapKVPress(kernel_size=...) must be a positive odd number, got {self.kernel_size}.")
 
     def protected(self, positions: torch.Tensor, seen: int) -> torch.Tensor:
         return super().protected(positions, seen) | (positions >= seen - self.window_size)
@@ -54,8 +63,11 @@ class SnapKVPress(ScorerPress):
         query_pos = torch.arange(seen - w, seen, device=keys.device)
         future = positions[:, :, None, None, :] > query_pos[None, None, None, :, None]
         weights = logits.masked_fill(future, float("-inf")).softmax(dim=-1).mean(dim=3)  # (b, hkv, g, n)
+        # Pool over the prefix only: the window's keys (stored last) count as the zero padding that
+        # pooling the prefix alone would add at its end; the divisor is always kernel_size.
+        in_window = (positions >= seen - w)[:, :, None, :]
         pooled = F.avg_pool1d(
-            weights.reshape(-1, 1, n), self.kernel_size, stride=1, padding=self.kernel_size // 2,
-            count_include_pad=False,
+            weights.masked_fill(in_window, 0.0).reshape(-1, 1, n), self.kernel_size, stride=1,
+            padding=self.kernel_size // 2, count_include_pad=True,
         )
-        return pooled.view(b, hkv, -1, n).mean(dim=2)
+        return pooled.view(b, hkv, -1, n).mean(dim=2)  # window keys' scores do not matter: they are protected
