@@ -2,14 +2,24 @@
 
 from kvpress_like.hookspecs import hookimpl
 
+from .expected_attention import ExpectedAttentionPress
 from .knorm import KnormPress
 from .qfilters import QFilterPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .targeted_qfilters import TargetedQFilterPress
 
-__all__ = ["KnormPress", "QFilterPress", "SnapKVPress", "StreamingLLMPress"]
+__all__ = [
+    "ExpectedAttentionPress",
+    "KnormPress",
+    "QFilterPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TargetedQFilterPress",
+]
 
 
 @hookimpl
 def kvpress_like_presses() -> dict[str, type]:
-    return {cls.name: cls for cls in (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress)}
+    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress)
+    return {cls.name: cls for cls in builtin}

@@ -267,3 +267,210 @@ def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, 
         model(ids)
     assert len(calls) == 1
     assert torch.equal(first.active_filters, second.active_filters)
+
+
+# -- issue 10 §3: bad filters and reuse across models -------------------------------------------------
+
+
+def test_filters_with_nan_or_inf_are_refused(tmp_path):
+    filters = torch.randn(4, 2, 16)
+    filters[2, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf values \(layers \[2\]\)"):
+        QFilterPress(filters=filters)
+    filters[2, 1, 3] = float("inf")
+    qf.save_filters(filters, tmp_path / "inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        QFilterPress(filters=tmp_path / "inf")
+
+
+@pytest.mark.parametrize("kind", ["torch_save", "empty"])
+def test_a_filters_file_that_is_not_safetensors_names_the_file_and_the_format(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    if kind == "torch_save":
+        torch.save({"q_filters": torch.zeros(4, 2, 16)}, path)
+    else:
+        path.write_bytes(b"")
+    for source in (path, tmp_path):  # the file itself, or the directory holding it
+        with pytest.raises(ValueError) as err:
+            QFilterPress(filters=source)
+        message = str(err.value)
+        assert str(path) in message and "safetensors format" in message and "torch.save" in message
+        assert ("is empty" in message) == (kind == "empty")
+
+
+def test_array_like_filters_are_converted():
+    import numpy as np
+
+    filters = torch.randn(4, 2, 16)
+    keys = torch.randn(1, 2, 10, 16)
+    positions = torch.arange(10).expand(1, 2, 10)
+    want = QFilterPress(filters=filters).key_scores(1, keys, positions)
+    for value in (filters.numpy(), filters.double().numpy(), filters.tolist()):
+        assert torch.equal(QFilterPress(filters=value).key_scores(1, keys, positions), want)
+    with pytest.raises(TypeError, match="array-like or a path"):
+        QFilterPress(filters=object())
+    with pytest.raises(ValueError, match="shape"):
+        QFilterPress(filters=np.zeros((2, 16)))
+
+
+def test_a_reused_press_uses_each_models_own_filters(store):
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)  # same shapes, other weights
+    fa, fb = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    qf.save_filters(fa, qf.store_path(a))
+    qf.save_filters(fb, qf.store_path(b))
+    p = QFilterPress(ratio=0.5)
+    with press(a, p):
+        assert torch.equal(p.active_filters, fa)
+    with press(b, p):
+        assert torch.equal(p.active_filters, fb)
+    with press(a, p):
+        assert torch.equal(p.active_filters, fa)
+    explicit = QFilterPress(ratio=0.5, filters=fa)
+    with press(b, explicit):  # explicit filters are the user's choice: kept
+        assert torch.equal(explicit.active_filters, fa)
+
+
+def test_cli_on_a_model_directory_without_tokenizer(tmp_path, store, capsys):
+    from kvpress_like.cli import main
+
+    model_dir = tmp_path / "no-tokenizer"
+    tiny_model("llama").save_pretrained(model_dir)
+    args = ["--num-sequences", "2", "--seq-len", "32", "--quiet", "--no-store"]
+    assert main(["calibrate", "--model", str(model_dir), "--out", str(tmp_path / "o1"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer files" in err and "--tokenizer" in err and "offline:random" in err
+    assert not (tmp_path / "o1").exists()
+    assert main(["calibrate", "--model", str(model_dir), "--texts", "offline:random", "--out", str(tmp_path / "o2"), *args]) == 0
+    assert qf.load_filters(tmp_path / "o2").shape == (4, 2, 16)
+    tok_dir = tmp_path / "tok"
+    char_tokenizer().save_pretrained(tok_dir)
+    text = tmp_path / "t.txt"
+    text.write_text(offline_corpus()[:2000])
+    rc = main(["calibrate", "--model", str(model_dir), "--tokenizer", str(tok_dir), "--texts", str(text), "--out", str(tmp_path / "o3"), *args])
+    assert rc == 0 and json.loads((tmp_path / "o3" / "config.json").read_text())["corpus"].startswith("file ")
+
+
+# -- issue 12 §2: pre-RoPE statistics ------------------------------------------------------------------
+
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16, rope_theta=10000.0
+)
+#: name -> (tiny architecture, config overrides): Llama-3 rope scaling, partial rotary, QK-norm, per-layer-type rotary
+ROPE_VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-rope-scaled": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
+    "phi3-partial": ("phi3", dict(partial_rotary_factor=0.5)),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "gemma3": ("gemma3", {}),
+}
+
+
+def _variant(name, **extra):
+    arch, overrides = ROPE_VARIANTS[name]
+    return tiny_model(arch, **overrides, **extra)
+
+
+@pytest.mark.parametrize("variant", sorted(set(ROPE_VARIANTS) - {"qwen2"}))
+def test_pre_rope_queries_equal_the_projection_before_rotation(variant):
+    """Un-rotated queries equal q_proj (+ QK-norm) recomputed independently, i.e. before transformers' RoPE."""
+    model = _variant(variant)
+    inputs = {}
+
+    def grab(module, args, kwargs):
+        inputs[module.layer_idx] = kwargs.get("hidden_states", args[0] if args else None)
+
+    handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    sample = calibration.sample_queries(model, ids, samples_per_head=17, progress=False)
+    for h in handles:
+        h.remove()
+    assert sample.positions.shape == (17,) and len(set(sample.positions.tolist())) == 17
+    for idx, pre in sample.pre_rope.items():
+        attn = model.model.layers[idx].self_attn
+        hq, d = pre.shape[0], attn.head_dim
+        with torch.no_grad():
+            if hasattr(attn, "qkv_proj"):
+                raw = attn.qkv_proj(inputs[idx])[..., : hq * d]
+            else:
+                raw = attn.q_proj(inputs[idx])
+            raw = raw.view(1, 40, hq, d)
+            raw = attn.q_norm(raw) if hasattr(attn, "q_norm") else raw
+        want = raw[0].transpose(0, 1)[:, sample.positions]
+        torch.testing.assert_close(pre, want, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(sample.post_rope[idx], want, atol=1e-2)  # RoPE did rotate them
+    if variant == "phi3-partial":
+        assert set(sample.rotary_dims.values()) == {8}
+        torch.testing.assert_close(sample.post_rope[0][..., 8:], sample.pre_rope[0][..., 8:])  # pass-through dims
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama-rope-scaled", "phi3-partial", "qwen2"])
+def test_pre_rope_direction_rotated_to_p_is_the_post_rope_direction_of_queries_at_p(variant):
+    """Queries ~ a fixed vector per head plus noise: the pre-RoPE direction rotated to p must match the
+    dominant direction of the post-RoPE queries observed at position p (over many sequences)."""
+    from kvpress_like.integrations.rope import rotary
+
+    model = _variant(variant) if variant == "qwen2" else _variant(variant, attention_bias=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):
+                attn.qkv_proj.weight.mul_(0.05)
+                hq_d = attn.config.num_attention_heads * attn.head_dim
+                if attn.qkv_proj.bias is None:
+                    attn.qkv_proj.bias = torch.nn.Parameter(torch.zeros(attn.qkv_proj.out_features))
+                attn.qkv_proj.bias[:hq_d] = torch.randn(hq_d, generator=gen)
+            else:
+                attn.q_proj.weight.mul_(0.05)
+                attn.q_proj.bias.copy_(torch.randn(attn.q_proj.out_features, generator=gen))
+    ids = torch.randint(2, 128, (24, 48), generator=gen)
+    sample = calibration.sample_queries(model, ids, samples_per_head=24 * 48, progress=False)  # every position
+    stats = calibration.query_statistics(sample.pre_rope, 4)
+    for p in (5, 31, 47):
+        at_p = sample.positions == p
+        assert at_p.sum() == 24
+        for idx in sample.pre_rope:
+            rot = rotary(model, idx, 16)
+            cos, sin = rot.cos_sin(torch.tensor([p]))
+            targeted = rot.rotate(stats["direction"][idx], cos, sin)  # (hq, d)
+            observed = calibration._dominant(sample.post_rope[idx][:, at_p])
+            assert (cosine(targeted, observed) > 0.98).all(), (p, idx, cosine(targeted, observed))
+            untargeted = stats["direction"][idx]
+            if p > 20:  # the property can fail: without the rotation the directions differ
+                assert (cosine(untargeted, observed) < 0.9).any()
+
+
+def test_query_statistics_round_trip_through_safetensors(tmp_path):
+    from kvpress_like.filters import load_query_stats, save_query_stats
+
+    model = tiny_model("gemma3")
+    ids = torch.randint(2, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    result = calibration.run_calibration(model, texts=ids, corpus="random ids", progress=False, seed=3)
+    pre = calibration.sample_queries(model, ids, seed=3, progress=False).pre_rope[1].double()  # (hq, 120, d)
+    torch.testing.assert_close(result.stats["mean"][1].double(), pre.mean(1), rtol=1e-5, atol=1e-6)
+    centered = pre - pre.mean(1, keepdim=True)
+    torch.testing.assert_close(result.stats["covariance"][1].double(), centered.transpose(1, 2) @ centered / 119, rtol=1e-4, atol=1e-6)
+
+    save_query_stats(result.stats, tmp_path, **result.stats_info)
+    tensors, meta = load_query_stats(tmp_path)
+    assert set(tensors) == {"mean", "direction", "covariance", "count"}
+    for key, value in result.stats.items():
+        assert torch.equal(tensors[key], value), key
+    assert tensors["covariance"].shape == (4, 4, 16, 16) and tensors["count"].tolist() == [0, 120, 0, 120]
+    assert meta["window_length"] == 40 and meta["seed"] == 3 and meta["corpus"] == "random ids"
+    assert meta["layers"] == [1, 3] and meta["rotary_dims"] == {"1": 16, "3": 16}
+
+
+def test_cli_writes_statistics_and_published_filters_unchanged(tmp_path, store):
+    from kvpress_like.cli import main
+    from kvpress_like.filters import load_query_stats
+    from safetensors import safe_open
+
+    model_dir = save_tiny(tmp_path / "tiny", "qwen3")
+    args = ["--texts", "offline:random", "--num-sequences", "2", "--seq-len", "32", "--quiet", "--no-store"]
+    assert main(["calibrate", "--model", str(model_dir), *args, "--out", str(tmp_path / "o")]) == 0
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["q_filters"]  # the published format, nothing added
+    tensors, meta = load_query_stats(tmp_path / "o")
+    assert meta["window_length"] == 32 and meta["num_sequences"] == 2 and tensors["mean"].shape == (4, 4, 16)

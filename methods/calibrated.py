@@ -1,0 +1,97 @@
+"""Shared machinery of the position-targeted presses: pre-RoPE query statistics, keys un-rotated to the reader.
+
+Queries at position ``p`` are ``R(p) q`` with ``q`` drawn from a distribution that barely moves with
+position; a key's expected logit from such a query is a function of ``R(p)^T k``. So these presses keep
+pre-RoPE statistics per query head (:mod:`kvpress_like.calibration`) and, once per scoring call, un-rotate
+the cached keys by the reading position (rotary dims only), instead of rotating every statistic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvpress_like.base import ScorerPress
+from kvpress_like.filters import load_query_stats, query_stats_for, store_key
+from kvpress_like.integrations.rope import Rotary, rotary
+
+__all__ = ["CalibratedPress"]
+
+
+@dataclass
+class CalibratedPress(ScorerPress):
+    """A position-dependent query-free scorer built from pre-RoPE query statistics.
+
+    ``stats`` is a directory or file written by ``kvpress-like calibrate`` (``query_stats.safetensors``);
+    left as ``None``, :meth:`prepare` finds the statistics of each model in the local filter store and
+    calibrates embedded models on first use (:func:`kvpress_like.filters.query_stats_for`).
+    Subclasses implement :meth:`build` (per-layer tensors from the statistics) and :meth:`score`.
+    """
+
+    position_dependent: ClassVar[bool] = True
+    stats: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._explicit = None if self.stats is None else load_query_stats(self.stats)
+        self._found: dict[str, tuple[dict, dict]] = {}
+        self._layers: dict[int, tuple] = {}
+        self._rotary: dict[int, Rotary | None] = {}
+        self._on: dict[tuple, tuple] = {}
+
+    def prepare(self, model) -> None:
+        if self._explicit is not None:
+            tensors, meta = self._explicit
+        else:
+            key = store_key(model)
+            if key not in self._found:
+                self._found[key] = query_stats_for(model)
+            tensors, meta = self._found[key]
+        cfg = model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        want = (cfg.num_hidden_layers, cfg.num_attention_heads, head_dim)
+        if tuple(tensors["mean"].shape) != want:
+            raise ValueError(
+                f"query statistics of shape {tuple(tensors['mean'].shape)} do not fit {type(model).__name__}, which "
+                f"needs [num_layers, num_q_heads, head_dim] = {list(want)}: they were made for another model. "
+                "Calibrate this one with `kvpress-like calibrate --model ...`."
+            )
+        n_kv = cfg.num_key_value_heads
+        calibrated = [int(i) for i in (tensors["count"] > 0).nonzero().flatten()]
+        scaling = meta.get("scaling", {})
+        self._layers = {
+            idx: self.build({k: v[idx] for k, v in tensors.items()}, n_kv, float(scaling.get(str(idx), head_dim**-0.5)))
+            for idx in calibrated
+        }
+        self._rotary = {idx: rotary(model, idx, head_dim) for idx in calibrated}
+        self._on.clear()
+
+    def build(self, layer: dict[str, torch.Tensor], num_kv_heads: int, scaling: float) -> tuple[torch.Tensor, ...]:
+        """Per-layer scoring tensors from that layer's statistics (``mean``/``direction`` ``[hq, d]``,
+        ``covariance`` ``[hq, d, d]``); ``scaling`` is the layer's attention logit scale."""
+        raise NotImplementedError
+
+    def layer_tensors(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """:meth:`build`'s tensors for a layer, on ``device`` (moved once)."""
+        where = (device, layer_idx)
+        found = self._on.get(where)
+        if found is None:
+            if layer_idx not in self._layers:
+                raise ValueError(
+                    f"{type(self).__name__} has no query statistics for layer {layer_idx}: use it inside "
+                    "`with press(model, ...)` (which finds them) or pass stats=<dir from kvpress-like calibrate>."
+                )
+            found = self._on[where] = tuple(t.to(device) for t in self._layers[layer_idx])
+        return found
+
+    def reader_keys(self, layer_idx: int, keys: torch.Tensor, reading_position: torch.Tensor) -> torch.Tensor:
+        """``R(p)^T k`` in float32 for every key, ``p`` the reading position of each row (no RoPE: ``k``)."""
+        keys = keys.float()
+        rot = self._rotary.get(layer_idx)
+        if rot is None:
+            return keys
+        cos, sin = rot.cos_sin(reading_position.reshape(-1, 1, 1))  # (b, 1, 1, rotary_dim)
+        return rot.unrotate(keys, cos, sin)
