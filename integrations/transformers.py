@@ -7,7 +7,7 @@ config whose ``_attn_implementation`` names our function, which then calls the o
 (eager, sdpa, flash_attention_2, ...) and hands the post-RoPE queries to a callback. Nothing global is
 patched: the model-level config, masks and every other module are untouched, and leaving the context puts
 each module's own ``config`` back. Our function is registered under :data:`ATTENTION_NAME` in transformers'
-``AttentionInterface`` on first use, never at import.
+``ALL_ATTENTION_FUNCTIONS`` while a context is open (reference-counted), never at import.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,23 +41,63 @@ class AttentionLayer:
     sliding: bool
 
 
-def attention_layers(model: nn.Module) -> list[AttentionLayer]:
-    """Self-attention modules that take a transformers cache, found from module structure and config.
+#: keywords under which an attention module's forward takes its layer's cache
+CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
+#: inputs that only cross-attention takes (its keys come from another sequence, not from a growing cache)
+CROSS_INPUTS = ("cross_attention_states", "encoder_hidden_states")
 
-    A module qualifies when it has an integer ``layer_idx``, a ``config`` and a ``forward`` accepting the
-    cache keyword (``past_key_values`` before transformers 5.24, ``cache`` after). Layers are sliding when
-    their config's ``layer_types`` says so or the module carries a ``sliding_window``.
+
+def _is_decoder_self_attention(module: nn.Module) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return (
+        bool(getattr(module, "is_causal", True))  # False: encoder self-attention and cross-attention
+        and any(name in params for name in CACHE_KEYWORDS)
+        and not any(name in params for name in CROSS_INPUTS)
+    )
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS`` (True when unknowable)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
+def attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    """Decoder self-attention modules that take a transformers cache, found from module structure and config.
+
+    A module qualifies when it has an integer ``layer_idx`` and a ``config``, no submodule with a
+    ``layer_idx`` of its own (that excludes decoder layers, which wrap their attention), is causal (its
+    ``is_causal`` is not False: that excludes encoders and cross-attention, whose keys do not grow with the
+    generated sequence), and its ``forward`` takes the cache (``past_key_values`` before transformers 5.24,
+    ``cache`` after, ``layer_past`` in GPT-NeoX/Falcon) and no cross-attention input. Layers are sliding
+    when their config's ``layer_types`` says so or the module carries a ``sliding_window``. A qualifying
+    module whose forward computes attention itself instead of calling transformers' attention interface
+    cannot be compressed (its queries and masks are out of reach): that raises ``ValueError``.
     """
+    indexed = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "layer_idx", None), int) and not isinstance(module.layer_idx, bool)
+    ]
+    wrappers = {outer for outer, _ in indexed for inner, _ in indexed if inner.startswith(outer + ".") or (outer == "" and inner)}
     found = []
-    for name, module in model.named_modules():
-        idx = getattr(module, "layer_idx", None)
-        if not isinstance(idx, int) or not hasattr(module, "config") or "Attention" not in type(module).__name__:
+    for name, module in indexed:
+        if name in wrappers or not hasattr(module, "config") or not _is_decoder_self_attention(module):
             continue
-        params = inspect.signature(module.forward).parameters
-        if "past_key_values" not in params and "cache" not in params:
-            continue
+        if not _uses_attention_interface(module):
+            raise ValueError(
+                f"{type(model).__name__} is not supported: its attention ({type(module).__name__}) computes "
+                "attention inside its own forward instead of calling transformers' attention interface "
+                "(ALL_ATTENTION_FUNCTIONS), so kvpress_like can neither see its queries nor fit its masks to "
+                "a compressed cache. Models whose attention goes through that interface (Llama, Mistral, "
+                "Qwen, Phi-3, Gemma 3, GPT-NeoX, ...) are supported."
+            )
+        idx = module.layer_idx
         layer_types = getattr(module.config, "layer_types", None)
-        sliding = bool(layer_types and layer_types[idx] in SLIDING_TYPES) or (
+        sliding = bool(layer_types and idx < len(layer_types) and layer_types[idx] in SLIDING_TYPES) or (
             getattr(module, "sliding_window", None) is not None
         )
         found.append(AttentionLayer(name, module, idx, sliding))
@@ -96,21 +137,45 @@ class _State:
 
 
 class _ConfigView:
-    """The module's config, except for ``_attn_implementation`` (see module docstring)."""
+    """Marker base of the config views :func:`_config_view` makes."""
 
-    def __init__(self, config, state: _State):
-        object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "_state", state)
+    __slots__ = ()
 
-    @property
-    def _attn_implementation(self) -> str:
+
+@functools.cache
+def _view_class(config_class: type) -> type:
+    """A subclass of ``config_class`` whose ``_attn_implementation`` is the patched module's current one."""
+    plain = getattr(config_class, "_attn_implementation", None)
+
+    def get(self) -> str:
         return self._state.current_impl
 
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_config"), name)
+    def set_(self, value) -> None:  # writes reach the real config (the view shares its __dict__)
+        if isinstance(plain, property) and plain.fset is not None:
+            plain.fset(self, value)
+        else:
+            self.__dict__["_attn_implementation"] = value
 
-    def __setattr__(self, name, value):
-        setattr(self._config, name, value)
+    def eq(self, other) -> bool:  # the dataclass __eq__ would require the exact same class
+        return isinstance(other, config_class) and self.__dict__ == other.__dict__
+
+    namespace = {"__slots__": ("_state",), "_attn_implementation": property(get, set_), "__eq__": eq,
+                 "__hash__": config_class.__hash__, "__module__": config_class.__module__}
+    return type(config_class.__name__, (_ConfigView, config_class), namespace)
+
+
+def _config_view(config, state: _State):
+    """The module's config, except for ``_attn_implementation`` (see module docstring).
+
+    The view is an instance of a subclass of the config's class that shares the config's ``__dict__``:
+    ``isinstance(view, PretrainedConfig)`` holds, every read sees the config's current values and every
+    write lands in the config itself; only ``_attn_implementation`` (and the per-module ``_state``,
+    stored in a slot) differ.
+    """
+    view = object.__new__(_view_class(type(config)))
+    object.__setattr__(view, "__dict__", config.__dict__)
+    object.__setattr__(view, "_state", state)
+    return view
 
 
 def align_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor | None:
@@ -141,6 +206,73 @@ def align_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
     return torch.cat([old, new], dim=-1)
 
 
+class PlainLayerGeometry:
+    """What the mask of an uncompressed layer under press() must be, when transformers' cannot say it.
+
+    transformers builds one mask per layer type, from the first layer of that type; under a press that
+    layer may hold another number of tokens. A plain layer's keys are its last ``kv`` tokens (all of them,
+    or a sliding window's), so their true positions follow from the call's 2-D mask of real tokens.
+    """
+
+    def __init__(self, sliding_window: int | None, real: torch.Tensor | None):
+        self.sliding_window = sliding_window
+        self.real = real  # (batch, past + q) real tokens, None when nothing is padded
+
+    def attention_mask(self, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor:
+        q, kv = query.shape[-2], key.shape[-2]
+        if self.real is None:  # contiguous keys, the new ones last: relative positions are enough
+            positions = torch.arange(kv, device=key.device)[None]
+        else:
+            real = self.real[:, -kv:].to(key.device)
+            positions = ((self.real.long().cumsum(-1) - 1)[:, -kv:].to(key.device)).masked_fill(~real, -1)
+        return positions_mask(positions[:, None], positions[:, -q:], self.sliding_window, query, impl)
+
+
+def positions_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int | None, query: torch.Tensor, impl: str):
+    """Attention mask from true positions: ``kpos`` ``(batch, 1 or kv_heads, kv)``, ``qpos`` ``(batch, q)``.
+
+    A key is visible iff it is real (position >= 0), not after the query and, with a window, inside it.
+    Padding queries see every key (their outputs are never used; a fully masked row would give NaN).
+    Returns sdpa's boolean mask or eager's additive one, expanded to the query heads where it is per head.
+    """
+    kp, qp = kpos[:, :, None, :], qpos[:, None, :, None]
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible &= kp > qp - window
+    visible |= ~visible.any(-1, keepdim=True)
+    if visible.shape[1] > 1:
+        visible = visible.repeat_interleave(query.shape[1] // visible.shape[1], dim=1)
+    if impl == "eager":
+        return torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~visible, torch.finfo(query.dtype).min
+        )
+    return visible
+
+
+def _fit_mask(state: _State, attention_mask, query, key):
+    """The mask this layer's call needs: transformers' (aligned) when it describes the keys, else our own."""
+    layer = state.layer
+    impl = state.original_impl
+    if layer is None:
+        return align_mask(attention_mask, query, key, impl)
+    own = getattr(layer, "needs_own_mask", None)
+    if isinstance(layer, PlainLayerGeometry):
+        fits = attention_mask is not None and attention_mask.shape[-1] == key.shape[-2]
+        own = layer.real is not None or (layer.sliding_window is not None and not fits)
+        if not own:
+            return align_mask(attention_mask, query, key, impl)
+    elif not own:
+        return align_mask(attention_mask, query, key, impl)
+    if impl.startswith("flash"):
+        raise ValueError(
+            "padded batches and compressed sliding-window layers need masks built from true positions, which "
+            f"{impl} cannot take; load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    if isinstance(layer, PlainLayerGeometry):
+        return layer.attention_mask(query, key, impl)
+    return layer.attention_mask(query, impl)
+
+
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     state: _State = module.config._state
     decode = getattr(state.layer, "decode_attention", None) if query.shape[-2] == 1 else None
@@ -149,7 +281,7 @@ def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kw
         if state.callback is not None:
             state.callback(module, query, key, value)
         return out
-    attention_mask = align_mask(attention_mask, query, key, state.original_impl)
+    attention_mask = _fit_mask(state, attention_mask, query, key)
     state.current_impl = state.original_impl  # flash_attention_forward reads module.config too
     try:
         out = state.inner(module, query, key, value, attention_mask, *args, **kwargs)
@@ -160,18 +292,43 @@ def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kw
     return out
 
 
-def _register() -> None:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+_open_contexts = 0
+_registry_lock = threading.Lock()
 
-    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(ATTENTION_NAME, _attention)
+
+def _register() -> None:
+    """Make our function findable by name while at least one :func:`patched_attention` is open.
+
+    It goes into the ``ALL_ATTENTION_FUNCTIONS`` mapping every modeling file looks functions up in, and
+    :func:`_unregister` removes it when the last context closes, so transformers is left as it was found.
+    """
+    global _open_contexts
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    with _registry_lock:
+        if _open_contexts == 0:
+            ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME] = _attention
+        _open_contexts += 1
+
+
+def _unregister() -> None:
+    global _open_contexts
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    with _registry_lock:
+        _open_contexts -= 1
+        if _open_contexts == 0:
+            del ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME]
 
 
 @contextmanager
 def patched_attention(
     model: nn.Module, layers: list[AttentionLayer], callback: AttentionCallback | None = None
 ) -> Iterator[None]:
-    """Route the given layers' attention through our function; restore each module's config on exit."""
+    """Route the given layers' attention through our function; restore each module's config on exit.
+
+    The patch is on the modules, so while the context is open it applies to every thread using them.
+    """
     impl = attention_implementation(model)
     _register()
     originals = []
@@ -181,11 +338,12 @@ def patched_attention(
             if isinstance(module.__dict__.get("config"), _ConfigView):
                 raise RuntimeError(f"{layer.name} is already patched: press() contexts cannot be nested.")
             originals.append((module, module.__dict__["config"]))
-            module.config = _ConfigView(module.config, _State(module, impl, callback))
+            module.config = _config_view(module.config, _State(module, impl, callback))
         yield
     finally:
         for module, config in originals:
             module.config = config
+        _unregister()
 
 
 def set_cache_layer(module: nn.Module, layer) -> None:
@@ -203,9 +361,8 @@ def cache_layer(module: nn.Module):
 
 
 def cache_argument(kwargs: dict):
-    """The cache passed to an attention module (``cache`` since transformers 5.24, ``past_key_values`` before)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
+    """The cache passed to an attention module (one of :data:`CACHE_KEYWORDS`), or None."""
+    return next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
 
 
 @functools.cache

@@ -106,12 +106,17 @@ def model_identity(model) -> str:
     """A key that tells models apart beyond their basename: name, architecture and shapes."""
     cfg = model.config.get_text_config()
     name = str(getattr(model.config, "_name_or_path", "") or "unnamed").rstrip("/")
-    shape = f"{cfg.num_hidden_layers}x{cfg.num_key_value_heads}x{_head_dim(cfg)}"
+    shape = f"{cfg.num_hidden_layers}x{kv_heads(cfg)}x{_head_dim(cfg)}"
     return f"{name}|{cfg.model_type}|{shape}|vocab{cfg.vocab_size}"
 
 
 def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_heads(cfg) -> int:
+    """KV heads per layer: ``num_key_value_heads``, or one per query head in configs without GQA (GPT-NeoX)."""
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 _TINY = dict(
@@ -128,8 +133,11 @@ _TINY = dict(
 def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager", **overrides):
     """A small random model of a given architecture, deterministic for a seed (for tests and smoke runs).
 
-    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3. Gemma3 alternates sliding and full
-    layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv projection.
+    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox. Gemma3 alternates sliding
+    and full layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv
+    projection; GPT-NeoX (Pythia) a fused qkv projection, rotary embedding on a quarter of each head and
+    no grouped KV heads. (Falcon is not offered: its attention bypasses transformers' attention
+    interface, see ``attention_layers``.)
     """
     import transformers as tf
 
@@ -137,7 +145,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
     if arch == "llama":
         config = tf.LlamaConfig(**settings)
     elif arch == "mistral":
-        config = tf.MistralConfig(sliding_window=None, **settings)
+        config = tf.MistralConfig(**{"sliding_window": None, **settings})
     elif arch == "qwen2":
         config = tf.Qwen2Config(**settings)
     elif arch == "qwen3":
@@ -151,8 +159,11 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
             layer_types=["sliding_attention", "full_attention"] * (settings["num_hidden_layers"] // 2),
             **settings,
         )
+    elif arch == "gpt_neox":
+        settings.pop("num_key_value_heads")  # GPT-NeoX has one KV head per query head
+        config = tf.GPTNeoXConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, **settings)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3 or gemma3")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3 or gpt_neox")
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

@@ -6,7 +6,23 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_filter_store(tmp_path_factory):
+    """Filters calibrated or saved by tests go to a temporary store, never into the user's.
+
+    Converted models stay in the shared cache (``$KVPRESS_LIKE_CACHE``): converting a GGUF takes ~20 s.
+    Subprocesses started by tests inherit the variable.
+    """
+    before = os.environ.get("KVPRESS_LIKE_FILTERS")
+    os.environ["KVPRESS_LIKE_FILTERS"] = str(tmp_path_factory.mktemp("filter-store"))
+    yield
+    if before is None:
+        del os.environ["KVPRESS_LIKE_FILTERS"]
+    else:
+        os.environ["KVPRESS_LIKE_FILTERS"] = before
 
 
 @pytest.fixture(autouse=True)
