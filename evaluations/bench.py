@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvpress_like import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress, cache_nbytes, press
+from kvpress_like import cache_nbytes, press
 from kvpress_like.cache import PressedLayer
 
-from .niah import cache_kw
-from .results import RESULTS_DIR, command_line, environment, environment_markdown, set_threads, write_result
+from kvpress_like.integrations.transformers import cache_kwargs
+from .common import RESULTS_DIR, build_press, command_line, environment, environment_markdown, set_threads, write_result
 
 METHODS = ("no_press", "qfilters", "knorm", "snapkv", "streaming_llm")
-_PRESSES = dict(qfilters=QFilterPress, knorm=KnormPress, snapkv=SnapKVPress, streaming_llm=StreamingLLMPress)
 #: Llama-3.1-8B's shape (kvpress's speed benchmark uses it with random weights)
 LLAMA_8B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
@@ -78,12 +77,9 @@ def build_model(name: str, device: str, dtype: torch.dtype):
 
 
 def make_press(method: str, ratio: float, filters):
-    if method == "no_press":
-        return None
-    if method not in _PRESSES:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    """A registered press by name (None for ``no_press``); Q-Filters get the filters built with the model."""
     extra = dict(filters=filters) if method == "qfilters" else {}
-    return _PRESSES[method](ratio=ratio, **extra)
+    return build_press(method, ratio=ratio, **extra)
 
 
 class PeakMemory:
@@ -200,10 +196,10 @@ def prefill_once(model, ids: torch.Tensor, p) -> tuple[float, int, str, DynamicC
         _sync(device)
         start = time.perf_counter()
         if p is None:
-            logits = model(ids, **cache_kw(model, cache), logits_to_keep=1).logits
+            logits = model(ids, **cache_kwargs(cache), logits_to_keep=1).logits
         else:
             with press(model, p):
-                logits = model(ids, **cache_kw(model, cache), logits_to_keep=1).logits
+                logits = model(ids, **cache_kwargs(cache), logits_to_keep=1).logits
         _sync(device)
         seconds = time.perf_counter() - start
     return seconds, mem.peak, mem.how, cache, logits[:, -1]
@@ -219,7 +215,7 @@ def decode_ms(model, cache, logits: torch.Tensor, p, steps: int) -> float:
         for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
-            logits = model(token, **cache_kw(model, cache)).logits[:, -1]
+            logits = model(token, **cache_kwargs(cache)).logits[:, -1]
             token = logits.argmax(-1, keepdim=True)
             _sync(device)
             times.append(time.perf_counter() - start)
@@ -334,15 +330,15 @@ def markdown(result: dict, env: dict, model_name: str, device_tag: str, dtype: s
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, local path, 'llama-8b-random' or 'tiny'")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--lengths", default=None, help="prompt lengths (default 1024,2048,4096 on CPU; 8192,16384,32768 on CUDA)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of KV pairs removed")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved prefills per method (median reported)")
-    parser.add_argument("--decode-steps", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--decode-steps", type=int, default=16, help="decoding steps timed after each prefill")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
 def main(args: argparse.Namespace) -> int:

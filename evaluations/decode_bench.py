@@ -16,7 +16,6 @@ received. Without a press the prompt's full cache would be ``layers x prompt`` t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,44 +25,44 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvpress_like.evaluations.results import environment, markdown_footer
 from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
 from kvpress_like.context import press as press_context
+from kvpress_like.integrations.transformers import cache_kwargs
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import RESULTS_DIR, build_press, environment, markdown_footer, query_free_presses, set_threads, write_result
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--method", default="qfilters", choices=["qfilters", "knorm", "streaming_llm"])
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    parser.add_argument("--method", default="qfilters", help="registered query-free press to cap the cache with")
     parser.add_argument("--budget", type=int, default=512, help="KV tokens per layer and KV head")
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--n-sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted")
+    parser.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted")
     parser.add_argument("--steps", type=int, default=64, help="decoding steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cache (medians are reported)")
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length for the memory check")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="prefill_chunk_size for the memory check")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
 def _press(method: str, model, **settings):
-    from kvpress_like.methods import KnormPress, QFilterPress, StreamingLLMPress
-    from kvpress_like.methods.qfilters import filters_for
-
-    if method == "qfilters":
-        return QFilterPress(filters=filters_for(model), **settings)
-    return {"knorm": KnormPress, "streaming_llm": StreamingLLMPress}[method](**settings)
+    """The registered press, prepared for ``model`` (bare caches are used here, without ``press()``)."""
+    if method not in query_free_presses():
+        raise ValueError(f"--method must be a registered query-free press: {', '.join(query_free_presses())}")
+    p = build_press(method, **settings)
+    p.prepare(model)
+    return p
 
 
 @torch.inference_mode()
 def _decode_ms(model, ids: torch.Tensor, make_cache, prefill: int, steps: int) -> float:
     """ms per token of ``steps`` teacher-forced decoding steps after an (untimed) prefill."""
     cache = make_cache()
-    model(ids[:, :prefill], past_key_values=cache)
+    model(ids[:, :prefill], **cache_kwargs(cache))
     start = time.perf_counter()
     for i in range(prefill, prefill + steps):
-        model(ids[:, i : i + 1], past_key_values=cache)
+        model(ids[:, i : i + 1], **cache_kwargs(cache))
     return (time.perf_counter() - start) * 1000 / steps
 
 
@@ -148,7 +147,7 @@ def memory_check(model, ids: torch.Tensor, args) -> dict:
     try:
         with press_context(model, p):
             start = time.perf_counter()
-            model.generate(ids[:, :tokens], attention_mask=torch.ones_like(ids[:, :tokens]), past_key_values=cache,
+            model.generate(ids[:, :tokens], attention_mask=torch.ones_like(ids[:, :tokens]), **cache_kwargs(cache),
                            max_new_tokens=1, do_sample=False)
             seconds = time.perf_counter() - start
     finally:
@@ -175,8 +174,8 @@ def main(args: argparse.Namespace) -> int:
     from kvpress_like.data import corpus_ids
     from kvpress_like.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    env = environment()
     model, tokenizer = load_model(args.model)
     ids = corpus_ids(tokenizer, "prose")[None]
     needed = max(args.budget + 2 * args.steps, args.prefill_tokens)
@@ -190,15 +189,12 @@ def main(args: argparse.Namespace) -> int:
         n_sink=args.n_sink,
         steps=args.steps,
         repeats=args.repeats,
-        environment=environment(),
-        command="kvpress-like bench decode " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "decode"] else []),
+        environment=env,
     )
     report["decode"] = decode_benchmark(model, ids, args)
     report["chunked_prefill_memory"] = memory_check(model, ids, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_bench.json").write_text(json.dumps(report, indent=1))
     text = render_markdown(report)
-    (args.out / "decode_bench.md").write_text(text)
+    write_result(args.out, "decode_bench", report, text)
     print(text)
     return 0
 

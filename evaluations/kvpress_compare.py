@@ -89,6 +89,7 @@ def run_ours(out: Path, model_name: str, tokens: int, ratio: float, repeats: int
 
     from kvpress_like import get_press, press
     from kvpress_like.data import corpus_ids
+    from kvpress_like.integrations.transformers import cache_kwargs
     from kvpress_like.methods.qfilters import filters_for
     from kvpress_like.models import cache_dir, load_model
 
@@ -105,7 +106,7 @@ def run_ours(out: Path, model_name: str, tokens: int, ratio: float, repeats: int
 
         def run(cache, p=p):
             with press(model, p):
-                model(ids, past_key_values=cache, logits_to_keep=1)
+                model(ids, **cache_kwargs(cache), logits_to_keep=1)
 
         times, peaks, cache = _measure(model, ids, lambda: DynamicCache(config=model.config), run, repeats)
         kept = [layer.positions[0].tolist() for layer in cache.layers]
@@ -166,10 +167,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side", choices=("ours", "kvpress"), default="ours",
                         help="'ours' (main environment; compares when theirs.json exists) or 'kvpress' (kvpress venv)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/kvcmp"), help="folder shared by both sides")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name")
+    parser.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
+    parser.add_argument("--ratio", type=float, default=0.5, help="fraction of KV pairs removed")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per method (median reported)")
 
 
 def main(args: argparse.Namespace) -> int:

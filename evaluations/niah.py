@@ -32,10 +32,8 @@ haystack) whose no-press exact-match accuracy is below ``--min-baseline`` is dro
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import csv
-import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +42,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_like import KnormPress, QFilterPress, SnapKVPress, StreamingLLMPress, press, uncompressed
+from kvpress_like import QFilterPress, SnapKVPress, press, uncompressed
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer
 from kvpress_like.data import passkey_sample
-from kvpress_like.integrations.transformers import attention_layers, patched_attention
+from kvpress_like.integrations.transformers import cache_kwargs
 
-from .results import RESULTS_DIR, command_line, environment, environment_markdown, set_threads, write_result
+from . import passkey
+from .common import (
+    RESULTS_DIR, build_press, command_line, environment, environment_markdown, factor_to_ratio, set_threads,
+    write_result,
+)
 
 METHODS = ("no_press", "qfilters", "knorm", "snapkv", "streaming_llm")
 #: variant name -> (base method, extra settings); "oracle" is handled separately
@@ -62,7 +64,6 @@ VARIANTS = {
     "oracle": ("oracle", {}),
 }
 HAYSTACKS = ("repetitive", "prose")
-_PRESSES = dict(qfilters=QFilterPress, knorm=KnormPress, snapkv=SnapKVPress, streaming_llm=StreamingLLMPress)
 
 
 @dataclass
@@ -82,64 +83,31 @@ class NeedleOraclePress(QFilterPress):
         return scores.masked_fill((positions >= start) & (positions < end), 1e9)
 
 
-def factor_to_ratio(factor: float) -> float:
-    """Compression factor (x2 keeps half) to the fraction removed."""
-    if factor < 1:
-        raise ValueError(f"compression factors must be >= 1 (x2 keeps half the tokens), got {factor}")
-    return 1 - 1 / factor
-
-
 def make_press(method: str, factor: float, filters=None, needle_span=(0, 0)) -> Press | None:
-    """The press for a method or variant name at compression ``factor`` (None for no press)."""
-    if method == "no_press":
-        return None
+    """The press for a registered name or a variant at compression ``factor`` (None for no press).
+
+    Built through the registry (:func:`~.common.build_press`); only the oracle, which is deliberately not
+    registered, is constructed here. ``filters`` (tests) are handed to Q-Filters presses.
+    """
     ratio = factor_to_ratio(factor)
     base, extra = VARIANTS.get(method, (method, {}))
     if base == "oracle":
         return NeedleOraclePress(ratio=ratio, filters=filters, needle_span=tuple(needle_span))
-    if base not in _PRESSES:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS + tuple(VARIANTS))}")
-    if base == "qfilters":
+    if base == "qfilters" and filters is not None:
         extra = dict(extra, filters=filters)
-    return _PRESSES[base](ratio=ratio, **extra)
-
-
-def cache_kw(model, cache) -> dict:
-    """The cache keyword of ``model.forward`` (``cache`` since transformers 5.24, ``past_key_values`` before)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return build_press(base, ratio=ratio, **extra)
 
 
 def compress_prefilled(model, cache: DynamicCache, p: Press | None, queries: dict[int, torch.Tensor]) -> DynamicCache:
-    """A copy of an unpressed prefill cache, compressed as a prefill under ``press(model, p)`` would be.
-
-    Must run inside ``press(model, p)`` (which prepares ``p``); ``p=None`` gives a plain copy. ``queries``
-    holds each full-attention layer's last prompt queries, for query-dependent presses.
-    """
-    new = copy.copy(cache)  # layers are copied below; the shared prefill's tensors are never written to
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in attention_layers(model):
-        idx = layer.layer_idx
-        if p is None or layer.sliding or not p.compresses_layer(idx):
-            continue
-        pressed = PressedLayer.from_dynamic(cache.layers[idx], p, idx)  # query-free presses select here
-        if not p.query_free:
-            pressed.prune_with_queries(layer.module, queries[idx])
-        new.layers[idx] = pressed
-    return new
+    """A copy of an unpressed prefill cache, compressed as a prefill under ``press(model, p)`` would be
+    (:func:`.passkey.compress_prefilled`; must run inside ``press(model, p)``)."""
+    return passkey.compress_prefilled(model, passkey.Prefill(cache, queries, None), p)
 
 
 def prefill(model, ids: torch.Tensor, window: int) -> tuple[DynamicCache, dict[int, torch.Tensor], torch.Tensor]:
     """Unpressed prefill: the cache, each full layer's last ``window`` queries, and the last logits."""
-    queries: dict[int, torch.Tensor] = {}
-
-    def keep(module, query, key, value) -> None:
-        queries[module.layer_idx] = query[:, :, -window:].detach().clone()
-
-    full = [layer for layer in attention_layers(model) if not layer.sliding]
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), patched_attention(model, full, keep):
-        logits = model(ids.to(model.device), **cache_kw(model, cache), logits_to_keep=1).logits[:, -1]
-    return cache, queries, logits
+    shared = passkey.prefill(model, ids, window=window)
+    return shared.cache, shared.queries, shared.logits
 
 
 def _digit_mask(tokenizer, answer_ids: list[int]) -> list[bool]:
@@ -162,9 +130,9 @@ def answer(
     if scoring == "forced":
         feed = torch.tensor([question_ids[0].tolist() + target[:-1]], device=device)
         if first_logits is None:
-            logits = model(feed, **cache_kw(model, cache)).logits[0, -len(target):]
+            logits = model(feed, **cache_kwargs(cache)).logits[0, -len(target):]
         else:
-            rest = model(feed, **cache_kw(model, cache)).logits[0] if feed.shape[1] else first_logits.new_empty(0, first_logits.shape[-1])
+            rest = model(feed, **cache_kwargs(cache)).logits[0] if feed.shape[1] else first_logits.new_empty(0, first_logits.shape[-1])
             logits = torch.cat([first_logits.reshape(1, -1), rest], 0)[-len(target):]
         pred = logits.argmax(-1).tolist()
         hits = [p == t for p, t in zip(pred, target)]
@@ -172,7 +140,7 @@ def answer(
         return float(all(hits)), sum(digits) / len(digits), tokenizer.decode(pred)
     if scoring != "generate":
         raise ValueError(f"scoring must be 'forced' or 'generate', got {scoring!r}")
-    logits = first_logits if first_logits is not None else model(question_ids.to(device), **cache_kw(model, cache)).logits[:, -1]
+    logits = first_logits if first_logits is not None else model(question_ids.to(device), **cache_kwargs(cache)).logits[:, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits.reshape(-1).argmax())
@@ -181,7 +149,7 @@ def answer(
         run = "".join(c for c in text.split(".")[0] if c.isdigit())
         if len(run) >= len(answer_text) or (run and not text.rstrip()[-1:].isdigit()):
             break
-        logits = model(torch.tensor([[token]], device=device), **cache_kw(model, cache)).logits[:, -1]
+        logits = model(torch.tensor([[token]], device=device), **cache_kwargs(cache)).logits[:, -1]
     text = tokenizer.decode(out)
     digits = ""
     for c in text.lstrip():
@@ -429,15 +397,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", default="0.25,0.75", help="needle depths in [0, 1]")
     parser.add_argument("--factors", default="2,4,8,16", help="compression factors (x2 keeps half; 1.33 ... 32)")
     parser.add_argument("--seeds", default="0", help="haystack/pass-key seeds (each doubles the run time)")
-    parser.add_argument("--haystacks", default=",".join(HAYSTACKS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--haystacks", default=",".join(HAYSTACKS), help=f"comma-separated, from {', '.join(HAYSTACKS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, or 'none'")
     parser.add_argument("--compress-question", action="store_true", help="compress the question with the context")
-    parser.add_argument("--scoring", choices=("forced", "generate"), default="forced")
+    parser.add_argument("--scoring", choices=("forced", "generate"), default="forced",
+                        help="forced: one pass over question + answer (default); generate: greedy decoding")
     parser.add_argument("--min-baseline", type=float, default=0.5,
                         help="drop a (length, haystack) whose no-press exact-match accuracy is below this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids stalls on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
     parser.add_argument("--name", default="niah", help="basename of the result files")
 
 

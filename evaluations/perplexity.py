@@ -10,13 +10,18 @@ each chunk's tokens see between ``budget - chunk + 1`` and ``budget`` keys: no p
 more than ``budget`` keys, for every method alike.
 
 All scorers share the same protected tokens (``--n-sink`` first tokens, ``--window`` most recent ones),
-chosen before looking at results; StreamingLLM's position score makes its window irrelevant.
+chosen before looking at results; StreamingLLM's position score makes its window irrelevant. Methods are
+every registered query-free press by default (plugins included), so new presses join automatically.
+
+Paired comparison: every method reads the same text, so the per-token NLL difference against StreamingLLM
+(tokens predicted after the cache filled) is the paired quantity; neighbouring tokens are correlated, so its
+95% interval comes from a moving-block bootstrap (``--block`` tokens per block). A method "beats"
+StreamingLLM only when that interval lies below zero.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -26,12 +31,21 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_like.base import ScorerPress
-from kvpress_like.evaluations.results import environment, markdown_footer
+from kvpress_like.base import Press
 from kvpress_like.cache import PressedCache
+from kvpress_like.integrations.transformers import cache_kwargs
 
-METHODS = ("full", "streaming_llm", "knorm", "qfilters")
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import stats
+from .common import (
+    RESULTS_DIR, build_press, environment, markdown_footer, parse_list, query_free_presses, set_threads, write_result,
+)
+
+REFERENCE = "streaming_llm"
+
+
+def default_methods() -> list[str]:
+    """The full cache, StreamingLLM (the reference), then every other registered query-free press."""
+    return ["full", REFERENCE] + [m for m in query_free_presses() if m != REFERENCE]
 
 
 def stored_budget(budget: int, chunk: int) -> int:
@@ -44,7 +58,7 @@ def stored_budget(budget: int, chunk: int) -> int:
 
 @torch.no_grad()
 def stream_nll(
-    model, ids: torch.Tensor, p: ScorerPress | None, chunk: int = 16, progress: bool = True, desc: str = ""
+    model, ids: torch.Tensor, p: Press | None, chunk: int = 16, progress: bool = True, desc: str = ""
 ) -> torch.Tensor:
     """Negative log-likelihood ``(T - 1,)`` of ``ids[0, 1:]`` with the text fed through a (capped) cache.
 
@@ -62,27 +76,24 @@ def stream_nll(
     bounds = [(0, first)] + [(s, min(s + chunk, total)) for s in range(first, total, chunk)]
     nll = []
     for start, end in tqdm(bounds, desc=desc or "stream", disable=not progress, leave=False):
-        logits = model(ids[:, start:end], past_key_values=cache).logits[0].float()
+        logits = model(ids[:, start:end], **cache_kwargs(cache)).logits[0].float()
         targets = ids[0, start + 1 : end + 1]
         nll.append(torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="none"))
     return torch.cat(nll).cpu()
 
 
-def make_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int) -> ScorerPress | None:
-    """The press for ``method`` with the shared sinks/window, or None for the full cache."""
-    if method == "full":
-        return None
-    from kvpress_like.methods import KnormPress, QFilterPress, StreamingLLMPress
-    from kvpress_like.methods.qfilters import filters_for
+def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int) -> Press | None:
+    """The registered press ``method`` capped at the budget with the shared sinks/window (None: full cache).
 
-    settings = dict(max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
-    if method == "qfilters":
-        return QFilterPress(filters=filters_for(model), **settings)
-    if method == "knorm":
-        return KnormPress(**settings)
-    if method == "streaming_llm":
-        return StreamingLLMPress(**settings)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    The press is prepared for ``model`` here (filters, calibration statistics), since a bare
+    :class:`PressedCache` is used without :func:`kvpress_like.press`.
+    """
+    p = build_press(method, max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
+    if p is not None:
+        if not p.query_free:
+            raise ValueError(f"{method} needs queries to score keys; streaming perplexity takes query-free presses")
+        p.prepare(model)
+    return p
 
 
 def load_text_ids(tokenizer, tokens: int, dataset: str | None, dataset_config: str | None, split: str) -> torch.Tensor:
@@ -129,30 +140,32 @@ def gap_reduction(full: float, streaming: float, method: float) -> float | None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated: full and registered query-free presses (default: all of them)")
     parser.add_argument("--budgets", default="512", help="comma-separated KV budgets per layer and KV head")
     parser.add_argument("--tokens", type=int, default=4096, help="length of the text")
-    parser.add_argument("--chunk", type=int, default=32, help="tokens per forward call after the cache fills")
+    parser.add_argument("--chunk", type=int, default=1, help="tokens per forward call after the cache fills")
+    parser.add_argument("--block", type=int, default=64, help="tokens per block of the paired block bootstrap")
     parser.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (all methods)")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted (all methods)")
     parser.add_argument("--plot-window", type=int, default=256, help="tokens per point of the running perplexity")
     parser.add_argument("--dataset", default=None, help="Hugging Face dataset with a `text` column (online only)")
-    parser.add_argument("--dataset-config", default=None)
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--dataset-config", default=None, help="configuration of --dataset, e.g. wikitext-2-raw-v1")
+    parser.add_argument("--split", default="test", help="split of --dataset (default: test)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for perplexity.json/.png/.md")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for perplexity.json/.png/.md")
 
 
 def main(args: argparse.Namespace) -> int:
     from kvpress_like.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    budgets = [int(b) for b in args.budgets.split(",")]
+    set_threads(args.threads)
+    methods = parse_list(args.methods) if args.methods else default_methods()
+    budgets = parse_list(args.budgets, int)
+    for method in methods:
+        build_press(method, max_cache_tokens=stored_budget(budgets[0], args.chunk), n_sink=args.n_sink,
+                    window=args.window)  # a bad name fails before the model loads
+    env = environment()
     model, tokenizer = load_model(args.model)
     ids = load_text_ids(tokenizer, args.tokens, args.dataset, args.dataset_config, args.split)
 
@@ -161,9 +174,10 @@ def main(args: argparse.Namespace) -> int:
         for method in methods:
             if method == "full" and any(r["method"] == "full" for r in runs):
                 continue
-            p = make_press(method, model, budget, args.chunk, args.n_sink, args.window)
+            p = budget_press(method, model, budget, args.chunk, args.n_sink, args.window)
             start = time.perf_counter()
-            nll = stream_nll(model, ids, p, args.chunk, desc=f"{method} @ {budget}")
+            # the full cache evicts nothing: feeding it in budget-sized chunks gives the same NLL, faster
+            nll = stream_nll(model, ids, p, args.chunk if p is not None else budget, desc=f"{method} @ {budget}")
             runs.append(
                 dict(
                     method=method,
@@ -173,13 +187,32 @@ def main(args: argparse.Namespace) -> int:
                 )
             )
             print(f"{method:>14} budget={budget}: ppl {perplexity(nll):.3f}", file=sys.stderr)
-    report = summarize(runs, budgets, args)
+    report = summarize(runs, budgets, args, env)
     write_outputs(report, runs, args)
     print(render_markdown(report))
     return 0
 
 
-def summarize(runs: list[dict], budgets: list[int], args) -> dict:
+def paired_vs_reference(runs: list[dict], budgets: list[int], block: int) -> list[dict]:
+    """Per budget and method: mean per-token NLL difference vs StreamingLLM after the cache filled, with its
+    block-bootstrap 95% interval, and the perplexity ratio it implies."""
+    out = []
+    for budget in budgets:
+        by = {r["method"]: r for r in runs if r["budget"] in (budget, None)}  # None: the full cache
+        if REFERENCE not in by:
+            continue
+        ref = by[REFERENCE]["nll"][budget:]
+        for method, r in by.items():
+            if method == REFERENCE:
+                continue
+            d = stats.block_bootstrap(r["nll"][budget:] - ref, block=block)
+            out.append(dict(method=method, budget=budget, tokens=d["n"], block=d["block"], nll_diff=d["mean"],
+                            lo=d["lo"], hi=d["hi"], ppl_ratio=math.exp(d["mean"]),
+                            verdict=stats.verdict(d["lo"], d["hi"], better_when="negative")))
+    return out
+
+
+def summarize(runs: list[dict], budgets: list[int], args, env: dict) -> dict:
     full = next((r for r in runs if r["method"] == "full"), None)
     rows = []
     for r in runs:
@@ -200,8 +233,8 @@ def summarize(runs: list[dict], budgets: list[int], args) -> dict:
             by = {row["method"]: row for row in rows if row["budget"] == budget}
             if "streaming_llm" not in by:
                 continue
-            for method in ("qfilters", "knorm"):
-                if method in by:
+            for method in by:
+                if method != REFERENCE:
                     gaps.append(
                         dict(
                             method=method,
@@ -224,25 +257,19 @@ def summarize(runs: list[dict], budgets: list[int], args) -> dict:
         budgets=budgets,
         rows=rows,
         gap_reduction_vs_streaming_llm=gaps,
-        environment=environment(),
-        command="kvpress-like eval perplexity " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["eval", "perplexity"] else []),
+        paired_vs_streaming_llm=paired_vs_reference(runs, budgets, args.block),
+        environment=env,
     )
 
 
 
 def write_outputs(report: dict, runs: list[dict], args) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = dict(report, nll={f"{r['method']}@{r['budget']}": [round(x, 4) for x in r["nll"].tolist()] for r in runs})
-    (args.out / "perplexity.json").write_text(json.dumps(payload, indent=1))
-    (args.out / "perplexity.md").write_text(render_markdown(report))
-    try:
-        import matplotlib
+    """perplexity.json (with every per-token NLL), perplexity.md and the running-perplexity plot."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in runs:
         curve = running_perplexity(r["nll"], args.plot_window)
@@ -254,9 +281,10 @@ def write_outputs(report: dict, runs: list[dict], args) -> None:
     ax.set_ylabel(f"perplexity (running, {args.plot_window} tokens)")
     ax.set_yscale("log")
     ax.set_title(f"Streaming perplexity, {report['model']}, KV budget {', '.join(map(str, report['budgets']))}")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out / "perplexity.png", dpi=120)
+    payload = dict(report, nll={f"{r['method']}@{r['budget']}": [round(x, 4) for x in r["nll"].tolist()] for r in runs})
+    write_result(args.out, "perplexity", payload, render_markdown(report), figures={"perplexity.png": fig})
     plt.close(fig)
 
 
@@ -267,7 +295,8 @@ def render_markdown(report: dict) -> str:
         f"Model {report['model']}, text {report['text']}, first {report['tokens']} tokens, fed in chunks of "
         f"{report['chunk']} tokens once the cache is full (no prediction attends to more than the budget). "
         f"Every method keeps the same {report['n_sink']} sink tokens and {report['window']}-token recent window. "
-        "`ppl` is over all predicted tokens; `after fill` only over tokens predicted after the budget was reached.",
+        "`ppl` is over all predicted tokens; `after fill` only over tokens predicted after the budget was reached. "
+        "The full cache is computed in budget-sized chunks (it evicts nothing, so the NLL is the same).",
         "",
         "| method | budget | ppl | ppl after fill | seconds |",
         "|---|---|---|---|---|",
@@ -277,6 +306,14 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {row['method']} | {budget} | {row['ppl']:.3f} | {row['ppl_after_fill']:.3f} | {row['seconds']} |"
         )
+    if report["paired_vs_streaming_llm"]:
+        lines += ["", "Paired against StreamingLLM on the same tokens (after fill): mean per-token NLL difference "
+                  "(method - StreamingLLM; negative is better) with its moving-block bootstrap 95% interval; "
+                  "**beats** only when the interval is below zero.", "",
+                  "| method | budget | tokens | NLL diff [95% CI] | ppl ratio | verdict |", "|---|---|---|---|---|---|"]
+        for d in report["paired_vs_streaming_llm"]:
+            lines.append(f"| {d['method']} | {d['budget']} | {d['tokens']} | {d['nll_diff']:+.4f} [{d['lo']:+.4f}, "
+                         f"{d['hi']:+.4f}] | {d['ppl_ratio']:.3f} | {d['verdict']} |")
     if report["gap_reduction_vs_streaming_llm"]:
         lines += ["", "Share of StreamingLLM's perplexity gap to the full cache that each method closes:", ""]
         lines += ["| method | budget | gap closed (all tokens) | gap closed (after fill) |", "|---|---|---|---|"]

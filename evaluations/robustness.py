@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpress_like import PressedLayer, QFilterPress, press, uncompressed
+from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.qfilters import (
     calibration_ids,
     collect_queries,
@@ -148,7 +149,7 @@ class PasskeyRunner:
         ids = torch.cat([sample.context_ids, sample.question_ids], 1).repeat(rows, 1)
         with press(self.model, p), uncompressed(cache):
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False
+                ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=8, do_sample=False
             )
         return self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
@@ -156,7 +157,7 @@ class PasskeyRunner:
         """Row 0 of the shared-prefill cache keeps exactly what a real pressed prefill keeps."""
         real = DynamicCache(config=self.model.config)
         with press(self.model, QFilterPress(ratio=ratio, filters=filters)):
-            self.model(sample.context_ids, past_key_values=real)
+            self.model(sample.context_ids, **cache_kwargs(real))
         for a, b in zip(real.layers, batched.layers):
             if isinstance(a, PressedLayer) and not (
                 torch.equal(a.positions, b.positions[:1]) and torch.equal(a.keys, b.keys[:1])
@@ -174,7 +175,7 @@ class PasskeyRunner:
         hits: dict[str, list[bool]] = {name: [] for name in ["no compression", *names]}
         for sample in tqdm(self.samples, desc="pass-key samples", disable=not progress):
             full = DynamicCache(config=self.model.config)
-            self.model(sample.context_ids, past_key_values=full)
+            self.model(sample.context_ids, **cache_kwargs(full))
             plain = QFilterPress(ratio=0.0, filters=rows[0])
             hits["no compression"].append(sample.answer in self._answers(sample, self._cache_for(full, plain), plain, 1)[0])
             p = RowFilterPress(ratio=ratio, filters=rows[0], rows=rows)

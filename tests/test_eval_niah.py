@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from kvpress_like import KnormPress, PressedLayer, QFilterPress, SnapKVPress, press
 from kvpress_like.evaluations import niah
 from kvpress_like.models import tiny_model
+from kvpress_like.integrations.transformers import cache_kwargs
 
 
 class ByteTokenizer:
@@ -43,12 +44,12 @@ def test_shared_prefill_equals_pressed_prefill(p):
     question = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
     real = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(ids, past_key_values=real)
-        real_logits = model(question, past_key_values=real).logits
+        model(ids, **cache_kwargs(real))
+        real_logits = model(question, **cache_kwargs(real)).logits
     cache, queries, _ = niah.prefill(model, ids, window=64)
     with torch.no_grad(), press(model, p):
         copy = niah.compress_prefilled(model, cache, p, queries)
-        copy_logits = model(question, past_key_values=copy).logits
+        copy_logits = model(question, **cache_kwargs(copy)).logits
     assert cache.layers[0].keys.shape[-2] == 200  # the shared prefill itself is left untouched
     for a, b in zip(real.layers, copy.layers):
         assert type(a) is type(b)

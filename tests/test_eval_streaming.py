@@ -14,6 +14,7 @@ from kvpress_like.methods.qfilters import calibrate, save_filters, store_path
 def tiny_model_dir_with_filters(tiny_model_dir, tmp_path, monkeypatch):
     """The tiny model, with Q-Filters in a private filter store (so evaluations find them by model)."""
     monkeypatch.setenv("KVPRESS_LIKE_CACHE", str(tmp_path / "store"))
+    monkeypatch.delenv("KVPRESS_LIKE_FILTERS")  # conftest's session store: here the store is <cache>/filters
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
     save_filters(calibrate(model, texts=ids, samples_per_head=64, progress=False), store_path(model))
@@ -22,7 +23,8 @@ def tiny_model_dir_with_filters(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_perplexity_cli_schema_and_budget(tiny_model_dir_with_filters, tmp_path):
     rc = main(["eval", "perplexity", "--model", str(tiny_model_dir_with_filters), "--tokens", "160", "--budgets", "48",
-               "--chunk", "8", "--window", "8", "--n-sink", "2", "--plot-window", "32", "--out", str(tmp_path)])
+               "--chunk", "8", "--window", "8", "--n-sink", "2", "--plot-window", "32", "--out", str(tmp_path),
+               "--methods", "full,streaming_llm,knorm,qfilters", "--block", "16"])
     assert rc == 0
     report = json.loads((tmp_path / "perplexity.json").read_text())
     rows = {row["method"]: row for row in report["rows"]}
@@ -30,6 +32,11 @@ def test_perplexity_cli_schema_and_budget(tiny_model_dir_with_filters, tmp_path)
     assert all(row["ppl"] > 1 for row in rows.values())
     # a capped cache loses information: on random weights perplexities differ from the full cache's
     assert any(abs(rows[m]["ppl"] - rows["full"]["ppl"]) > 1e-3 for m in ("streaming_llm", "knorm", "qfilters"))
+    paired = {d["method"]: d for d in report["paired_vs_streaming_llm"]}
+    assert set(paired) == {"full", "knorm", "qfilters"}
+    for d in paired.values():  # 159 predictions of 160 tokens, the first 48 before the cache filled
+        assert d["tokens"] == 111 and d["lo"] <= d["nll_diff"] <= d["hi"]
+        assert d["verdict"] == ("beats" if d["hi"] < 0 else "worse" if d["lo"] > 0 else "no difference shown")
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and "Command:" in (tmp_path / "perplexity.md").read_text()
 
 

@@ -1,0 +1,160 @@
+"""What every evaluation shares: the environment header, results writing and press construction.
+
+Every evaluation records the same header (machine, cores, thread settings, load average, versions, commit,
+command) through :func:`environment`, writes ``<name>.json`` / ``<name>.md`` (and optional figures)
+through :func:`write_result`, and builds its presses by registry name through :func:`build_press`, so a
+press registered by a plugin joins every evaluation without code here. Nothing in this module imports an
+evaluation, so evaluations and :mod:`.results` (the stitcher) import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvpress_like.base import Press
+from kvpress_like.registry import get_press, list_presses, press_class
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: environment variables that set CPU thread pools; recorded because they change timings and contention
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("kvpress-like", "cli.py"):
+        argv[0] = "kvpress-like"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def environment(device: str | torch.device = "cpu", command: str | None = None) -> dict:
+    """Machine, thread settings, load, versions, commit and command behind a number."""
+    import transformers
+
+    import kvpress_like
+
+    try:
+        import psutil
+
+        memory_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        memory_gib = None
+    device = torch.device(device)
+    cpu = _cpu_name()
+    return dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})",
+        cpu=cpu,
+        cpu_cores=os.cpu_count(),
+        memory_gib=memory_gib,
+        torch_threads=torch.get_num_threads(),
+        thread_env={v: os.environ.get(v) for v in THREAD_VARIABLES},
+        load_average_1min=round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        kvpress_like=kvpress_like.__version__,
+        git_commit=_git_commit(),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command=command_line() if command is None else command,
+    )
+
+
+def environment_markdown(env: dict) -> str:
+    """The two header lines of a results section (machine + threads + load, versions + commit)."""
+    threads = ", ".join(f"{k}={v}" for k, v in env.get("thread_env", {}).items() if v is not None)
+    load = env.get("load_average_1min")
+    return (
+        f"- Machine: {env['device']}; {env['cpu_cores']} CPU cores ({env['cpu']}), {env['memory_gib']} GiB RAM, "
+        f"torch threads {env['torch_threads']}" + (f" ({threads})" if threads else "")
+        + (f", load average {load} at start" if load is not None else "") + "\n"
+        f"- Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"kvpress_like {env['kvpress_like']} (commit {env['git_commit']}), {env['date']}\n"
+    )
+
+
+def markdown_footer(report: dict) -> list[str]:
+    """The lines every results section ends with: machine and versions, then the command."""
+    env = report["environment"]
+    command = report.get("command") or env.get("command", "")
+    return ["", environment_markdown(env), "", f"Command: `{command.strip()}`", ""]
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's CPU threads (on a shared machine, 1 thread avoids oversubscription stalls)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def write_result(out_dir: Path, name: str, payload: dict, markdown: str, figures: dict | None = None) -> Path:
+    """Write ``<name>.json``, the ``<name>.md`` section and figures (``{file name: matplotlib figure}``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    (out_dir / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    for file_name, fig in (figures or {}).items():
+        fig.savefig(out_dir / file_name, dpi=110)
+    return path
+
+
+def query_free_presses() -> list[str]:
+    """Registered presses whose scores need no queries (every one a shared prefill can evaluate)."""
+    return [name for name in list_presses() if press_class(name).query_free]
+
+
+def build_press(name: str, **settings) -> Press | None:
+    """The registered press ``name`` with ``settings``; ``"no_press"`` / ``"full"`` give ``None``.
+
+    Unknown names raise ``ValueError`` listing what is registered (evaluations take names from the command
+    line, so the message must say what to type instead).
+    """
+    if name in ("no_press", "full"):
+        return None
+    try:
+        return get_press(name, **settings)
+    except KeyError as err:
+        raise ValueError(f"unknown method {name!r}; registered presses: {', '.join(list_presses())}") from err
+
+
+def factor_to_ratio(factor: float) -> float:
+    """Compression factor (x4 keeps a quarter) to the fraction removed."""
+    if factor < 1:
+        raise ValueError(f"compression factors must be >= 1 (x2 keeps half the tokens), got {factor}")
+    return 1 - 1 / factor
+
+
+def parse_list(text: str, kind=str) -> list:
+    """``"a,b"`` -> ``[kind("a"), kind("b")]`` (empty items dropped)."""
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]

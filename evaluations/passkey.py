@@ -1,0 +1,357 @@
+"""``kvpress-like eval passkey``: pass-key retrieval with enough prompts to tell methods apart, compared in pairs.
+
+Grid: context lengths x compression factors; in each (length, factor) cell every method answers the same
+prompts (``depths x keys``, the classic repetitive pass-key haystack with the needle at evenly spaced
+depths), so methods are compared *paired*: the bootstrap interval of the difference in exact-match
+accuracy (prompts resampled with their pair of outcomes) and McNemar's exact p on the prompts where the two
+disagree. A table says "beats" only when the paired interval excludes zero.
+
+Methods: no press and every registered press (plugins included), each with its own default settings and
+``ratio = 1 - 1/factor``; query-dependent presses (SnapKV) are evaluated from the same prefill with the
+window of queries it records.
+
+One shared prefill per prompt. With a single-call prefill a press never changes the prefill's computation:
+every layer attends over all prompt tokens and the press only decides which entries are *stored* (the
+library's tested guarantee that pruning equals masking). So each prompt's context is prefilled once into a
+full ``DynamicCache``, and each (method, factor) gets a compressed copy built by the cache engine itself
+(:func:`compress_prefilled`: the press scores and selects from the full cache exactly as at the end of a
+pressed prefill, with the same reading position); ``tests/test_eval_passkey.py`` checks that this equals
+a real pressed prefill. The question is then fed *uncompressed* after the compressed context (as the
+Q-Filters paper evaluates), and, as the ``compressed`` variant, prefilled *with* the context and
+compressed along with it (the full cache of context + question is the shared prefill then).
+
+Scoring: the question and the answer go in one teacher-forced pass; a prompt counts as exact when the
+model's greedy prediction is right at every answer token (the same event as greedy decoding producing the
+answer's tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from kvpress_like import press, uncompressed
+from kvpress_like.base import Press
+from kvpress_like.cache import PressedLayer
+from kvpress_like.data import passkey_sample
+from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
+from kvpress_like.registry import list_presses
+
+from . import stats
+from .common import (
+    RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result,
+)
+
+VARIANTS = ("uncompressed", "compressed")
+#: queries kept from the prefill for query-dependent presses (SnapKV's default window is 64)
+QUERY_WINDOW = 64
+
+
+@dataclass
+class Grid:
+    """The prompts and settings of one run (``--quick`` shrinks depths and keys, never the methods)."""
+
+    lengths: tuple[int, ...] = (2048, 4096)
+    factors: tuple[float, ...] = (4, 8, 16)
+    depths: int = 12
+    keys: int = 5
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_presses()))
+    variants: tuple[str, ...] = VARIANTS
+    reference: str = "qfilters"
+
+    def depth_values(self) -> list[float]:
+        """Evenly spaced needle depths, centred in ``depths`` equal bins of [0, 1]."""
+        return [round((i + 0.5) / self.depths, 4) for i in range(self.depths)]
+
+
+@dataclass
+class Prefill:
+    """One prompt's shared prefill: the full cache, the last queries of each full layer, the last logits."""
+
+    cache: DynamicCache
+    queries: dict[int, torch.Tensor]
+    logits: torch.Tensor
+
+
+def _copy_cache(cache: DynamicCache) -> DynamicCache:
+    """Shallow copy whose layers can be appended to without touching the original (appends re-assign)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previous: Prefill | None = None,
+            window: int = QUERY_WINDOW) -> Prefill:
+    """Unpressed forward of ``ids`` into a full cache (a copy of ``previous``'s when continuing one).
+
+    Records each full-attention layer's last ``window`` queries (over both calls when continuing).
+    """
+    queries: dict[int, torch.Tensor] = {}
+
+    def keep(module, query, key, value) -> None:
+        q = query.detach()
+        if previous is not None:
+            q = torch.cat([previous.queries[module.layer_idx], q], dim=2)
+        queries[module.layer_idx] = q[:, :, -window:].clone()
+
+    full = [layer for layer in attention_layers(model) if not layer.sliding]
+    cache = DynamicCache(config=model.config) if previous is None else _copy_cache(previous.cache)
+    with patched_attention(model, full, keep):
+        logits = model(ids.to(model.device), **cache_kwargs(cache), logits_to_keep=1).logits[:, -1]
+    return Prefill(cache, queries, logits)
+
+
+def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
+    """A copy of the shared full cache, compressed as a single pressed prefill of the same tokens would be.
+
+    Must run inside ``press(model, p)`` (which prepares ``p``). The engine's own :class:`PressedLayer`
+    takes the full layer in one update (announced like a prefill call, so no mask is involved), scoring and
+    selecting with the reading position at the end of the prefill; query-dependent presses then prune with
+    the recorded queries. ``p=None`` gives a plain copy.
+    """
+    new = _copy_cache(shared.cache)
+    if p is None:
+        return new
+    for layer in attention_layers(model):
+        idx = layer.layer_idx
+        if layer.sliding or not p.compresses_layer(idx):
+            continue
+        full = shared.cache.layers[idx]
+        pressed = PressedLayer(p, idx)
+        pressed.begin_call(None)
+        pressed.update(full.keys, full.values)
+        if not p.query_free:
+            pressed.prune_with_queries(layer.module, shared.queries[idx])
+        new.layers[idx] = pressed
+    return new
+
+
+@torch.no_grad()
+def answer_exact(model, tokenizer, cache, feed_ids: torch.Tensor, answer: str,
+                 first_logits: torch.Tensor | None = None) -> tuple[bool, str]:
+    """Teacher-forced greedy check of ``answer`` after ``feed_ids`` (the question, or nothing).
+
+    ``first_logits``: the prefill's last logits when the question was prefilled with the context (then
+    ``feed_ids`` is empty and they predict the first answer token). Returns (exact, greedy predictions).
+    """
+    target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    feed = torch.tensor([feed_ids[0].tolist() + target[:-1]], device=model.device)
+    logits = model(feed, **cache_kwargs(cache)).logits[0] if feed.shape[1] else None
+    if first_logits is not None:
+        head = first_logits.reshape(1, -1)
+        logits = head if logits is None else torch.cat([head, logits], 0)
+    pred = logits[-len(target):].argmax(-1).tolist()
+    return pred == target, tokenizer.decode(pred)
+
+
+def _presses(grid: Grid) -> dict[tuple[str, float], Press]:
+    """Every (method, factor) press, built once by registry name (unknown names fail before any prefill)."""
+    return {(m, float(f)): build_press(m, ratio=factor_to_ratio(f)) for m in grid.methods for f in grid.factors}
+
+
+def prompt_order(grid: Grid) -> list[tuple[int, float, int]]:
+    """(length, depth, key) of every prompt, key-major: a run stopped early has balanced cells."""
+    return [(n, d, k) for k in range(grid.keys) for d in grid.depth_values() for n in grid.lengths]
+
+
+def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Path | None = None) -> dict:
+    """Every prompt once per variant; returns ``{"settings", "rows", "prompts", "prefill_s"}``.
+
+    With ``checkpoint``, the rows so far are rewritten there after every prompt (see ``--summarize``).
+    """
+    for v in grid.variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; use {', '.join(VARIANTS)}")
+    presses = _presses(grid)
+    rows: list[dict] = []
+    prefill_s: list[float] = []
+    prompts = prompt_order(grid)
+    settings = dict(asdict(grid), depth_values=grid.depth_values())
+    for length, depth, key in tqdm(prompts, desc="passkey prompts", disable=not progress):
+        s = passkey_sample(tokenizer, length, depth, seed=key, haystack="repetitive")
+        start = time.perf_counter()
+        context = prefill(model, s.context_ids)
+        prefill_s.append(time.perf_counter() - start)
+        shared = {}
+        if "uncompressed" in grid.variants:
+            shared["uncompressed"] = (context, s.question_ids, None)
+        if "compressed" in grid.variants:  # context + question is the prefill; the answer follows it
+            both = prefill(model, s.question_ids, previous=context)
+            shared["compressed"] = (both, s.question_ids[:, :0], both.logits)
+        meta = dict(length=length, depth=depth, key=key, answer=s.answer)
+        for variant, (pre, feed, first) in shared.items():
+            ok, said = answer_exact(model, tokenizer, _copy_cache(pre.cache), feed, s.answer, first)
+            rows.append(dict(meta, variant=variant, method="no_press", factor=1.0, exact=int(ok), output=said))
+            for (method, factor), p in presses.items():
+                with press(model, p):
+                    cache = compress_prefilled(model, pre, p)
+                    with uncompressed(cache):
+                        ok, said = answer_exact(model, tokenizer, cache, feed, s.answer, first)
+                rows.append(dict(meta, variant=variant, method=method, factor=factor, exact=int(ok), output=said))
+                del cache
+        del context, shared
+        if checkpoint is not None:
+            checkpoint.write_text(json.dumps(dict(settings=settings, rows=rows, prompts=len(prefill_s), prefill_s=prefill_s)))
+    return dict(settings=settings, rows=rows, prompts=len(prompts), prefill_s=prefill_s)
+
+
+def _outcomes(rows: list[dict], variant: str, length: int, method: str, factor: float) -> dict[tuple, int]:
+    f = 1.0 if method == "no_press" else float(factor)
+    return {(r["depth"], r["key"]): r["exact"] for r in rows
+            if r["variant"] == variant and r["length"] == length and r["method"] == method and r["factor"] == f}
+
+
+def paired(rows: list[dict], variant: str, length: int, factor: float, a: str, b: str, seed: int = 0) -> dict:
+    """Paired comparison of methods ``a`` and ``b`` on the prompts both answered in one cell."""
+    oa = _outcomes(rows, variant, length, a, factor)
+    ob = _outcomes(rows, variant, length, b, factor)
+    common = sorted(set(oa) & set(ob))
+    if not common:
+        raise ValueError(f"no shared prompts for {a} and {b} at {variant}/{length}/x{factor:g}")
+    xa = [oa[k] for k in common]
+    xb = [ob[k] for k in common]
+    out = stats.paired_bootstrap(xa, xb, seed=seed)
+    out.update(stats.mcnemar_exact(xa, xb))
+    out["verdict"] = stats.verdict(out["lo"], out["hi"])
+    return out
+
+
+def summarize(result: dict) -> dict:
+    """Per cell: accuracy with Wilson intervals per method, and paired comparisons against the reference
+    method and against no press."""
+    s, rows = result["settings"], result["rows"]
+    cells = []
+    for variant in s["variants"]:
+        for length in s["lengths"]:
+            for factor in s["factors"]:
+                cell = dict(variant=variant, length=length, factor=float(factor), methods={}, vs_reference={}, vs_no_press={})
+                if not _outcomes(rows, variant, length, "no_press", factor):
+                    continue  # a partial run that has not reached this length yet
+                for method in ("no_press", *s["methods"]):
+                    o = list(_outcomes(rows, variant, length, method, factor).values())
+                    lo, hi = stats.wilson(sum(o), len(o))
+                    cell["methods"][method] = dict(n=len(o), exact=sum(o) / len(o), lo=lo, hi=hi)
+                for method in s["methods"]:
+                    if method != s["reference"] and s["reference"] in s["methods"]:
+                        cell["vs_reference"][method] = paired(rows, variant, length, factor, method, s["reference"])
+                    cell["vs_no_press"][method] = paired(rows, variant, length, factor, method, "no_press")
+                cells.append(cell)
+    return dict(cells=cells)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    planned = s["depths"] * s["keys"]
+    counts = sorted({m["n"] for c in result["summary"]["cells"] for m in c["methods"].values()})
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    ref = s["reference"]
+    label = " (QUICK run)" if result.get("quick") else ""
+    if result.get("partial"):
+        label = f" (PARTIAL run: stopped after {result['prompts']} of {planned * len(s['lengths'])} prompts)"
+    md = [
+        "## Pass-key retrieval, paired" + label,
+        "",
+        f"Model {result['model']}; repetitive pass-key haystack; lengths {list(s['lengths'])}; factors "
+        f"{['x%g' % f for f in s['factors']]}; **n = {n} prompts per cell** (planned {s['depths']} needle depths x "
+        f"{s['keys']} keys = {planned}, run key by key), the same prompts for every method; one shared full-cache prefill per prompt "
+        f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
+        f"wall time {result['elapsed_s'] / 60:.1f} min). Each press keeps its registry defaults "
+        "(no skipped layers; StreamingLLM's 4 sinks).",
+        "",
+        "Cells: exact-match accuracy in % with its Wilson 95% interval. `vs " + ref + "`: paired difference in points "
+        "(method - " + ref + ") with its paired-bootstrap 95% interval and McNemar's exact p; **beats** / **worse** "
+        "only when that interval excludes zero.",
+    ]
+    for variant in s["variants"]:
+        title = ("question fed uncompressed after the compressed context (as the paper)" if variant == "uncompressed"
+                 else "question compressed with the context")
+        md += ["", f"### {title}", ""]
+        md += ["| length | factor | method | n | exact % [95% CI] | vs " + ref + " (points, 95% CI, p) | vs no press |",
+               "|---|---|---|---|---|---|---|"]
+        for cell in (c for c in result["summary"]["cells"] if c["variant"] == variant):
+            for method, m in cell["methods"].items():
+                acc = f"{_pct(m['exact'])} [{_pct(m['lo'])}, {_pct(m['hi'])}]"
+                def cmp(d: dict | None) -> str:
+                    if d is None:
+                        return "-"
+                    word = f" **{d['verdict']}**" if d["verdict"] != "no difference shown" else ""
+                    return f"{100 * d['diff']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}], p={d['p']:.2g}{word}"
+                md.append(f"| {cell['length']} | x{cell['factor']:g} | {method} | {m['n']} | {acc} | "
+                          f"{cmp(cell['vs_reference'].get(method))} | {cmp(cell['vs_no_press'].get(method))} |")
+    return "\n".join(md + markdown_footer(result))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
+    parser.add_argument("--lengths", default="2048,4096", help="context lengths in tokens")
+    parser.add_argument("--factors", default="4,8,16", help="compression factors (x4 keeps a quarter)")
+    parser.add_argument("--depths", type=int, default=12, help="needle depths per length (evenly spaced)")
+    parser.add_argument("--keys", type=int, default=5, help="pass keys per depth")
+    parser.add_argument("--methods", default=None, help="registered press names (default: every registered press)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="uncompressed and/or compressed question")
+    parser.add_argument("--reference", default="qfilters", help="method every other one is paired against")
+    parser.add_argument("--quick", action="store_true", help="6 depths x 2 keys (n=12 per cell) to validate; ~10 min")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    parser.add_argument("--name", default=None, help="basename of the result files (default passkey / passkey.quick)")
+    parser.add_argument("--summarize", type=Path, default=None,
+                        help="write the results of a stopped run from its checkpoint (<out>/<name>.checkpoint.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvpress_like.models import load_model
+
+    set_threads(args.threads)
+    name = args.name or ("passkey.quick" if args.quick else "passkey")
+    if args.summarize is not None:
+        return _summarize_checkpoint(args, name)
+    grid = Grid(
+        lengths=tuple(parse_list(args.lengths, int)),
+        factors=tuple(parse_list(args.factors, float)),
+        depths=6 if args.quick else args.depths,
+        keys=2 if args.quick else args.keys,
+        methods=tuple(parse_list(args.methods)) if args.methods else tuple(list_presses()),
+        variants=tuple(parse_list(args.variants)),
+        reference=args.reference,
+    )
+    _presses(grid)  # fail on a bad name or factor before loading the model
+    model, tokenizer = load_model(args.model)
+    env = environment()
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.out / f"{name}.checkpoint.json"
+    result = run_grid(model, tokenizer, grid, checkpoint=checkpoint)
+    result.update(model=args.model, environment=env, elapsed_s=time.time() - start, quick=args.quick)
+    checkpoint.unlink(missing_ok=True)
+    return _write(args.out, name, result)
+
+
+def _write(out: Path, name: str, result: dict) -> int:
+    result["summary"] = summarize(result)
+    text = markdown(result)
+    path = write_result(out, name, result, text)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def _summarize_checkpoint(args: argparse.Namespace, name: str) -> int:
+    """Results of a run stopped early, labelled partial, with the environment of when it was summarized."""
+    result = json.loads(args.summarize.read_text())
+    env = environment()
+    started = args.summarize.stat().st_mtime - sum(result["prefill_s"])  # lower bound; prefills dominate
+    result.update(model=args.model, environment=env, elapsed_s=time.time() - started, quick=False, partial=True)
+    return _write(args.out, name + ".partial", result)

@@ -1,0 +1,124 @@
+"""Paired pass-key evaluation: the shared prefill equals a real pressed prefill, and the output schema."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_like import PressedLayer, list_presses, press, uncompressed
+from kvpress_like.registry import press_class
+from kvpress_like.evaluations import passkey
+from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.models import tiny_model
+
+FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
+
+
+class ByteTokenizer:
+    """A tokenizer-shaped byte codec, so the grid runs on a tiny random model without any download."""
+
+    bos_token_id = 256
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _tiny():
+    return tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=257, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory):
+    """Pre-RoPE query statistics of the tiny model, for the calibrated (position-aware) presses."""
+    from kvpress_like.calibration import run_calibration
+    from kvpress_like.filters import save_query_stats
+
+    ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(4))
+    result = run_calibration(_tiny(), texts=ids, num_sequences=2, seq_len=128, samples_per_head=64, progress=False)
+    return save_query_stats(result.stats, tmp_path_factory.mktemp("stats"), **result.stats_info).parent
+
+
+def _press(name: str, stats_dir, **settings):
+    """A registered press for the tiny model: explicit filters / statistics, never the user's store."""
+    cls = press_class(name)
+    if name == "qfilters":
+        settings["filters"] = FILTERS
+    elif "stats" in {f.name for f in dataclasses.fields(cls)}:
+        settings["stats"] = stats_dir
+    return cls(**settings)
+
+
+@pytest.mark.parametrize("variant", ["uncompressed", "compressed"])
+@pytest.mark.parametrize("name", list_presses())
+def test_shared_prefill_equals_pressed_prefill(name, variant, stats_dir):
+    """Compressing a copy of one full-cache prefill keeps the same entries, and gives the same answer logits,
+    as prefilling under press() (for every registered press, with sinks, a window and a skipped layer)."""
+    model = _tiny()
+    p = _press(name, stats_dir, ratio=0.75, n_sink=2, window=8, skip_layers=(1,))
+    ctx = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(1))
+    question = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    answer = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3))
+    real = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        if variant == "uncompressed":
+            model(ctx, **cache_kwargs(real))
+            with uncompressed(real):
+                real_logits = model(torch.cat([question, answer], 1), **cache_kwargs(real)).logits
+        else:
+            model(torch.cat([ctx, question], 1), **cache_kwargs(real))
+            with uncompressed(real):
+                real_logits = model(answer, **cache_kwargs(real)).logits
+    shared = passkey.prefill(model, ctx)
+    if variant == "compressed":
+        shared = passkey.prefill(model, question, previous=shared)
+    with torch.no_grad(), press(model, p):
+        copy = passkey.compress_prefilled(model, shared, p)
+        with uncompressed(copy):
+            feed = torch.cat([question, answer], 1) if variant == "uncompressed" else answer
+            copy_logits = model(feed, **cache_kwargs(copy)).logits
+    n = 400 if variant == "uncompressed" else 407
+    assert shared.cache.layers[0].keys.shape[-2] == n  # the shared full cache itself is left untouched
+    pressed = 0
+    for a, b in zip(real.layers, copy.layers):
+        assert type(a) is type(b)
+        if isinstance(a, PressedLayer):
+            pressed += 1
+            assert torch.equal(a.positions, b.positions)
+    assert pressed == 3  # 4 layers, one skipped
+    torch.testing.assert_close(copy_logits, real_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_grid_schema_and_pairing():
+    model, tok = _tiny(), ByteTokenizer()
+    grid = passkey.Grid(lengths=(300,), factors=(4,), depths=2, keys=2, methods=("knorm", "streaming_llm"),
+                        reference="knorm")
+    result = passkey.run_grid(model, tok, grid, progress=False)
+    rows = result["rows"]
+    assert result["prompts"] == 4 and len(result["prefill_s"]) == 4
+    assert len(rows) == 4 * 2 * (1 + 2)  # prompts x variants x (no press + methods x factors)
+    assert {"length", "depth", "key", "answer", "variant", "method", "factor", "exact", "output"} <= set(rows[0])
+    assert all(r["exact"] in (0, 1) for r in rows)
+    assert sorted({r["depth"] for r in rows}) == [0.25, 0.75]
+    result.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0, quick=True)
+    result["summary"] = passkey.summarize(result)
+    cell = result["summary"]["cells"][0]
+    assert set(cell["methods"]) == {"no_press", "knorm", "streaming_llm"}
+    assert all(m["n"] == 4 and m["lo"] <= m["exact"] <= m["hi"] for m in cell["methods"].values())
+    assert set(cell["vs_reference"]) == {"streaming_llm"} and set(cell["vs_no_press"]) == {"knorm", "streaming_llm"}
+    d = cell["vs_reference"]["streaming_llm"]
+    assert d["n"] == 4 and d["lo"] <= d["diff"] <= d["hi"] and 0 <= d["p"] <= 1
+    text = passkey.markdown(result)
+    assert "n = 4 prompts per cell" in text and "QUICK" in text and "Command:" in text
+    json.dumps(result)
+
+
+def test_unknown_method_fails_before_work():
+    with pytest.raises(ValueError, match="registered presses"):
+        passkey._presses(passkey.Grid(methods=("h2o",)))
+    with pytest.raises(ValueError, match="factors must be >= 1"):
+        passkey._presses(passkey.Grid(methods=("knorm",), factors=(0.5,)))
