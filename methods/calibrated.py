@@ -17,6 +17,7 @@ import torch
 from kvpress_like.base import ScorerPress
 from kvpress_like.filters import load_query_stats, query_stats_for, store_key
 from kvpress_like.integrations.rope import Rotary, rotary
+from kvpress_like.models import _head_dim, kv_heads
 
 __all__ = ["CalibratedPress"]
 
@@ -51,7 +52,7 @@ class CalibratedPress(ScorerPress):
                 self._found[key] = query_stats_for(model)
             tensors, meta = self._found[key]
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = _head_dim(cfg)
         want = (cfg.num_hidden_layers, cfg.num_attention_heads, head_dim)
         if tuple(tensors["mean"].shape) != want:
             raise ValueError(
@@ -59,7 +60,7 @@ class CalibratedPress(ScorerPress):
                 f"needs [num_layers, num_q_heads, head_dim] = {list(want)}: they were made for another model. "
                 "Calibrate this one with `kvpress-like calibrate --model ...`."
             )
-        n_kv = cfg.num_key_value_heads
+        n_kv = kv_heads(cfg)
         calibrated = [int(i) for i in (tensors["count"] > 0).nonzero().flatten()]
         scaling = meta.get("scaling", {})
         self._layers = {

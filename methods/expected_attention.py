@@ -7,9 +7,15 @@ head; heads sharing a KV head are combined by ``logsumexp`` (the expected attent
 a constant). Keys are un-rotated once per call; the covariance enters through a low-rank factor plus an
 isotropic shrinkage term, so scoring costs ``O(n * heads * d * rank)``.
 
-Defaults, from measurements on SmolLM2-135M (mean Spearman with the attention received by the last 64
-queries of a 2k-token text; ``evaluations/correlation.py``): see the README's table. Shrinkage ``Sigma_l =
-(1 - l) Sigma + l tr(Sigma)/d I`` with ``l = shrinkage``; ``rank`` top eigenvectors of ``Sigma`` kept.
+Shrinkage: ``Sigma_l = (1 - l) Sigma + l tr(Sigma)/d I`` with ``l = shrinkage``, the ``rank`` top
+eigenvectors of ``Sigma`` kept. Defaults chosen on the held-out code corpus, SmolLM2-135M, 2k tokens, mean
+Spearman with the attention the last 64 queries give each key, 90 heads (``evaluations/correlation.py``
+method, statistics from the default calibration): ``shrinkage=0.3, rank=2, combine="logsumexp"`` 0.828;
+paired differences (95% normal interval over heads): full covariance ``rank=None`` -0.007 +- 0.011, no
+covariance term (``rank=0``) -0.008 +- 0.007, no shrinkage -0.009 (``rank=2``), ``shrinkage=0.6`` +0.001 +- 0.004,
+``combine="mean"`` -0.031 +- 0.014. So: the covariance adds little beyond its isotropic part, logsumexp
+beats the mean, and rank 2 is the cheapest setting as good as any. On the prose text the same setting
+gives 0.889 (position-targeted Q-Filters 0.831, Q-Filters 0.553).
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ class ExpectedAttentionPress(CalibratedPress):
     """
 
     name = "expected_attention_calibrated"
-    shrinkage: float = 0.1
-    rank: int | None = 8
+    shrinkage: float = 0.3
+    rank: int | None = 2
     combine: str = "logsumexp"
 
     def __post_init__(self) -> None:

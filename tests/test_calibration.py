@@ -42,6 +42,7 @@ def save_tiny(path, arch="llama", seed=0, **overrides):
 def store(tmp_path, monkeypatch):
     """An empty cache directory for the filter store, so tests never touch the user's."""
     monkeypatch.setenv("KVPRESS_LIKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("KVPRESS_LIKE_FILTERS")  # conftest's session store: here the store is <cache>/filters
     return tmp_path / "cache"
 
 
@@ -178,7 +179,7 @@ def test_cli_writes_a_loadable_directory_and_the_store(tmp_path, store, monkeypa
     text.write_text(offline_corpus()[:6000])  # under the CLI's reading cap (32 chars per token asked)
     out = tmp_path / "out"
     env = dict(os.environ, KVPRESS_LIKE_CACHE=str(store), HF_HUB_OFFLINE="1")
-    cmd = ["kvpress-like", "calibrate", "--model", str(model_dir), "--texts", str(text), "--num-sequences", "4",
+    cmd = [sys.executable, "-m", "kvpress_like.cli", "calibrate", "--model", str(model_dir), "--texts", str(text), "--num-sequences", "4",
            "--seq-len", "64", "--samples", "128", "--out", str(out), "--quiet"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -214,7 +215,7 @@ def test_cli_reports_bad_input(tmp_path, store, capsys):
     short = tmp_path / "short.txt"
     short.write_text("too short")
     assert main(["calibrate", "--model", str(model_dir), "--texts", str(short), "--out", str(tmp_path / "o")]) == 2
-    assert "fewer than seq_len=512" in capsys.readouterr().err
+    assert f"fewer than seq_len={calibration.DEFAULT_SEQ_LEN}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     args = ["--texts", "offline:random", "--num-sequences", "2", "--seq-len", "32", "--out", str(tmp_path / "o"), "--no-store"]
     assert main(["calibrate", "--model", str(model_dir), *args, "--quiet"]) == 0
@@ -251,7 +252,7 @@ def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, 
     name = "tiny-embedded"
     monkeypatch.setitem(EMBEDDED_MODELS, name, "a tiny stand-in for an embedded model")
     char_tokenizer().save_pretrained(store / "models" / name)
-    model = tiny_model("qwen3", num_hidden_layers=2)  # the default calibration (8 x 512 tokens) runs here
+    model = tiny_model("qwen3", num_hidden_layers=2)  # the default calibration (2 x 2048 tokens) runs here
     model.config._name_or_path = name
     calls = []
     real = calibration.run_calibration
@@ -262,7 +263,7 @@ def test_embedded_model_calibrates_once_then_uses_the_store(store, monkeypatch, 
             model(ids)
     assert len(calls) == 1 and "calibrating on the offline corpus" in caplog.text
     config = json.loads((qf.store_path(model) / "config.json").read_text())
-    assert config["model"] == name and config["corpus"].startswith("offline prose") and config["num_sequences"] == 8
+    assert config["model"] == name and config["corpus"].startswith("offline prose") and config["num_sequences"] == calibration.DEFAULT_NUM_SEQUENCES
     with torch.no_grad(), press(model, QFilterPress(ratio=0.5)) as second:
         model(ids)
     assert len(calls) == 1

@@ -1,0 +1,71 @@
+"""Issue 12 §3: position-targeted Q-Filters (scores against an independent rotation, store lookup, errors)."""
+
+import sys
+
+import pytest
+import torch
+
+from kvpress_like import calibration, get_press, press
+from kvpress_like.filters import save_query_stats, store_path
+from kvpress_like.methods import TargetedQFilterPress
+from kvpress_like.models import tiny_model
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPRESS_LIKE_FILTERS", str(tmp_path / "filters"))
+    return tmp_path / "filters"
+
+
+def calibrated(model, tmp_path, seed=0):
+    ids = torch.randint(2, 128, (3, 48), generator=torch.Generator().manual_seed(seed))
+    result = calibration.run_calibration(model, texts=ids, progress=False)
+    save_query_stats(result.stats, tmp_path, **result.stats_info)
+    return result
+
+
+def rotate_like_transformers(model, x, p):
+    """``R(p) x`` with the modeling module's own apply_rotary_pos_emb and rotary module (x: (h, d))."""
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    cos, sin = model.model.rotary_emb(x, torch.tensor([[p]]))
+    out, _ = modeling.apply_rotary_pos_emb(x[None, :, None], x[None, :, None], cos, sin)
+    return out[0, :, 0]
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("phi3", dict(partial_rotary_factor=0.5))])
+def test_score_is_the_projection_on_the_direction_rotated_to_the_reading_position(tmp_path, arch, overrides):
+    model = tiny_model(arch, **overrides)
+    result = calibrated(model, tmp_path)
+    p = TargetedQFilterPress(ratio=0.5, stats=tmp_path)
+    p.prepare(model)
+    keys = torch.randn(2, 2, 30, 16)
+    reading = torch.tensor([[[30]], [[400]]])
+    scores = p.score(1, keys, keys, torch.arange(30).expand(2, 2, 30), reading)
+    u = result.stats["direction"][1].view(2, 2, 16).mean(1)  # GQA group mean, (kv_heads, d)
+    for row, pos in enumerate((30, 400)):
+        target = rotate_like_transformers(model, u, pos)
+        torch.testing.assert_close(scores[row], torch.einsum("hnd,hd->hn", keys[row], target), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(scores[0], scores[1], atol=1e-3)  # the reading position matters
+
+
+def test_registry_store_lookup_and_clear_errors(tmp_path, store):
+    model = tiny_model("qwen3")
+    assert isinstance(get_press("qfilters_targeted", ratio=0.5), TargetedQFilterPress)
+    assert TargetedQFilterPress.position_dependent
+    with pytest.raises(ValueError, match="no query statistics found.*kvpress-like calibrate"), press(model, TargetedQFilterPress(ratio=0.5)):
+        pass
+    with pytest.raises(ValueError, match="no query statistics for layer 1"):
+        TargetedQFilterPress().score(1, torch.zeros(1, 2, 3, 16), None, None, torch.tensor([[[3]]]))
+    calibrated(model, store_path(model))
+    other = tiny_model("qwen3", seed=1)
+    calibrated(other, store_path(other), seed=1)
+    p = TargetedQFilterPress(ratio=0.5)
+    keys = torch.randn(1, 2, 12, 16)
+    args = (keys, keys, torch.arange(12).expand(1, 2, 12), torch.tensor([[[12]]]))
+    with press(model, p):
+        first = p.score(1, *args)
+    with press(other, p):  # reused on another model: that model's statistics
+        second = p.score(1, *args)
+    assert not torch.allclose(first, second)
+    with pytest.raises(ValueError, match="made for another model"), press(tiny_model("qwen3", num_hidden_layers=2), TargetedQFilterPress(stats=store_path(model))):
+        pass
