@@ -69,3 +69,30 @@ def test_registry_store_lookup_and_clear_errors(tmp_path, store):
     assert not torch.allclose(first, second)
     with pytest.raises(ValueError, match="made for another model"), press(tiny_model("qwen3", num_hidden_layers=2), TargetedQFilterPress(stats=store_path(model))):
         pass
+
+
+@pytest.mark.parametrize("name", ["qfilters_targeted", "expected_attention_calibrated"])
+def test_prefill_under_press_keeps_the_top_scores_for_the_reading_position(tmp_path, name):
+    """One-shot prefill of n tokens: each layer keeps the top half of score(..., reading_position=n)."""
+    from transformers import DynamicCache
+
+    from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
+
+    model = tiny_model("llama")
+    calibrated(model, tmp_path)
+    ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    keys = {}
+
+    def grab(module, query, key, value):
+        keys[module.layer_idx] = key.detach()
+
+    with torch.no_grad(), patched_attention(model, attention_layers(model), grab):
+        model(ids)
+    p = get_press(name, ratio=0.5, stats=tmp_path)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(ids, **cache_kwargs(cache))
+    for idx, layer in enumerate(cache.layers):
+        scores = p.score(idx, keys[idx], keys[idx], torch.arange(40).expand(1, 2, 40), torch.tensor([[[40]]]))
+        want = scores.topk(20, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(layer.positions.sort(dim=-1).values, want), idx
