@@ -29,19 +29,56 @@ from torch import nn
 __all__ = ["Press", "ScorerPress"]
 
 
-@dataclass
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Press(ABC):
     """Abstract compression policy shared by every method.
 
-    Subclasses are small dataclasses holding their settings; the library calls :meth:`target_size`,
-    :meth:`key_scores` / :meth:`query_scores` and :meth:`select`. Nothing here touches a model.
+    The core reads exactly what is declared here, nothing else: the class flags, the four settings
+    below (plain attributes with their defaults; :class:`ScorerPress` makes them dataclass fields) and
+    the methods. :meth:`validate` is the one place that checks them; the core calls it on entry.
     """
 
     #: Registry name (set by subclasses; used by :func:`kvpress_like.get_press`).
     name: ClassVar[str] = ""
-    #: True when scores depend only on each key (and its position): they are computed once, when the key
-    #: enters the cache, stored beside it, and eviction can happen inside the cache without queries.
+    #: True when scores need only the cached keys/values and positions (no queries): eviction can then
+    #: happen inside the cache, during prefill and decoding alike.
     query_free: ClassVar[bool] = True
+    #: True when a key's score depends on the *reading position* (where the next query sits): the cache then
+    #: re-scores its live slots whenever it must evict, instead of reusing the score a key got on entry.
+    position_dependent: ClassVar[bool] = False
+
+    #: Full-attention layers left uncompressed.
+    skip_layers: tuple[int, ...] = ()
+    #: Hard budget per layer and KV head, enforced after every forward call (``None``: no budget).
+    max_cache_tokens: int | None = None
+    #: Whether :meth:`target_size` also applies while decoding one token at a time.
+    decoding: bool = False
+    #: ``generate()`` prefills long prompts in chunks of this many tokens (``None``: in one call).
+    prefill_chunk_size: int | None = None
+
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ``ValueError``/``TypeError`` for settings the core cannot honour (and for layer indices
+        outside a ``num_layers``-layer model, once the model is known)."""
+        skip = self.skip_layers
+        if isinstance(skip, (int, str, bytes)) or not hasattr(skip, "__iter__"):
+            raise TypeError(f"skip_layers must be a list or tuple of layer indices, got {skip!r}; e.g. skip_layers=(0, 1).")
+        for idx in skip:
+            if not _is_int(idx):
+                raise TypeError(f"skip_layers must hold integer layer indices, got {idx!r} in {tuple(skip)!r}.")
+            if idx < 0 or (num_layers is not None and idx >= num_layers):
+                where = f"0..{num_layers - 1}" if num_layers is not None else "non-negative"
+                raise ValueError(f"skip_layers={tuple(skip)!r}: layer {idx} does not exist (layer indices are {where}).")
+        if not isinstance(self.decoding, bool):
+            raise TypeError(f"decoding must be True or False, got {self.decoding!r}.")
+        budget = self.max_cache_tokens
+        if budget is not None and (not _is_int(budget) or budget < 1):
+            raise ValueError(f"max_cache_tokens must be a positive integer or None, got {budget!r}.")
+        chunk = self.prefill_chunk_size
+        if chunk is not None and (not _is_int(chunk) or chunk < 1):
+            raise ValueError(f"prefill_chunk_size must be a positive integer or None, got {chunk!r}.")
 
     def prepare(self, model) -> None:
         """Called by :func:`kvpress_like.press` on entry: check the model fits (raise ``ValueError``), load
@@ -49,15 +86,32 @@ class Press(ABC):
 
     def compresses_layer(self, layer_idx: int) -> bool:
         """Whether the full-attention layer ``layer_idx`` is compressed at all."""
-        return True
+        return layer_idx not in self.skip_layers
 
     @abstractmethod
     def target_size(self, seen: int, decoding: bool) -> int | None:
         """How many tokens a layer that has seen ``seen`` tokens may keep; ``None`` for no limit."""
 
+    def score(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        reading_position: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scores ``(batch, kv_heads, n)`` of cached entries; higher is kept (``query_free`` presses).
+
+        ``keys``/``values`` are ``(batch, kv_heads, n, head_dim)`` as stored (post-RoPE), ``positions`` their
+        true positions (``-1`` marks an empty or padding slot, whose score is ignored) and
+        ``reading_position`` a ``(batch, 1, 1)`` long tensor: the position of the next query that will
+        read these keys. The default calls :meth:`key_scores`, the original one-argument-less API.
+        """
+        return self.key_scores(layer_idx, keys, positions)
+
     def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Scores ``(batch, kv_heads, n)`` of new keys; higher is kept. Only for ``query_free`` presses."""
-        raise NotImplementedError
+        """Scores ``(batch, kv_heads, n)`` of new keys (the original scorer API; see :meth:`score`)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor key_scores()")
 
     def query_scores(
         self,
@@ -71,11 +125,13 @@ class Press(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen: int, n_keep: int) -> torch.Tensor:
-        """Indices ``(batch, kv_heads, n_keep)`` into the cached tokens to keep, in position order."""
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen, n_keep: int) -> torch.Tensor:
+        """Indices ``(batch, kv_heads, n_keep)`` into the cached tokens to keep, in position order.
+
+        ``seen`` is the reading position (an int, or a ``(batch, 1, 1)`` tensor when rows differ)."""
 
     @abstractmethod
-    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
+    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen) -> torch.Tensor:
         """Index ``(batch, kv_heads)`` of the slot to evict when one decoded token enters a full cache."""
 
 
@@ -111,26 +167,19 @@ class ScorerPress(Press):
             )
         for name in ("n_sink", "window"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
-        self.skip_layers = tuple(int(i) for i in self.skip_layers)
-        if self.max_cache_tokens is not None:
-            budget = self.max_cache_tokens
-            if isinstance(budget, bool) or not isinstance(budget, int) or budget <= self.n_sink + self.window:
-                raise ValueError(
-                    f"max_cache_tokens={budget!r} must be an integer larger than n_sink + window "
-                    f"= {self.n_sink} + {self.window}: the protected tokens alone would fill the cache. "
-                    "Raise the budget or shrink the window."
-                )
-        if self.prefill_chunk_size is not None and (
-            not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 1
-        ):
-            raise ValueError(f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}.")
+        budget = self.max_cache_tokens
+        if budget is not None and (not _is_int(budget) or budget <= self.n_sink + self.window):
+            raise ValueError(
+                f"max_cache_tokens={budget!r} must be an integer larger than n_sink + window "
+                f"= {self.n_sink} + {self.window}: the protected tokens alone would fill the cache. "
+                "Raise the budget or shrink the window."
+            )
+        self.validate()
+        self.skip_layers = tuple(self.skip_layers)
 
     # -- sizes ---------------------------------------------------------------------------------------
-    def compresses_layer(self, layer_idx: int) -> bool:
-        return layer_idx not in self.skip_layers
-
     def target_size(self, seen: int, decoding: bool) -> int | None:
         target = None
         if self.ratio > 0 and (not decoding or self.decoding):
@@ -145,12 +194,12 @@ class ScorerPress(Press):
         return sinks + min(self.window, seen - sinks)
 
     # -- selection -----------------------------------------------------------------------------------
-    def protected(self, positions: torch.Tensor, seen: int) -> torch.Tensor:
-        """Boolean mask of sink and recent-window tokens, by true position."""
-        return (positions < self.n_sink) | (positions >= seen - self.window)
+    def protected(self, positions: torch.Tensor, seen) -> torch.Tensor:
+        """Boolean mask of sink and recent-window tokens, by true position (empty slots are never protected)."""
+        return ((positions < self.n_sink) | (positions >= seen - self.window)) & (positions >= 0)
 
-    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen: int, n_keep: int) -> torch.Tensor:
-        n_protected = self.n_protected(seen)
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, seen, n_keep: int) -> torch.Tensor:
+        n_protected = self.n_protected(seen if isinstance(seen, int) else int(seen.min()))
         if n_keep < n_protected:
             warnings.warn(
                 f"{type(self).__name__}: the target of {n_keep} tokens is below the {n_protected} protected "
@@ -160,9 +209,12 @@ class ScorerPress(Press):
             n_keep = n_protected
         n_keep = min(n_keep, scores.shape[-1])
         masked = scores.float().masked_fill(self.protected(positions, seen), float("inf"))
+        masked = masked.masked_fill(positions < 0, float("-inf"))
         kept = masked.topk(n_keep, dim=-1, sorted=False).indices
-        order = positions.gather(-1, kept).argsort(dim=-1)
+        kept_pos = positions.gather(-1, kept)
+        order = kept_pos.masked_fill(kept_pos < 0, torch.iinfo(kept_pos.dtype).max).argsort(dim=-1)
         return kept.gather(-1, order)
 
-    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen: int) -> torch.Tensor:
-        return scores.float().masked_fill(self.protected(positions, seen), float("inf")).argmin(dim=-1)
+    def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen) -> torch.Tensor:
+        masked = scores.float().masked_fill(self.protected(positions, seen), float("inf"))
+        return masked.masked_fill(positions < 0, float("-inf")).argmin(dim=-1)

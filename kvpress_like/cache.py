@@ -1,37 +1,50 @@
-"""Cache surgery: a transformers cache layer that really drops evicted KV pairs.
+"""The cache engine: a transformers cache layer that really drops evicted KV pairs.
 
-:class:`PressedLayer` owns its tensors as gpt-fast does: per layer, buffers of shape
-``(batch, kv_heads, capacity, head_dim)`` written in place, with the true position of every slot (and, for
-query-free presses, the score it got when it entered) kept beside it. Three things can happen to a layer
-on each forward call, decided by :meth:`PressedLayer._plan`:
+:class:`PressedLayer` owns its tensors as gpt-fast does: per layer, slot buffers of shape
+``(batch, kv_heads, capacity, head_dim)`` written in place, with the true position of every slot (``-1``
+for an empty or padding slot) and, for query-free presses, the score it got when it entered. Each forward
+call is one :class:`Call`, planned before anything is written:
 
-* ``append``: the new tokens fit under the target; they are written after the live slots.
-* ``overwrite``: one decoding step with a full cache; the lowest-scoring unprotected slot is evicted and
-  the new token written into it *before* attention, so the cache never exceeds its budget and nothing
-  is reallocated. Slots are then no longer in position order; attention does not care, because RoPE was
-  applied before the keys entered the cache and causal masking is irrelevant for a single new query.
-* ``prune``: a multi-token call (prefill, a prefill chunk, a chat's next turn) that overflows the target;
-  attention sees the old kept tokens plus all new ones, then only the best ``target`` are stored, in
-  position order.
+* ``append``: the new tokens fit under every row's target; they are written after the live slots.
+* ``overwrite``: one decoding step into a full cache; each (row, KV head) evicts its lowest-scoring
+  unprotected slot (an empty slot first) and the new token is written into it *before* attention, so the
+  cache never exceeds its budget and nothing is reallocated. Slots are then no longer in position order;
+  attention does not care, because RoPE was applied before the keys entered the cache.
+* ``prune``: anything else that overflows (prefill, a prefill chunk, a chat's next turn, rows of a padded
+  batch with different targets); attention sees the old kept tokens plus all new ones, then the best
+  ``target`` of them are stored, in position order.
 
-The layer reports ``get_seq_length()`` as the number of tokens *seen*, so transformers gives new tokens
-their true RoPE positions, and ``get_mask_sizes()`` as the keys attention will really receive, with an
-offset that keeps the causal mask aligned to the new tokens (which always come last).
+Positions are true positions: the layer reports the number of tokens *seen* as its sequence length, so
+transformers gives new tokens their true RoPE positions. Left-padded rows count only their real tokens
+(:meth:`PressedLayer.begin_call` receives which new tokens are real): pad tokens are never kept in place of
+real ones, and each row keeps what the press promises for its own length. Sliding-window layers evict the
+tokens that left the window first and never attend past it. Presses whose scores depend on the reading
+position (``position_dependent``) have the live slots re-scored whenever the layer must evict.
+
+Masks: when every slot is valid and the layer attends fully, transformers' causal mask (aligned by
+:func:`kvpress_like.integrations.transformers.align_mask`) is right. Otherwise (padding, empty slots,
+sliding windows) :meth:`PressedLayer.attention_mask` builds the mask from the slots' true positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from .integrations.transformers import positions_mask
 
 if TYPE_CHECKING:
     from .base import Press
 
-__all__ = ["PressedLayer", "PressedCache", "cache_nbytes", "uncompressed"]
+__all__ = ["PressedLayer", "PressedCache", "cache_nbytes", "uncompressed", "layer_windows"]
+
+#: ``observer(layer, plan, n_new)`` called after each update of a layer (benchmarks, diagnostics).
+Observer = Callable[["PressedLayer", str, int], None]
 
 
 def gather_kept(keep: torch.Tensor, keys, values, positions, scores=None) -> tuple:
@@ -53,75 +66,160 @@ def refuse_crop(tokens_to_remove: int) -> None:
         )
 
 
-class PressedLayer(DynamicLayer):
-    """Full-attention cache layer whose contents are chosen by a :class:`~kvpress_like.base.Press`."""
+def scores_for(press: Press, layer_idx: int, keys, values, positions, reading) -> torch.Tensor:
+    """``press.score`` as float32, with ``-inf`` for empty/padding slots (``positions < 0``)."""
+    scores = press.score(layer_idx, keys, values, positions, reading).float()
+    return scores.masked_fill(positions < 0, float("-inf"))
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per decoder layer: its sliding window, or ``None`` for full (or chunked) attention.
+
+    Follows transformers' own rule for the cache layers it creates (``layer_types``, else a config-wide
+    ``sliding_window``), so a Mistral-style config without ``layer_types`` is sliding everywhere.
+    """
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None)
+    window = getattr(text, "sliding_window", None)
+    if types is None:
+        return [window] * text.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+@dataclass
+class Call:
+    """One forward call through a layer, planned before anything is written (see module docstring)."""
+
+    plan: str  # "append" | "overwrite" | "prune"
+    q: int  # new tokens (pad tokens included)
+    positions: torch.Tensor  # (batch, kv_heads, q) true positions of the new tokens, -1 for padding
+    reading: torch.Tensor  # (batch, 1, 1) position of the next query after this call
+    targets: list[int] | None  # per row; None: no limit
+
+
+class PressedLayer(CacheLayerMixin):
+    """Full- or sliding-attention cache layer whose contents are chosen by a :class:`~kvpress_like.base.Press`."""
 
     is_compileable = False
     is_croppable = False
+    is_sliding = False
 
-    def __init__(self, press: Press, layer_idx: int):
-        self._k = self._v = self._pos = self._score = None
-        self.n = 0  # live slots
-        self.compressing = True  # False inside `uncompressed(cache)`
-        self.seen = 0  # tokens given to this layer so far (true positions run 0..seen-1)
+    def __init__(self, press: Press, layer_idx: int, sliding_window: int | None = None):
+        self._k = self._v = None
         super().__init__()
         self.press = press
         self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self._k = self._v = self._pos = self._score = None
+        self.n = 0  # slots in use (live or empty), the same for every row and head
+        self.seen = 0  # tokens given to this layer, padding included (transformers' sequence length)
+        self.rows: torch.Tensor | None = None  # (batch,) real tokens seen per row, once a padded call came
+        self.compressing = True  # False inside `uncompressed(cache)`
+        self.observers: list[Observer] = []
+        self._valid: torch.Tensor | None = None  # (batch, q) real new tokens of the coming call, from press()
+        self._in_context = False  # press() announced the coming call (masks are then ours)
+        self._call: Call | None = None
+        self._attn_positions: torch.Tensor | None = None  # (batch, kv_heads, kv) keys the last call attended to
+        self._query_positions: torch.Tensor | None = None  # (batch, q) its new tokens' positions (-1: padding)
 
     # ``keys``/``values`` are the live views of the buffers, as transformers' layers expose them.
     @property
     def keys(self) -> torch.Tensor | None:
         return None if self._k is None else self._k[:, :, : self.n]
 
-    @keys.setter
-    def keys(self, value) -> None:
-        if value is not None:
-            raise AttributeError("PressedLayer owns its buffers; use update() to add tokens.")
-        self._k = None
-
     @property
     def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v[:, :, : self.n]
+
+    @keys.setter
+    def keys(self, value) -> None:  # the mixin's constructor clears them; contents only change through update()
+        if value is not None:
+            raise AttributeError("PressedLayer owns its buffers; use update() to add tokens.")
 
     @values.setter
     def values(self, value) -> None:
         if value is not None:
             raise AttributeError("PressedLayer owns its buffers; use update() to add tokens.")
-        self._v = None
 
     @property
     def positions(self) -> torch.Tensor | None:
-        """True positions ``(batch, kv_heads, n)`` of the live slots."""
+        """True positions ``(batch, kv_heads, n)`` of the slots (``-1``: empty)."""
         return None if self._pos is None else self._pos[:, :, : self.n]
 
     @property
     def scores(self) -> torch.Tensor | None:
-        """Stored scores ``(batch, kv_heads, n)`` of the live slots (query-free presses only)."""
+        """Stored entry-time scores ``(batch, kv_heads, n)`` of the slots (query-free presses only)."""
         return None if self._score is None else self._score[:, :, : self.n]
 
+    @property
+    def padded(self) -> bool:
+        return self.rows is not None
+
     @classmethod
-    def from_dynamic(cls, layer: DynamicLayer, press: Press, layer_idx: int) -> PressedLayer:
+    def from_dynamic(cls, layer: DynamicLayer, press: Press, layer_idx: int, sliding_window: int | None = None) -> PressedLayer:
         """Take over a plain layer, e.g. a cache filled before :func:`press` was entered."""
-        new = cls(press, layer_idx)
+        new = cls(press, layer_idx, sliding_window)
         if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            if isinstance(layer, DynamicSlidingWindowLayer) and layer.cumulative_length > layer.keys.shape[-2]:
+                raise ValueError(
+                    f"layer {layer_idx} already dropped tokens that left its sliding window; start compressing from "
+                    "an empty cache (enter press() before the first forward call)."
+                )
+            new.begin_call(None)  # a takeover, not a forward call: no mask to check
             new.update(layer.keys, layer.values)
         return new
+
+    # -- planning ----------------------------------------------------------------------------------
+    def begin_call(self, valid: torch.Tensor | None) -> None:
+        """Announced by :func:`kvpress_like.press` before each call: which new tokens are real (left padding)."""
+        self._valid = valid
+        self._in_context = True
+        self._call = None
+
+    def _row_targets(self, reading: torch.Tensor | int, decoding: bool) -> list[int] | None:
+        readings = [reading] if isinstance(reading, int) else reading.flatten().tolist()
+        window = self.sliding_window
+        targets = []
+        for seen in readings:
+            target = self.press.target_size(seen, decoding) if self.compressing else None
+            if window is not None:  # a decoding query sees itself and the window's other tokens before them
+                cap = window if decoding else window - 1
+                target = cap if target is None else min(target, cap)
+            if target is None:
+                return None
+            targets.append(target)
+        return targets
+
+    def _plan_call(self, q: int, batch: int, heads: int, device) -> Call:
+        valid = self._valid
+        if valid is not None and self.rows is None and not bool(valid.all()):
+            self.rows = torch.full((batch,), self.seen, dtype=torch.long, device=device)
+        if self.rows is None:
+            positions = torch.arange(self.seen, self.seen + q, device=device).expand(batch, heads, q)
+            reading_int = self.seen + q
+            reading = torch.full((batch, 1, 1), reading_int, dtype=torch.long, device=device)
+            targets = self._row_targets(reading_int, q == 1)
+            targets = None if targets is None else targets * batch
+        else:
+            real = torch.ones(batch, q, dtype=torch.bool, device=device) if valid is None else valid.to(device)
+            positions = (self.rows[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, -1)
+            positions = positions[:, None, :].expand(batch, heads, q)
+            reading = (self.rows + real.long().sum(-1)).view(batch, 1, 1)
+            targets = self._row_targets(reading, q == 1)
+        if not self.press.query_free or targets is None:
+            plan = "append"
+        elif q == 1 and self.n > 0 and (self.rows is not None or all(t == self.n for t in targets)):
+            plan = "overwrite"
+        elif all(self.n + q <= t for t in targets):
+            plan = "append"
+        else:
+            plan = "prune"
+        return Call(plan, q, positions, reading, targets)
 
     # -- transformers CacheLayerMixin API ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
-
-    def _plan(self, q: int) -> tuple[str, int | None]:
-        """What the next call with ``q`` new tokens does: ('append' | 'overwrite' | 'prune', target)."""
-        if not self.press.query_free or not self.compressing:
-            return "append", None  # query-dependent presses prune after attention (prune_with_queries)
-        target = self.press.target_size(self.seen + q, decoding=q == 1)
-        if target is None or self.n + q <= target:
-            return "append", target
-        if q == 1 and self.n == target:
-            return "overwrite", target
-        return "prune", target
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -129,30 +227,101 @@ class PressedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
-        plan, target = self._plan(q)
-        pos = torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q)
+        call = self._call or self._plan_call(q, b, h, key_states.device)
+        in_context, self._in_context, self._valid, self._call = self._in_context, False, None, None
+        if self.rows is not None:
+            self.rows = call.reading.view(b)
         self.seen += q
-        score = self.press.key_scores(self.layer_idx, key_states, pos) if self.press.query_free else None
+        press, reading = self.press, call.reading
+        score = (
+            scores_for(press, self.layer_idx, key_states, value_states, call.positions, reading)
+            if press.query_free
+            else None
+        )
+        if call.plan == "append":
+            old = self.n
+            self._append(key_states, value_states, call.positions, score)
+            out = self.keys, self.values
+            self._attn_positions = self.positions
+        elif call.plan == "overwrite":
+            if self.rows is not None:
+                self._make_room(call.targets)
+            live = self._live_positions(self.positions, reading - 1)
+            scores = self._current_scores(self.keys, self.values, live, reading)
+            if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
+                full = (live >= 0).sum(-1, keepdim=True) >= torch.tensor(call.targets, device=live.device).view(b, 1, 1)
+                live = live.masked_fill(full & (live < 0), torch.iinfo(live.dtype).max)
+            slot = press.victims(scores, live, reading)
+            self._write_slot(slot, key_states, value_states, call.positions, score)
+            out = self.keys, self.values
+            self._attn_positions = self.positions
+        else:
+            full_k = torch.cat([self.keys, key_states], dim=-2) if self.n else key_states
+            full_v = torch.cat([self.values, value_states], dim=-2) if self.n else value_states
+            full_pos = torch.cat([self.positions, call.positions], dim=-1) if self.n else call.positions
+            full_score = torch.cat([self.scores, score], dim=-1) if self.n else score
+            live = self._live_positions(full_pos, reading)
+            if press.position_dependent:
+                full_score = scores_for(press, self.layer_idx, full_k, full_v, live, reading)
+            self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, reading, call.targets))
+            out = full_k, full_v
+            self._attn_positions = full_pos
+        self._query_positions = call.positions[:, 0]
+        if not in_context:
+            self._check_outside_context(call)
+        for observer in self.observers:
+            observer(self, call.plan, q)
+        return out
 
-        if plan == "append":
-            self._append(key_states, value_states, pos, score)
-            return self.keys, self.values
-        if plan == "overwrite":
-            slot = self.press.victims(self.scores, self.positions, self.seen)
-            self._write_slot(slot, key_states, value_states, pos, score)
-            return self.keys, self.values
-        full_k = torch.cat([self.keys, key_states], dim=-2) if self.n else key_states
-        full_v = torch.cat([self.values, value_states], dim=-2) if self.n else value_states
-        full_pos = torch.cat([self.positions, pos], dim=-1) if self.n else pos
-        full_score = torch.cat([self.scores, score], dim=-1) if self.n else score
-        keep = self.press.select(full_score, full_pos, self.seen, target)
-        self._store(full_k, full_v, full_pos, full_score, keep)
-        return full_k, full_v
+    def _make_room(self, targets: list[int]) -> None:
+        """Padded decoding: add one empty slot when a row under its target has none left to fill."""
+        live = self._live_positions(self.positions, self._query_positions_hint())
+        count = (live >= 0).sum(-1)  # (batch, heads)
+        under = count < torch.tensor(targets, device=count.device)[:, None]
+        if bool((under & (count == self.n)).any()):
+            b, h = count.shape
+            self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
+                         self._pos.new_full((b, h, 1), -1), self._score.new_full((b, h, 1), float("-inf")))
+
+    def _query_positions_hint(self) -> torch.Tensor:
+        """Position of the query of the decoding step being written (rows already counted it)."""
+        return (self.rows - 1).view(-1, 1, 1)
+
+    def _live_positions(self, positions: torch.Tensor, reading: torch.Tensor) -> torch.Tensor:
+        """Positions with the tokens the query at ``reading`` can no longer see (sliding window) marked empty."""
+        if self.sliding_window is None:
+            return positions
+        return positions.masked_fill(positions <= reading - self.sliding_window, -1)
+
+    def _current_scores(self, keys, values, positions, reading) -> torch.Tensor:
+        if self.press.position_dependent:
+            return scores_for(self.press, self.layer_idx, keys, values, positions, reading)
+        return self.scores.masked_fill(positions < 0, float("-inf"))
+
+    def _select(self, scores, positions, reading, targets: list[int]) -> torch.Tensor:
+        """Kept indices; rows with different targets (padded batches) are selected one by one."""
+        if len(set(targets)) == 1 and self.rows is None:
+            return self.press.select(scores, positions, int(reading.flatten()[0]), targets[0])
+        rows = [
+            self.press.select(scores[r : r + 1], positions[r : r + 1], reading[r : r + 1], t)
+            for r, t in enumerate(targets)
+        ]
+        width = max(keep.shape[-1] for keep in rows)
+        # Rows keeping fewer tokens are completed with the index of an empty slot appended by _store.
+        empty = scores.shape[-1]
+        return torch.cat(
+            [torch.nn.functional.pad(keep, (0, width - keep.shape[-1]), value=empty) for keep in rows], dim=0
+        )
 
     def prune_with_queries(self, module: torch.nn.Module, queries: torch.Tensor) -> None:
         """Prune after attention for presses whose scores need the latest queries (e.g. SnapKV)."""
         if self.press.query_free or self.n == 0 or not self.compressing:
             return
+        if self.rows is not None:
+            raise ValueError(
+                f"{type(self.press).__name__} scores keys with the prompt's last queries, which differ per row in a "
+                "padded batch; run padded prompts one at a time, or use a query-free press."
+            )
         target = self.press.target_size(self.seen, decoding=queries.shape[-2] == 1)
         if target is None or self.n <= target:
             return
@@ -160,22 +329,55 @@ class PressedLayer(DynamicLayer):
         keep = self.press.select(scores, self.positions, self.seen, target)
         self._store(self.keys, self.values, self.positions, None, keep)
 
+    # -- masks ---------------------------------------------------------------------------------------
+    @property
+    def needs_own_mask(self) -> bool:
+        """Whether transformers' causal mask cannot describe what the last call's keys may see."""
+        return self.sliding_window is not None or self.rows is not None
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        plan, _ = self._plan(query_length)
-        kv_length = self.n if plan == "overwrite" else self.n + query_length
+        if self._call is None and self.is_initialized:
+            self._call = self._plan_call(query_length, *self._k.shape[:2], self._k.device) if self._k is not None else None
+        kv_length = self.n if self._call is not None and self._call.plan == "overwrite" else self.n + query_length
         return kv_length, self.seen + query_length - kv_length
+
+    def attention_mask(self, query: torch.Tensor, impl: str) -> torch.Tensor:
+        """The mask of the call just made, from the true positions of the keys it returned (see
+        :func:`~kvpress_like.integrations.transformers.positions_mask`); per KV head only for a sliding layer
+        holding old tokens, since heads keep different ones."""
+        kpos, qpos = self._attn_positions, self._query_positions
+        per_head = self.sliding_window is not None and kpos.shape[-1] > qpos.shape[-1]
+        return positions_mask(kpos if per_head else kpos[:, :1], qpos, self.sliding_window, query, impl)
+
+    def _check_outside_context(self, call: Call) -> None:
+        """Outside press() masks are transformers' own: refuse what they cannot describe."""
+        if self.press.skip_layers:
+            raise ValueError(
+                "this cache was compressed under press(..., skip_layers=...): its layers hold different numbers of "
+                "tokens, which transformers' masks cannot describe outside press(). Continue it inside "
+                "`with press(model, p):` with the same press."
+            )
+        if self.rows is not None:
+            raise ValueError("a cache compressed from a padded batch can only be continued inside `with press(model, p):`.")
+        if self.sliding_window is None:
+            return
+        kpos = self._attn_positions
+        first = self.seen - call.q  # position of the first new token
+        if kpos.shape[-1] > call.q and (call.q > 1 or bool(((kpos < 0) | (kpos <= first - self.sliding_window)).any())):
+            raise ValueError(
+                f"layer {self.layer_idx} is a compressed sliding-window layer whose kept tokens are not all inside the "
+                "window of the new tokens, which transformers' masks cannot express. Run it inside "
+                "`with press(model, p):` (masks from true positions), or give the press a budget below the window."
+            )
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
-        budget = getattr(self.press, "max_cache_tokens", None)
+        budget = self.press.max_cache_tokens
         return -1 if budget is None else budget
 
     # -- buffer management --------------------------------------------------------------------------
-    def _budget(self) -> int | None:
-        return getattr(self.press, "max_cache_tokens", None)
-
     def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
         """(Re)allocate buffers of ``capacity`` slots, keeping the live contents."""
         b, h, _, dk = like_k.shape
@@ -196,7 +398,7 @@ class PressedLayer(DynamicLayer):
         q = k.shape[-2]
         capacity = 0 if self._k is None else self._k.shape[-2]
         if self.n + q > capacity:
-            budget = self._budget()
+            budget = self.press.max_cache_tokens
             if budget is not None and self.n + q <= budget:
                 new_capacity = budget  # a budgeted layer allocates its budget once, like a static cache
             elif q == 1:
@@ -221,10 +423,19 @@ class PressedLayer(DynamicLayer):
         self._score.scatter_(2, idx, score.float())
 
     def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
-        """Store the ``keep`` indices of the given tokens as the new live contents."""
+        """Store the ``keep`` indices of the given tokens as the new contents (index ``len`` = an empty slot)."""
+        if bool((keep == full_pos.shape[-1]).any()):
+            b, h = full_pos.shape[:2]
+            full_k = torch.cat([full_k, full_k.new_zeros(b, h, 1, full_k.shape[-1])], dim=-2)
+            full_v = torch.cat([full_v, full_v.new_zeros(b, h, 1, full_v.shape[-1])], dim=-2)
+            full_pos = torch.cat([full_pos, full_pos.new_full((b, h, 1), -1)], dim=-1)
+            if full_score is not None:
+                full_score = torch.cat([full_score, full_score.new_full((b, h, 1), float("-inf"))], dim=-1)
         kept_k, kept_v, kept_pos, kept_score = gather_kept(keep, full_k, full_v, full_pos, full_score)
+        if self.sliding_window is not None:
+            kept_pos = self._live_positions(kept_pos, self.seen if self.rows is None else self.rows.view(-1, 1, 1))
         m = keep.shape[-1]
-        budget = self._budget()
+        budget = self.press.max_cache_tokens
         if budget is not None and m <= budget:
             if self._k is None or self._k.shape[-2] != budget:
                 self.n = 0
@@ -240,13 +451,13 @@ class PressedLayer(DynamicLayer):
         self.n = m
 
     def _map_buffers(self, fn) -> None:
-        for name in ("_k", "_v", "_pos", "_score"):
+        for name in ("_k", "_v", "_pos", "_score", "rows"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def reset(self) -> None:
-        self._k = self._v = self._pos = self._score = None
+        self._k = self._v = self._pos = self._score = self.rows = None
         self.n = self.seen = 0
         self.is_initialized = False
 
@@ -270,20 +481,32 @@ class PressedLayer(DynamicLayer):
             self._map_buffers(lambda t: t.to(self.device, non_blocking=True))
 
     def __repr__(self) -> str:
-        return f"PressedLayer(layer={self.layer_idx}, live={self.n}, seen={self.seen}, press={type(self.press).__name__})"
+        window = f", window={self.sliding_window}" if self.sliding_window is not None else ""
+        return (f"PressedLayer(layer={self.layer_idx}, slots={self.n}, seen={self.seen}{window}, "
+                f"press={type(self.press).__name__})")
 
 
-def _layer_types(config) -> list[str] | None:
-    return None if config is None else getattr(config.get_text_config(), "layer_types", None)
+def stays_plain(press: Press, window: int, first_call_tokens: int) -> bool:
+    """Whether a sliding layer's window already bounds it below the press's target from its first call on.
+
+    A plain sliding layer stores ``window - 1`` tokens and a decoding query sees ``window``. Targets of
+    ratio and budget presses never shrink as tokens arrive, so when both hold from the first call on,
+    the layer can stay the transformers layer it is (bit-identical to no press).
+    """
+    stored = press.target_size(first_call_tokens, decoding=first_call_tokens == 1)
+    decoding = press.target_size(first_call_tokens + 1, decoding=True)
+    return (stored is None or stored >= window - 1) and (decoding is None or decoding >= window)
 
 
 class PressedCache(Cache):
-    """A cache whose full-attention layers are :class:`PressedLayer` s, usable without :func:`press`.
+    """A cache whose attention layers are :class:`PressedLayer` s, usable without :func:`press`.
 
     Pass it as ``past_key_values=`` to ``generate()`` for query-free presses (Q-Filters, K-norm,
-    StreamingLLM): eviction then happens inside the cache. Sliding-window layers (from ``config``) keep
-    transformers' own bounded layer. Presses that need queries or leave layers uncompressed need
-    :func:`kvpress_like.press`, which also aligns masks across layers of different lengths.
+    StreamingLLM): eviction then happens inside the cache. Sliding-window layers (from ``config``) are
+    compressed too when the press keeps fewer tokens than their window; without :func:`press` their kept
+    tokens must stay inside the window of each new token (true with a budget below the window), or the
+    layer refuses the call. Presses that need queries or leave layers uncompressed need :func:`press`,
+    which also builds masks from true positions.
     """
 
     def __init__(self, press: Press, config=None):
@@ -291,23 +514,22 @@ class PressedCache(Cache):
             raise ValueError(
                 f"{type(press).__name__} scores keys with queries; use `with press(model, ...)` instead of a bare cache."
             )
-        if getattr(press, "skip_layers", ()):
+        if press.skip_layers:
             raise ValueError("skip_layers needs `with press(model, ...)`, which aligns the masks of uncompressed layers.")
+        press.validate()
         super().__init__(layers=[])
         self.press = press
-        self._types = _layer_types(config)
-        self._config = None if config is None else config.get_text_config()
+        self._windows = [] if config is None else layer_windows(config)
 
-    def _make_layer(self, idx: int):
-        kind = self._types[idx] if self._types and idx < len(self._types) else "full_attention"
-        if kind in ("sliding_attention", "chunked_attention"):
-            window = self._config.sliding_window if kind == "sliding_attention" else self._config.attention_chunk_size
+    def _make_layer(self, idx: int, q: int):
+        window = self._windows[idx] if idx < len(self._windows) else None
+        if window is not None and stays_plain(self.press, window, q):
             return DynamicSlidingWindowLayer(sliding_window=window)
-        return PressedLayer(self.press, idx)
+        return PressedLayer(self.press, idx, window)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(self._make_layer(len(self.layers)))
+            self.layers.append(self._make_layer(len(self.layers), key_states.shape[-2]))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
@@ -332,8 +554,8 @@ def cache_nbytes(cache: Cache) -> int:
 def uncompressed(cache: Cache) -> Iterator[Cache]:
     """Add tokens to a pressed cache without evicting, e.g. a question after a compressed context.
 
-    Inside this block every :class:`PressedLayer` only appends (budgets may be exceeded); on exit
-    compression resumes.
+    Inside this block every :class:`PressedLayer` only appends (budgets may be exceeded; sliding layers
+    still drop what leaves their window); on exit compression resumes.
     """
     layers = [layer for layer in cache.layers if isinstance(layer, PressedLayer)]
     for layer in layers:

@@ -8,11 +8,12 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .base import Press
-from .cache import PressedLayer
+from .cache import PressedLayer, layer_windows, stays_plain
 from .integrations.transformers import (
+    PlainLayerGeometry,
     attention_layers,
     cache_argument,
     cache_layer,
@@ -25,8 +26,9 @@ from .static import StaticPressedCache, StaticPressedLayer, check_static_press, 
 __all__ = ["press"]
 
 
-def _adopt(cache: Cache, idx: int, p: Press) -> PressedLayer | StaticPressedLayer:
-    """The cache layer ``idx`` as a :class:`PressedLayer` driven by ``p`` (converting a plain layer)."""
+def _adopt(cache: Cache, idx: int, p: Press, window: int | None, q: int) -> PressedLayer | StaticPressedLayer | None:
+    """The cache layer ``idx`` as a pressed layer driven by ``p`` (converting a plain layer), or ``None``
+    when it stays a transformers layer (a sliding layer its window already bounds below the press's target)."""
     layers = cache.layers
     while len(layers) <= idx:
         if cache.layer_class_to_replicate is None:
@@ -40,28 +42,35 @@ def _adopt(cache: Cache, idx: int, p: Press) -> PressedLayer | StaticPressedLaye
                 "continue it under that press or start a new cache."
             )
         return layer
-    if type(layer) is not DynamicLayer:
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
         raise TypeError(
             f"press() compresses transformers' DynamicCache (the default of generate()); layer {idx} of the "
             f"given cache is a {type(layer).__name__}. Pass no cache, a DynamicCache, or a PressedCache."
         )
-    layers[idx] = PressedLayer.from_dynamic(layer, p, idx)
+    if window is not None and (not p.query_free or layer.is_initialized or stays_plain(p, window, q)):
+        return None
+    layers[idx] = PressedLayer.from_dynamic(layer, p, idx, window)
     return layers[idx]
 
 
-def _reject_padding(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    tokens = ids if ids is not None else embeds
+def _real_tokens(kwargs: dict, args: tuple) -> torch.Tensor | None:
+    """The 2-D attention mask of a padded call, its new tokens checked to be left-padded; ``None`` when
+    nothing is padded. Pads among the cached tokens are fine (e.g. a left-padded question after a cached
+    context): only a call whose own tokens follow a pad would give real tokens a wrong neighbourhood."""
     mask = kwargs.get("attention_mask")
-    if tokens is None or tokens.shape[1] == 1 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return
-    if not bool(mask.all()):
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+        return None
+    mask = mask.bool()
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    new = mask[:, -tokens.shape[1]:] if isinstance(tokens, torch.Tensor) else mask
+    if bool((new[:, 1:] < new[:, :-1]).any()):
         raise ValueError(
-            "press() does not support padded batches: pad tokens would be scored and kept like real ones, "
-            "and each sequence's cache would be pruned against the wrong positions. Batch prompts of equal "
-            "length, or run them one at a time."
+            "press() supports left-padded batches only: this attention mask has padding after real tokens (right "
+            "padding or holes), so new tokens would follow pads. Pad on the left (tokenizer.padding_side = 'left'), "
+            "or run the prompts one at a time."
         )
+    return mask
 
 
 def _static_generation(model: nn.Module, p: Press, stack: ExitStack) -> None:
@@ -130,11 +139,17 @@ def press(
 ) -> Iterator[Press]:
     """Compress ``model``'s KV cache with press ``p`` (an instance, or a registered name plus settings).
 
-    Every non-sliding attention layer is routed through kvpress_like's attention function; the caches
+    Every decoder self-attention layer is routed through kvpress_like's attention function; the caches
     that flow through it (the ``DynamicCache`` that ``generate()`` creates, or one you pass) get
-    :class:`~kvpress_like.cache.PressedLayer` s that evict as ``p`` decides. Sliding-window layers are left
-    alone: their cache is already bounded. On exit, even through an exception, the model is restored
-    exactly (configs, hooks and generation config); caches created inside keep their pressed layers.
+    :class:`~kvpress_like.cache.PressedLayer` s that evict as ``p`` decides. A sliding-window layer is
+    compressed when the press keeps fewer tokens than its window (tokens that left the window go first,
+    and attention never reaches past it); one its window already bounds below the press's target stays
+    transformers' layer. Left-padded batches are compressed row by row (true positions, pads never kept);
+    right padding is refused. On exit, even through an exception, the model is restored exactly (configs,
+    hooks and generation config); caches created inside keep their pressed layers.
+
+    The patch is on the model object, so while the context is open it applies to every thread using that
+    model, not only to the one that entered it.
 
     ``static=True`` selects the fast decoding path: ``generate()`` (when given no cache) uses a
     :class:`~kvpress_like.static.StaticPressedCache` of fixed-size slot buffers, prefills eagerly, then runs
@@ -155,40 +170,64 @@ def press(
     elif compile is not None:
         raise ValueError("compile= selects how the static cache's decode steps are compiled; pass static=True too.")
     layers = attention_layers(model)
-    full = [layer for layer in layers if not layer.sliding]
-    if not full:
+    if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no full-attention layers to compress"
-            + (" (all of its attention layers are sliding-window, already bounded)." if layers else
-               ": no module with a layer_idx takes a transformers cache (is it a Hugging Face causal LM?).")
+            f"{type(model).__name__} has no full-attention layers to compress: no decoder self-attention layer "
+            "takes a transformers cache (is it a Hugging Face causal LM?)."
         )
-    if static and len(full) < len(layers):
+    windows = layer_windows(model.config)
+    window_of = {layer.layer_idx: windows[layer.layer_idx] if layer.layer_idx < len(windows) else None for layer in layers}
+    p.validate(num_layers=len(windows))
+    if static and any(w is not None for w in window_of.values()):
         raise ValueError(f"static=True needs a model whose layers all use full attention; {type(model).__name__} "
                          "has sliding-window layers. Use static=False.")
+    if not p.query_free and all(window_of[idx] is not None for idx in window_of):
+        raise ValueError(
+            f"{type(p).__name__} scores keys with queries after attention, which press() does not do for sliding-window "
+            f"layers, and every layer of {type(model).__name__} is one: nothing would be compressed. Use a query-free "
+            "press (qfilters, knorm, streaming_llm, ...)."
+        )
     p.prepare(model)
-    compressed = {layer.layer_idx for layer in full if p.compresses_layer(layer.layer_idx)}
+    compressed = {idx for idx in window_of if p.compresses_layer(idx)}
+    call = {"real": None}  # the current call's 2-D mask of real tokens (left padding), set by the model hook
+
+    def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        call["real"] = real = _real_tokens(kwargs, args)
+        if real is not None and static:
+            raise ValueError("the static compressed cache has one length for every row: padded batches need static=False.")
 
     # The layer of each call is kept on the module's attention state (not in a dict here): a compiled
     # decode step traces this hook, and a store on an object adds no guard, so no recompilation follows.
     def adopt_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = cache_argument(kwargs)
-        idx = module.layer_idx
-        set_cache_layer(module, _adopt(cache, idx, p) if cache is not None and idx in compressed else None)
+        idx, real = module.layer_idx, call["real"]
+        if cache is None:
+            set_cache_layer(module, None)
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        q = hidden.shape[1]
+        shortest = q if real is None else int(real[:, -q:].sum(-1).min())  # rows decide by their real tokens
+        layer = _adopt(cache, idx, p, window_of[idx], shortest) if idx in compressed else None
+        if isinstance(layer, PressedLayer):
+            layer.begin_call(None if real is None else real[:, -q:])
+        elif layer is None:
+            layer = PlainLayerGeometry(window_of[idx], real)
+        set_cache_layer(module, layer)
 
     def after_attention(module: nn.Module, query: torch.Tensor, key, value) -> None:
         layer = cache_layer(module)
-        if layer is not None:
+        if isinstance(layer, PressedLayer):
             layer.prune_with_queries(module, query)
 
     generation_config = getattr(model, "generation_config", None)
     with ExitStack() as stack:
-        stack.enter_context(patched_attention(model, full, None if p.query_free else after_attention))
-        for layer in full:
+        stack.enter_context(patched_attention(model, layers, None if p.query_free else after_attention))
+        for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)
             stack.callback(handle.remove)
-        handle = model.register_forward_pre_hook(_reject_padding, with_kwargs=True)
+        handle = model.register_forward_pre_hook(check_call, with_kwargs=True)
         stack.callback(handle.remove)
-        chunk = getattr(p, "prefill_chunk_size", None)
+        chunk = p.prefill_chunk_size
         if chunk is not None and generation_config is not None:
             stack.callback(setattr, generation_config, "prefill_chunk_size", generation_config.prefill_chunk_size)
             generation_config.prefill_chunk_size = chunk

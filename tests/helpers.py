@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
 from kvpress_like import PressedLayer, press
+from kvpress_like.integrations.transformers import cache_kwargs
 
 REFERENCE = "kvpress_like_test_reference"
 
@@ -29,16 +30,16 @@ class MaskedReference:
         qpos = torch.arange(total - q, total)
         kpos = torch.arange(total)
         allowed = (kpos[None, :] <= qpos[:, None])[None, None].expand(b, hkv, q, total).clone()
-        window = getattr(module, "sliding_window", None)
+        window = getattr(module, "sliding_window", None) or kwargs.get("sliding_window")
         if window is not None:
             allowed &= kpos[None, None, None, :] > qpos[None, None, :, None] - window
         kept = None if self.kept is None else self.kept.get(module.layer_idx)
         if kept is not None:
             old = total - q
-            present = torch.zeros(b, hkv, total, dtype=torch.bool)
+            present = torch.zeros(b, hkv, total + 1, dtype=torch.bool)  # last column: empty slots (-1)
             present[..., old:] = True
-            present.scatter_(-1, kept, True)
-            allowed &= present[:, :, None, :]
+            present.scatter_(-1, kept.masked_fill(kept < 0, total), True)
+            allowed &= present[:, :, None, :total]
         groups = hq // hkv
         k = key.repeat_interleave(groups, dim=1)
         v = value.repeat_interleave(groups, dim=1)
@@ -64,11 +65,12 @@ def pressed_and_reference(model, reference_model, p, calls):
     ref = MaskedReference()
     reference_model.config._attn_implementation = REFERENCE
     pressed, expected = [], []
-    cache, ref_cache = DynamicCache(config=model.config), DynamicCache(config=reference_model.config)
+    # The reference keeps every token (no sliding-window layers): it masks windows itself, by true position.
+    cache, ref_cache = DynamicCache(config=model.config), DynamicCache()
     with torch.no_grad(), press(model, p):
         for ids in calls:
             before = kept_positions(cache) if cache.get_seq_length() else {}
-            pressed.append(model(ids, past_key_values=cache).logits[:, -ids.shape[1] :])
+            pressed.append(model(ids, **cache_kwargs(cache)).logits[:, -ids.shape[1] :])
             after = kept_positions(cache)
             # A decoding step into a full budget evicts *before* attention (the slot is overwritten):
             # then attention saw what is kept after the call; otherwise what was kept before it.
@@ -76,5 +78,5 @@ def pressed_and_reference(model, reference_model, p, calls):
                 i: after[i] if ids.shape[1] == 1 and i in before and after[i].shape == before[i].shape else before.get(i)
                 for i in after
             }
-            expected.append(reference_model(ids, past_key_values=ref_cache).logits[:, -ids.shape[1] :])
+            expected.append(reference_model(ids, **cache_kwargs(ref_cache)).logits[:, -ids.shape[1] :])
     return pressed, expected, cache

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like import PressedLayer, cache_nbytes, press
-from kvpress_like.models import tiny_model
+from kvpress_like.models import kv_heads, tiny_model
+from kvpress_like.integrations.transformers import cache_kwargs
 
 METHODS = {
     "knorm": lambda: kp.KnormPress(ratio=0.5),
@@ -26,7 +27,7 @@ METHODS = {
 def _qfilters_for(model):
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, generator=torch.Generator().manual_seed(3))
+    return torch.randn(cfg.num_hidden_layers, kv_heads(cfg), head_dim, generator=torch.Generator().manual_seed(3))
 
 
 def _make(method, model):
@@ -84,7 +85,7 @@ def test_layer_sizes_sorted_and_untouched_layers(arch):
     n, ratio = 37, 0.7
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, kp.KnormPress(ratio=ratio, skip_layers=(3,))):
-        model(torch.randint(3, 100, (1, n)), past_key_values=cache)
+        model(torch.randint(3, 100, (1, n)), **cache_kwargs(cache))
     keep = n - math.floor(n * ratio)
     for idx, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False):
@@ -105,7 +106,7 @@ def test_streaming_llm_keeps_exactly_sinks_and_recent():
     n, sinks = 30, 3
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, kp.StreamingLLMPress(ratio=0.5, n_sink=sinks)):
-        model(torch.randint(3, 100, (2, n)), past_key_values=cache)
+        model(torch.randint(3, 100, (2, n)), **cache_kwargs(cache))
     keep = n - math.floor(n * 0.5)
     expected = list(range(sinks)) + list(range(n - (keep - sinks), n))
     for layer in cache.layers:
@@ -120,11 +121,11 @@ def test_kv_bytes_really_shrink():
     for ratio in (0.0, 0.75):
         cache = DynamicCache(config=model.config)
         with torch.no_grad(), press(model, kp.KnormPress(ratio=ratio)):
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(cache))
         sizes[ratio] = cache_nbytes(cache)
     plain = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=plain)
+        model(ids, **cache_kwargs(plain))
     assert sizes[0.0] == cache_nbytes(plain)
     assert sizes[0.75] == cache_nbytes(plain) // 4
 
@@ -174,12 +175,13 @@ def test_model_without_attention_layers():
             pass
 
 
-def test_padded_batch_rejected():
+def test_right_padded_batch_rejected():
+    """Left padding is compressed row by row (tests/test_engine_padding.py); right padding is refused."""
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (2, 10))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="padded batches"):
+    mask[1, -3:] = 0
+    with pytest.raises(ValueError, match="left-padded batches only"):
         with press(model, kp.KnormPress(ratio=0.5)):
             model.generate(ids, attention_mask=mask, max_new_tokens=2)
 
@@ -191,7 +193,7 @@ def test_static_cache_rejected():
     cache = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(TypeError, match="DynamicCache"):
         with press(model, kp.KnormPress(ratio=0.5)):
-            model(torch.randint(3, 100, (1, 8)), past_key_values=cache)
+            model(torch.randint(3, 100, (1, 8)), **cache_kwargs(cache))
 
 
 def _snapshot(model):
@@ -239,9 +241,9 @@ def test_question_after_compressed_context_is_not_compressed():
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, kp.KnormPress(ratio=0.5)):
-        model(torch.randint(3, 100, (1, 40)), past_key_values=cache)
+        model(torch.randint(3, 100, (1, 40)), **cache_kwargs(cache))
         with kp.uncompressed(cache):
-            model(torch.randint(3, 100, (1, 7)), past_key_values=cache)
+            model(torch.randint(3, 100, (1, 7)), **cache_kwargs(cache))
     assert all(layer.n == 20 + 7 and layer.seen == 47 for layer in cache.layers)
 
 
