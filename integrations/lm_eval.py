@@ -24,8 +24,9 @@ every scored token attend to the full context, so compression would change nothi
   together in batches of ``batch_size``, continuations are right-padded (harmless under causal attention).
 * ``generate_until``: the context except its last token is prefilled and pruned, then ``generate()`` runs on
   the pruned cache (decoding-time pruning applies when the press has ``max_cache_tokens`` or
-  ``decoding=True``). Prompts of equal token length are batched; press() rejects padding, so prompts of
-  different lengths never share a batch.
+  ``decoding=True``). Prompts are sorted by length and left-padded into batches of ``batch_size``: press()
+  compresses each row on its own real tokens and true positions. Query-dependent presses (SnapKV) cannot
+  score a padded batch row by row, so for them only prompts of equal token length share a batch.
 * ``loglikelihood_rolling``: each of lm-eval's rolling windows streams through the model from an empty
   cache, ``prefill_chunk_size`` tokens per forward; each chunk is scored against the cache as the press
   left it after the previous chunks. With ``max_cache_tokens`` or ``decoding=True`` the default chunk is one
@@ -69,7 +70,7 @@ from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import EMBEDDED_MODELS, _materialize
 from kvpress_like.registry import list_presses, press_class
 
-__all__ = ["QFiltersHFLM", "build_press", "press_options", "tasks_path", "MODEL_NAME", "ROLLING_CHUNK"]
+__all__ = ["QFiltersHFLM", "batch_speed", "build_press", "press_options", "tasks_path", "MODEL_NAME", "ROLLING_CHUNK"]
 
 MODEL_NAME = "qfilters-hf"
 #: Chunk size of ``loglikelihood_rolling`` streaming for presses that cannot prune while decoding.
@@ -210,11 +211,19 @@ class QFiltersHFLM(HFLM):
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
 
-    def _prefill(self, ids: torch.Tensor, cache: DynamicCache) -> None:
-        """Run ``ids`` into ``cache`` under the press, ``prefill_chunk_size`` tokens per call."""
+    def _prefill(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None) -> None:
+        """Run ``ids`` into ``cache`` under the press, ``prefill_chunk_size`` tokens per call.
+
+        ``mask`` marks the real tokens of a left-padded batch; each row then gets its true positions (as
+        ``generate()`` computes them from the mask) and every chunk the mask of everything seen so far.
+        """
         chunk = getattr(self._press, "prefill_chunk_size", None) or ids.shape[1]
+        padded = mask is not None and not bool(mask.all())
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         for start in range(0, ids.shape[1], chunk):
-            self.model(ids[:, start : start + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+            end = start + chunk
+            rows = {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]} if padded else {}
+            self.model(ids[:, start:end], use_cache=True, logits_to_keep=1, **rows, **cache_kwargs(cache))
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype or torch.float32)
@@ -306,9 +315,9 @@ class QFiltersHFLM(HFLM):
     def rolling_chunk(self) -> int:
         """Tokens per forward call when streaming a rolling window (see the module docstring)."""
         p = self._press
-        if getattr(p, "prefill_chunk_size", None):
+        if p.prefill_chunk_size:
             return p.prefill_chunk_size
-        return 1 if getattr(p, "max_cache_tokens", None) is not None or getattr(p, "decoding", False) else ROLLING_CHUNK
+        return 1 if p.max_cache_tokens is not None or p.decoding else ROLLING_CHUNK
 
     def _stream(self, context: list[int], continuation: list[int]) -> float:
         """Log-likelihood of ``continuation`` when ``context + continuation`` streams through a pressed cache."""
@@ -330,7 +339,10 @@ class QFiltersHFLM(HFLM):
         if self._press is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        groups: dict[tuple[str, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        # Prompts of different lengths share left-padded batches; a query-dependent press (SnapKV) scores
+        # with each row's own last queries, which press() cannot do in a padded batch: equal lengths only.
+        pads_ok = self._press.query_free
+        groups: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
         settings = {}
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args
@@ -344,28 +356,32 @@ class QFiltersHFLM(HFLM):
             )
             key = json.dumps(gen_kwargs, sort_keys=True, default=str)
             settings[key] = (until, max_gen_toks, kwargs)
-            groups[(key, ids.shape[1])].append((i, ids))
+            groups[(key, 0 if pads_ok else ids.shape[1])].append((i, ids[0].tolist()))
 
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until (pressed)")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         with self._compressing():
             for (key, _), members in groups.items():
                 until, max_gen_toks, kwargs = settings[key]
+                members.sort(key=lambda member: -len(member[1]))  # neighbours in length share a batch
                 for start in range(0, len(members), self._batch):
                     part = members[start : start + self._batch]
-                    ids = torch.cat([t for _, t in part]).to(self.device)
+                    width = len(part[0][1])
+                    ids = torch.tensor([[pad] * (width - len(t)) + t for _, t in part], device=self.device)
+                    mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for _, t in part], device=self.device)
                     cache = self._new_cache()
-                    if ids.shape[1] > 1:
-                        self._prefill(ids[:, :-1], cache)
+                    if width > 1:
+                        self._prefill(ids[:, :-1], cache, mask[:, :-1])
                     generated = self._model_generate(
                         context=ids,
-                        max_length=kwargs.get("max_length", ids.shape[1] + max_gen_toks),
+                        max_length=kwargs.get("max_length", width + max_gen_toks),
                         stop=until,
-                        attention_mask=torch.ones_like(ids),
+                        attention_mask=mask,
                         **cache_kwargs(cache),
                         **{k: v for k, v in kwargs.items() if k != "max_length"},
                     )
-                    for (i, _), row in zip(part, generated[:, ids.shape[1] :].tolist(), strict=True):
+                    for (i, _), row in zip(part, generated[:, width:].tolist(), strict=True):
                         text = self._finish(row, until)
                         results[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -386,6 +402,60 @@ class QFiltersHFLM(HFLM):
         )
 
 
+def batch_speed(
+    pretrained: str = "smollm2-135m",
+    batch_sizes: tuple[int, ...] = (1, 4),
+    context_tokens: int = 1024,
+    samples_per_depth: int = 4,
+    **press_args: Any,
+) -> dict[str, Any]:
+    """``generate_until`` requests/s of the offline pass-key task at each batch size, on one loaded model.
+
+    The requests are those of ``kvpress_passkey_<n>`` (lm-eval's generation settings from the task YAML);
+    each batch size answers all of them after one warm-up request. Prints and returns the rates, their
+    ratio to the first batch size and how many generations agree with the first batch size's.
+    """
+    import os
+    import sys
+    import time
+
+    from lm_eval.api.instance import Instance
+
+    sys.path.insert(0, str(tasks_path()))
+    from kvpress_tasks import passkey_dataset
+
+    docs = passkey_dataset(context_tokens, pretrained=pretrained, samples_per_depth=samples_per_depth)["test"]
+    settings = {"until": ["\n", "."], "max_gen_toks": 10, "do_sample": False, "temperature": 0.0}
+    requests = [Instance("generate_until", {}, (doc["context"], settings), i) for i, doc in enumerate(docs)]
+    lm = QFiltersHFLM(pretrained=pretrained, device="cpu", batch_size=batch_sizes[0], **press_args)
+    lengths = sorted({len(lm.tok_encode(doc["context"])) for doc in docs})
+    lm.generate_until(requests[:1], disable_tqdm=True)  # warm-up: filters, kernels
+    rates, outputs, load = {}, {}, os.getloadavg()[0]
+    for size in batch_sizes:
+        lm.batch_size_per_gpu = size
+        start = time.perf_counter()
+        outputs[size] = lm.generate_until(requests, disable_tqdm=True)
+        rates[size] = len(requests) / (time.perf_counter() - start)
+    first = batch_sizes[0]
+    result = {
+        "requests": len(requests),
+        "prompt_token_lengths": lengths,
+        "press": press_args or None,
+        "requests_per_s": rates,
+        "speedup": {size: rates[size] / rates[first] for size in batch_sizes},
+        "agreeing": {size: sum(a == b for a, b in zip(outputs[size], outputs[first], strict=True)) for size in batch_sizes},
+        "torch_threads": torch.get_num_threads(),
+        "load_average": (load, os.getloadavg()[0]),
+    }
+    print(f"{MODEL_NAME} generate_until on kvpress_passkey_{context_tokens}: {len(requests)} requests, prompt lengths "
+          f"{lengths}, press {press_args or 'none'}; torch threads {result['torch_threads']}, load average (1 min) "
+          f"{load:.1f} before, {result['load_average'][1]:.1f} after")
+    for size in batch_sizes:
+        print(f"  batch_size={size}: {rates[size]:.3f} requests/s (x{result['speedup'][size]:.2f}), "
+              f"{result['agreeing'][size]}/{len(requests)} generations equal to batch_size={first}'s")
+    return result
+
+
 if __name__ != "__main__":  # run as a script, this module only prints; the importable copy is the registered one
     register_model(MODEL_NAME)(QFiltersHFLM)
 else:
@@ -394,7 +464,14 @@ else:
     parser = argparse.ArgumentParser(description="kvpress_like's lm-eval integration")
     parser.add_argument("--tasks-path", action="store_true", help="print the directory for --include_path")
     parser.add_argument("--presses", action="store_true", help="list presses and their --model_args options")
+    parser.add_argument("--batch-speed", metavar="MODEL_ARGS", nargs="?", const="press=qfilters,ratio=0.875,window=16",
+                        help="time generate_until on the pass-key task at batch_size 1 and 4 (press args as for --model_args)")
+    parser.add_argument("--samples-per-depth", type=int, default=4, help="--batch-speed: prompts per needle depth")
     cli = parser.parse_args()
+    if cli.batch_speed is not None:
+        args = lm_utils.simple_parse_args_string(cli.batch_speed)
+        batch_speed(args.pop("pretrained", "smollm2-135m"), samples_per_depth=cli.samples_per_depth, **args)
+        raise SystemExit(0)
     if cli.presses:
         for press_name, fields in press_options().items():
             print(f"{press_name}: {', '.join(sorted(fields))}")

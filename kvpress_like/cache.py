@@ -72,6 +72,14 @@ def scores_for(press: Press, layer_idx: int, keys, values, positions, reading) -
     return scores.masked_fill(positions < 0, float("-inf"))
 
 
+def current_scores(press: Press, layer_idx: int, keys, values, positions, stored, reading) -> torch.Tensor:
+    """Scores to evict by: re-computed at ``reading`` for position-dependent presses, else the stored
+    entry-time ones (empty slots ``-inf`` either way)."""
+    if press.position_dependent:
+        return scores_for(press, layer_idx, keys, values, positions, reading)
+    return stored.masked_fill(positions < 0, float("-inf"))
+
+
 def layer_windows(config) -> list[int | None]:
     """Per decoder layer: its sliding window, or ``None`` for full (or chunked) attention.
 
@@ -239,7 +247,6 @@ class PressedLayer(CacheLayerMixin):
             else None
         )
         if call.plan == "append":
-            old = self.n
             self._append(key_states, value_states, call.positions, score)
             out = self.keys, self.values
             self._attn_positions = self.positions
@@ -247,7 +254,7 @@ class PressedLayer(CacheLayerMixin):
             if self.rows is not None:
                 self._make_room(call.targets)
             live = self._live_positions(self.positions, reading - 1)
-            scores = self._current_scores(self.keys, self.values, live, reading)
+            scores = current_scores(press, self.layer_idx, self.keys, self.values, live, self.scores, reading)
             if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
                 full = (live >= 0).sum(-1, keepdim=True) >= torch.tensor(call.targets, device=live.device).view(b, 1, 1)
                 live = live.masked_fill(full & (live < 0), torch.iinfo(live.dtype).max)
@@ -261,8 +268,7 @@ class PressedLayer(CacheLayerMixin):
             full_pos = torch.cat([self.positions, call.positions], dim=-1) if self.n else call.positions
             full_score = torch.cat([self.scores, score], dim=-1) if self.n else score
             live = self._live_positions(full_pos, reading)
-            if press.position_dependent:
-                full_score = scores_for(press, self.layer_idx, full_k, full_v, live, reading)
+            full_score = current_scores(press, self.layer_idx, full_k, full_v, live, full_score, reading)
             self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, reading, call.targets))
             out = full_k, full_v
             self._attn_positions = full_pos
@@ -292,11 +298,6 @@ class PressedLayer(CacheLayerMixin):
         if self.sliding_window is None:
             return positions
         return positions.masked_fill(positions <= reading - self.sliding_window, -1)
-
-    def _current_scores(self, keys, values, positions, reading) -> torch.Tensor:
-        if self.press.position_dependent:
-            return scores_for(self.press, self.layer_idx, keys, values, positions, reading)
-        return self.scores.masked_fill(positions < 0, float("-inf"))
 
     def _select(self, scores, positions, reading, targets: list[int]) -> torch.Tensor:
         """Kept indices; rows with different targets (padded batches) are selected one by one."""

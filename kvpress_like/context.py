@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -20,6 +19,7 @@ from .integrations.transformers import (
     patched_attention,
     set_cache_layer,
 )
+from .integrations.generation import compile_settings, static_generation
 from .registry import get_press
 from .static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
 
@@ -71,66 +71,6 @@ def _real_tokens(kwargs: dict, args: tuple) -> torch.Tensor | None:
             "or run the prompts one at a time."
         )
     return mask
-
-
-def _static_generation(model: nn.Module, p: Press, stack: ExitStack) -> None:
-    """Make ``generate()`` use a :class:`StaticPressedCache` and keep its prefill out of ``torch.compile``.
-
-    Two methods of the model instance are wrapped (undone on exit): cache preparation, which builds the
-    static cache when the caller passes none, sized by :func:`static_budget` from the prompt; and the
-    prefill, during which compilation is disabled, so chunked prefills run eagerly while generate() still
-    compiles the decode steps (it decides that before the prefill).
-    """
-    prepare, prefill = model._prepare_cache_for_generation, model._prefill
-
-    def prepare_cache(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
-        if (model_kwargs.get("cache") is not None or generation_config.use_cache is False
-                or generation_config.cache_implementation is not None):
-            return prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-        prompt = model_kwargs.get("position_ids")
-        if prompt is None:
-            prompt = model_kwargs.get("attention_mask")
-        prompt_tokens = prompt.shape[-1] if prompt is not None else max_cache_length
-        budget = static_budget(p, prompt_tokens, max_cache_length)
-        model_kwargs["cache"] = StaticPressedCache(p, model.config, budget)
-
-    def eager_prefill(*args, **kwargs):
-        generation_config = kwargs["generation_config"] if "generation_config" in kwargs else args[1]
-        disabled = generation_config.disable_compile
-        generation_config.disable_compile = True  # read by the chunked prefill only, after decode's choice
-        try:
-            return prefill(*args, **kwargs)
-        finally:
-            generation_config.disable_compile = disabled
-
-    for name, wrapper in (("_prepare_cache_for_generation", prepare_cache), ("_prefill", eager_prefill)):
-        if name in model.__dict__:
-            stack.callback(setattr, model, name, model.__dict__[name])
-        else:
-            stack.callback(delattr, model, name)
-        setattr(model, name, wrapper)
-
-
-def _compile_settings(generation_config, compile, stack: ExitStack) -> None:
-    """Apply press()'s ``compile`` option to the generation config (restored on exit)."""
-    from transformers import CompileConfig
-
-    if compile is None:
-        return
-    if compile is False:
-        stack.callback(setattr, generation_config, "disable_compile", generation_config.disable_compile)
-        generation_config.disable_compile = True
-        return
-    if compile is True:
-        compile = CompileConfig()
-    if not isinstance(compile, CompileConfig):
-        raise TypeError(f"compile must be None, a bool or a transformers.CompileConfig, got {type(compile).__name__}")
-    compile = copy.copy(compile)
-    compile._compile_all_devices = True  # transformers otherwise compiles only on accelerators
-    stack.callback(setattr, generation_config, "compile_config", generation_config.compile_config)
-    stack.callback(setattr, generation_config, "disable_compile", generation_config.disable_compile)
-    generation_config.compile_config = compile
-    generation_config.disable_compile = False
 
 
 @contextmanager
@@ -232,7 +172,9 @@ def press(
             stack.callback(setattr, generation_config, "prefill_chunk_size", generation_config.prefill_chunk_size)
             generation_config.prefill_chunk_size = chunk
         if static:
-            _static_generation(model, p, stack)
+            static_generation(
+                model, lambda prompt, most: StaticPressedCache(p, model.config, static_budget(p, prompt, most)), stack
+            )
             if generation_config is not None:
-                _compile_settings(generation_config, compile, stack)
+                compile_settings(generation_config, compile, stack)
         yield p

@@ -110,8 +110,12 @@ def model_identity(model) -> str:
     return f"{name}|{cfg.model_type}|{shape}|vocab{cfg.vocab_size}"
 
 
-def _head_dim(cfg) -> int:
+def head_dim(cfg) -> int:
+    """Per-head dimension of a (text) config: ``head_dim`` when set, else hidden size / attention heads."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+_head_dim = head_dim  # the name the filter store and presses import
 
 
 def kv_heads(cfg) -> int:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache import gather_kept, refuse_crop
+from .cache import current_scores, gather_kept, refuse_crop, scores_for
 
 if TYPE_CHECKING:
     from .base import Press
@@ -64,10 +64,10 @@ def check_static_press(press: Press) -> None:
             f"{name} scores keys with queries, after attention; the static cache evicts inside the cache and needs "
             "a query-free press (QFilterPress, KnormPress, StreamingLLMPress). Use static=False."
         )
-    if getattr(press, "skip_layers", ()):
+    if press.skip_layers:
         raise ValueError("skip_layers leaves layers uncompressed, which a fixed-size static cache cannot hold; "
                          "drop skip_layers or use static=False.")
-    if getattr(press, "decoding", False):
+    if press.decoding:
         raise ValueError(
             f"{name}(decoding=True) grows its target with every token, but a static cache holds a fixed number of "
             "slots; set max_cache_tokens for a decoding budget instead."
@@ -80,7 +80,7 @@ def static_budget(press: Press, prompt_tokens: int, max_tokens: int | None = Non
     ``max_cache_tokens`` when set, otherwise what the ratio keeps of the prompt; capped by ``max_tokens``
     (the most tokens the cache will ever see), since slots beyond it would stay empty.
     """
-    budget = getattr(press, "max_cache_tokens", None)
+    budget = press.max_cache_tokens
     if budget is None:
         budget = press.target_size(prompt_tokens, decoding=False)
     if budget is None:
@@ -160,9 +160,12 @@ class StaticPressedLayer(CacheLayerMixin):
         """One token: evict in place, with static shapes and no host reads."""
         b, h = k.shape[:2]
         pos = self.cumulative_length.expand(b, h, 1).clone()
-        score = self.press.key_scores(self.layer_idx, k, pos).float()
         self.cumulative_length.add_(1)
-        slot = self.press.victims(self.scores, self.positions, self.cumulative_length)  # (b, h)
+        reading = self.cumulative_length.expand(b, 1, 1)
+        score = scores_for(self.press, self.layer_idx, k, v, pos, reading)
+        # Position-dependent presses re-score every slot (O(budget), like attention), branch-free.
+        scores = current_scores(self.press, self.layer_idx, self.keys, self.values, self.positions, self.scores, reading)
+        slot = self.press.victims(scores, self.positions, self.cumulative_length)  # (b, h)
         if self.masked:
             has_room = self.filled < self.budget
             slot = torch.where(has_room, self.filled, slot)  # empty slots first, in order: an append
@@ -179,8 +182,9 @@ class StaticPressedLayer(CacheLayerMixin):
         b, h, q, _ = k.shape
         seen, n = int(self.cumulative_length), int(self.filled)
         pos = torch.arange(seen, seen + q, device=k.device).expand(b, h, q)
-        score = self.press.key_scores(self.layer_idx, k, pos).float()
         seen += q
+        reading = torch.full((b, 1, 1), seen, dtype=torch.long, device=k.device)
+        score = scores_for(self.press, self.layer_idx, k, v, pos, reading)
         self.cumulative_length.fill_(seen)
         target = self.press.target_size(seen, decoding=False)
         target = self.budget if target is None else min(target, self.budget)
@@ -192,7 +196,9 @@ class StaticPressedLayer(CacheLayerMixin):
         full_k = torch.cat([self.keys[:, :, :n], k], dim=-2)
         full_v = torch.cat([self.values[:, :, :n], v], dim=-2)
         full_pos = torch.cat([self.positions[:, :, :n], pos], dim=-1)
-        full_score = torch.cat([self.scores[:, :, :n], score], dim=-1)
+        full_score = current_scores(
+            self.press, self.layer_idx, full_k, full_v, full_pos, torch.cat([self.scores[:, :, :n], score], dim=-1), reading
+        )
         keep = self.press.select(full_score, full_pos, seen, target)
         m = keep.shape[-1]
         if m > self.budget:
@@ -283,7 +289,7 @@ class StaticPressedCache(Cache):
                 f"the static compressed cache supports models whose layers all use full attention; this "
                 f"{text.model_type} model has {', '.join(others) or 'sliding-window'} layers. Use static=False."
             )
-        budget = budget if budget is not None else getattr(press, "max_cache_tokens", None)
+        budget = budget if budget is not None else press.max_cache_tokens
         if budget is None:
             raise ValueError("StaticPressedCache needs budget=<slots per layer and KV head> (or a press with "
                              "max_cache_tokens).")

@@ -266,3 +266,38 @@ def test_observers_see_every_update():
             model(torch.randint(3, 100, (1, 1)), **cache_kwargs(cache))
         model(torch.randint(3, 100, (1, 5)), **cache_kwargs(cache))
     assert events == [("append", 1), ("append", 1), ("overwrite", 1), ("overwrite", 1), ("prune", 5)]
+
+
+@pytest.mark.parametrize("make", [lambda: RecencyBandPress(max_cache_tokens=9, n_sink=1), lambda: kp.KnormPress(max_cache_tokens=9)])
+def test_static_cache_rescoring_equals_dynamic(make):
+    """The static slot cache (eager here; compiled in tests/test_static.py) re-scores like the dynamic one."""
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with press(model, make()):
+            dynamic = model.generate(ids, **settings)
+        with press(model, make(), static=True, compile=False):
+            static = model.generate(ids, **settings)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_generation_internals_checked_loudly():
+    """The private generate() methods static=True wraps are checked first; a changed signature names the version."""
+    import transformers
+
+    from kvpress_like.integrations.generation import check_generation_internals
+
+    model = tiny_model("llama")
+    check_generation_internals(model)  # the installed transformers matches
+
+    class Changed(type(model)):
+        def _prefill(self, generation_config, input_ids, model_kwargs):  # reordered parameters
+            raise AssertionError("never called")
+
+    changed = Changed(model.config)
+    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*_prefill"):
+        with press(changed, kp.KnormPress(max_cache_tokens=8), static=True):
+            pass
