@@ -37,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmark", action="store_true",
                         help="time ten questions on one 4k-token context vs ten separate prefills (ignores --context)")
     parser.add_argument("--context-tokens", type=int, default=4096, help="--benchmark: context length")
+    parser.add_argument("--separate-runs", type=int, help="--benchmark: questions re-prefilled one by one (default all)")
 
 
 def _value(text: str):
@@ -101,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
     if p is not None:
         p.prepare(model)  # find or calibrate Q-Filters before anything is timed
     if args.benchmark:
-        qa.benchmark(pipe, p, context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens or 16)
+        qa.benchmark(pipe, p, context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens or 16,
+                     separate_runs=args.separate_runs)
         return 0
     out = pipe(context, questions=args.question, press=p, max_new_tokens=args.max_new_tokens or 50, do_sample=False,
                compress_questions=args.compress_questions, answer_prefix=args.answer_prefix)

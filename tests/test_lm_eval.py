@@ -243,6 +243,28 @@ def test_generate_until_runs_on_the_pruned_cache(lm_eval, tiny_dir):
     assert text == lm._finish(out[0, ids.shape[1] :].tolist(), ["\n\n", lm.tok_decode(lm.eot_token_id, skip_special_tokens=False)])
 
 
+def test_generate_until_batches_prompts_of_different_lengths(lm_eval, tiny_dir):
+    """Left-padded batches under the press give each request the generation it gets alone, in one generate() call."""
+    from lm_eval.api.instance import Instance
+
+    lm = _qfilters_lm(tiny_dir, press="knorm", ratio=0.75, window=4, batch_size=1)
+    settings = {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}
+    contexts = [_text(100 * k, 300 + 170 * k) for k in range(4)]
+    assert len({len(lm.tok_encode(c)) for c in contexts}) == 4, "the test needs prompts of different lengths"
+    requests = [Instance("generate_until", {}, (c, settings), i) for i, c in enumerate(contexts)]
+    alone = lm.generate_until(requests, disable_tqdm=True)
+    calls = []
+    generate = lm.model.generate
+    lm.model.generate = lambda *args, **kwargs: calls.append(kwargs["attention_mask"]) or generate(*args, **kwargs)
+    lm.batch_size_per_gpu = 4
+    try:
+        batched = lm.generate_until(requests, disable_tqdm=True)
+    finally:
+        del lm.model.generate
+    assert len(calls) == 1 and not bool(calls[0].all()), "one left-padded batch for the four requests"
+    assert batched == alone
+
+
 def test_rolling_streams_through_the_capped_cache(lm_eval, tiny_dir):
     from lm_eval.api.instance import Instance
 

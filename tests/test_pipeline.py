@@ -87,6 +87,21 @@ def test_equal_length_questions_batched_equal_one_by_one(pipe):
     assert batched["peak_kv_bytes"] > alone["peak_kv_bytes"], "a batch holds one copy of the cache per question"
 
 
+def test_questions_of_different_lengths_share_one_padded_batch(pipe):
+    questions = ["Who?", "What is this text about?", "Which keyword is described first, and why is it there?"]
+    assert len({ids.shape[1] for ids in pipe.encode(None, questions)[1]}) == 3, "the test needs different lengths"
+    calls = []
+    generate = pipe.model.generate
+    pipe.model.generate = lambda *args, **kwargs: calls.append(kwargs["attention_mask"]) or generate(*args, **kwargs)
+    try:
+        batched = pipe(CONTEXT, questions=questions, press=KnormPress(ratio=0.75), **GREEDY)
+    finally:
+        del pipe.model.generate
+    alone = pipe(CONTEXT, questions=questions, press=KnormPress(ratio=0.75), question_batch_size=1, **GREEDY)
+    assert len(calls) == 1 and not bool(calls[0].all()), "one left-padded batch for the three questions"
+    assert batched["answers"] == alone["answers"]
+
+
 def test_press_by_name_with_settings_equals_instance(pipe):
     question = "What is this text about?"
     by_name = pipe(CONTEXT, question=question, press="knorm", ratio=0.75, **GREEDY)
