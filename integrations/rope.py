@@ -35,10 +35,55 @@ class Rotary:
         self.head_dim = head_dim
         self.layer_type = layer_type
         self.rotate_half = rotate_half
-        self.rotary_dim = int(self.cos_sin(torch.zeros(1, 1, dtype=torch.long))[0].shape[-1])
+        self._freq = None
+        cos, sin = self._module_cos_sin(torch.ones(1, dtype=torch.long, device=self._device()))
+        self.rotary_dim = int(cos.shape[-1])
+        freq = self._static_frequencies(torch.atan2(sin, cos)[0])
+        if freq is not None:  # pass-through dims: frequency 0, so cos = 1 and sin = 0
+            self._freq = torch.cat((freq, freq.new_zeros(head_dim - self.rotary_dim)))
+
+    def _device(self) -> torch.device:
+        buffers = list(self.module.buffers())
+        return buffers[0].device if buffers else torch.device("cpu")
+
+    def _static_frequencies(self, probe: torch.Tensor) -> torch.Tensor | None:
+        """Per-dim angular frequencies when the angle is ``position * frequency`` at every position (the rope
+        types whose frequencies do not change with the sequence length); ``None`` otherwise.
+
+        Found from the module's own output at position 1, snapped to its ``inv_freq`` buffer when it has one,
+        and checked at a far position, so scoring needs no module call (a few tensor ops instead).
+        """
+        rope_type = getattr(self.module, "rope_type", "default")
+        if isinstance(rope_type, dict):
+            rope_type = rope_type.get(self.layer_type, "default")
+        if "dynamic" in str(rope_type) or "longrope" in str(rope_type):
+            return None
+        name = f"{self.layer_type}_inv_freq" if self.layer_type else "inv_freq"
+        inv = getattr(self.module, name, None)
+        freq = probe
+        if isinstance(inv, torch.Tensor) and inv.numel():
+            nearest = (inv.float()[None, :] - probe[:, None]).abs().argmin(dim=1)
+            if (inv.float()[nearest] - probe).abs().max() < 1e-5:
+                freq = inv.float()[nearest]
+        far = torch.tensor([4099], device=probe.device)
+        cos, sin = self._module_cos_sin(far)
+        ok = torch.allclose(cos[0], torch.cos(far * freq), atol=1e-3) and torch.allclose(sin[0], torch.sin(far * freq), atol=1e-3)
+        return freq if ok else None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of shape ``positions.shape + (rotary_dim,)``, float32, on ``positions``' device."""
+        """``(cos, sin)`` of shape ``positions.shape + (head_dim,)``, float32, on ``positions``' device;
+        pass-through dims (partial rotary) have cos 1 and sin 0."""
+        if self._freq is not None:
+            angles = positions[..., None].float() * self._freq.to(positions.device)
+            return angles.cos(), angles.sin()
+        cos, sin = self._module_cos_sin(positions)
+        pad = self.head_dim - self.rotary_dim
+        if pad:
+            cos = torch.cat((cos, cos.new_ones(*cos.shape[:-1], pad)), dim=-1)
+            sin = torch.cat((sin, sin.new_zeros(*sin.shape[:-1], pad)), dim=-1)
+        return cos, sin
+
+    def _module_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = positions.reshape(1, -1).long()
         probe = torch.zeros(1, dtype=torch.float32, device=positions.device)
         extra = () if self.layer_type is None else (self.layer_type,)
@@ -48,18 +93,19 @@ class Rotary:
         shape = (*positions.shape, cos.shape[-1])
         return (cos / norm).reshape(shape), (sin / norm).reshape(shape)
 
+    def quarter_turn(self, x: torch.Tensor) -> torch.Tensor:
+        """``J x``, the rotation's generator: ``R(p) x = cos * x + sin * J x`` (zero on pass-through dims)."""
+        r = self.rotary_dim
+        turned = self.rotate_half(x[..., :r])
+        return turned if r == x.shape[-1] else torch.cat((turned, torch.zeros_like(x[..., r:])), dim=-1)
+
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``R(p) x`` on the rotary dims (``cos``/``sin`` broadcast against ``x[..., :rotary_dim]``)."""
-        return self._apply(x, cos, sin)
+        """``R(p) x`` (``cos``/``sin`` from :meth:`cos_sin`, broadcast against ``x``)."""
+        return x * cos + self.quarter_turn(x) * sin
 
     def unrotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``R(p)^T x``: the pre-RoPE vector of a post-RoPE one at position ``p``."""
-        return self._apply(x, cos, -sin)
-
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary_dim
-        rot = x[..., :r] * cos + self.rotate_half(x[..., :r]) * sin
-        return rot if r == x.shape[-1] else torch.cat((rot, x[..., r:]), dim=-1)
+        return x * cos - self.quarter_turn(x) * sin
 
 
 def rotary(model: nn.Module, layer_idx: int, head_dim: int) -> Rotary | None:

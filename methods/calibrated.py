@@ -2,8 +2,9 @@
 
 Queries at position ``p`` are ``R(p) q`` with ``q`` drawn from a distribution that barely moves with
 position; a key's expected logit from such a query is a function of ``R(p)^T k``. So these presses keep
-pre-RoPE statistics per query head (:mod:`kvpress_like.calibration`) and, once per scoring call, un-rotate
-the cached keys by the reading position (rotary dims only), instead of rotating every statistic.
+pre-RoPE statistics per query head (:mod:`kvpress_like.calibration`) and, once per scoring call, rotate
+the few statistics to the reading position (rotary dims only): ``<R(p) x, k> = <x, R(p)^T k>``, so a score
+costs one projection of the keys, like Q-Filters.
 """
 
 from __future__ import annotations
@@ -63,36 +64,38 @@ class CalibratedPress(ScorerPress):
         n_kv = kv_heads(cfg)
         calibrated = [int(i) for i in (tensors["count"] > 0).nonzero().flatten()]
         scaling = meta.get("scaling", {})
-        self._layers = {
-            idx: self.build({k: v[idx] for k, v in tensors.items()}, n_kv, float(scaling.get(str(idx), head_dim**-0.5)))
-            for idx in calibrated
-        }
         self._rotary = {idx: rotary(model, idx, head_dim) for idx in calibrated}
+        self._layers = {}
+        for idx in calibrated:
+            rows, *rest = self.build({k: v[idx] for k, v in tensors.items()}, n_kv, float(scaling.get(str(idx), head_dim**-0.5)))
+            rot = self._rotary[idx]
+            turned = torch.zeros_like(rows) if rot is None else rot.quarter_turn(rows)
+            self._layers[idx] = (rows, turned, *rest)
         self._on.clear()
 
     def build(self, layer: dict[str, torch.Tensor], num_kv_heads: int, scaling: float) -> tuple[torch.Tensor, ...]:
         """Per-layer scoring tensors from that layer's statistics (``mean``/``direction`` ``[hq, d]``,
-        ``covariance`` ``[hq, d, d]``); ``scaling`` is the layer's attention logit scale."""
+        ``covariance`` ``[hq, d, d]``); ``scaling`` is the layer's attention logit scale. The first tensor
+        holds the vectors (last dim ``head_dim``) that :meth:`layer_tensors` returns rotated to the reader."""
         raise NotImplementedError
 
-    def layer_tensors(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """:meth:`build`'s tensors for a layer, on ``device`` (moved once)."""
-        where = (device, layer_idx)
-        found = self._on.get(where)
+    def layer_tensors(self, layer_idx: int, reading_position: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`build`'s tensors for a layer on the reading position's device, the first one rotated to each
+        row's reading position ``p``: ``(batch, *rows.shape)``. Rotating these few vectors instead of the ``n``
+        keys makes ``<R(p) x, k> = <x, R(p)^T k>`` cost one projection of the keys, as for Q-Filters."""
+        device = reading_position.device
+        found = self._on.get((device, layer_idx))
         if found is None:
             if layer_idx not in self._layers:
                 raise ValueError(
                     f"{type(self).__name__} has no query statistics for layer {layer_idx}: use it inside "
                     "`with press(model, ...)` (which finds them) or pass stats=<dir from kvpress-like calibrate>."
                 )
-            found = self._on[where] = tuple(t.to(device) for t in self._layers[layer_idx])
-        return found
-
-    def reader_keys(self, layer_idx: int, keys: torch.Tensor, reading_position: torch.Tensor) -> torch.Tensor:
-        """``R(p)^T k`` in float32 for every key, ``p`` the reading position of each row (no RoPE: ``k``)."""
-        keys = keys.float()
-        rot = self._rotary.get(layer_idx)
+            found = self._on[(device, layer_idx)] = tuple(t.to(device) for t in self._layers[layer_idx])
+        rows, turned, *rest = found
+        b = reading_position.shape[0]
+        rot = self._rotary[layer_idx]
         if rot is None:
-            return keys
-        cos, sin = rot.cos_sin(reading_position.reshape(-1, 1, 1))  # (b, 1, 1, rotary_dim)
-        return rot.unrotate(keys, cos, sin)
+            return (rows.expand(b, *rows.shape), *rest)
+        cos, sin = rot.cos_sin(reading_position.reshape(b, *[1] * rows.dim())[..., 0])  # (b, 1, ..., d)
+        return (rows * cos + turned * sin, *rest)

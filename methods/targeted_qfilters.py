@@ -31,5 +31,5 @@ class TargetedQFilterPress(CalibratedPress):
         return (direction.view(num_kv_heads, -1, direction.shape[-1]).mean(dim=1),)
 
     def score(self, layer_idx, keys, values, positions, reading_position) -> torch.Tensor:
-        (u,) = self.layer_tensors(layer_idx, keys.device)
-        return torch.einsum("bhnd,hd->bhn", self.reader_keys(layer_idx, keys, reading_position), u)
+        (u,) = self.layer_tensors(layer_idx, reading_position)  # (b, kv_heads, d), at the reader
+        return torch.einsum("bhnd,bhd->bhn", keys.float(), u)
