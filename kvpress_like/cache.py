@@ -41,7 +41,7 @@ from .integrations.transformers import positions_mask
 if TYPE_CHECKING:
     from .base import Press
 
-__all__ = ["PressedLayer", "PressedCache", "cache_nbytes", "uncompressed", "layer_windows"]
+__all__ = ["SlotStore", "PressedLayer", "PressedCache", "cache_nbytes", "uncompressed", "layer_windows"]
 
 #: ``observer(layer, plan, n_new)`` called after each update of a layer (benchmarks, diagnostics).
 Observer = Callable[["PressedLayer", str, int], None]
@@ -105,7 +105,88 @@ class Call:
     targets: list[int] | None  # per row; None: no limit
 
 
-class PressedLayer(CacheLayerMixin):
+class SlotStore(CacheLayerMixin):
+    """Slot buffers a press fills, shared by the dynamic :class:`PressedLayer` and the static layer.
+
+    Per (batch row, KV head): keys, values, the true position of each slot (``-1``: empty) and the
+    float32 score it got on entry. The two layers differ only in how they count (Python ints here, 0-d
+    tensors in the static layer, so a compiled step never re-traces) and in allocation (grow to what is
+    kept vs. ``budget`` slots once); writes, candidates and scoring are these methods.
+    """
+
+    press: Press
+    layer_idx: int
+
+    def __init__(self):
+        self._k = self._v = self._pos = self._score = None
+        super().__init__()
+
+    @property
+    def n_slots(self) -> int:
+        """Slots exposed as ``keys``/``values`` (in use, live or empty)."""
+        raise NotImplementedError
+
+    # ``keys``/``values`` are views of the buffers, as transformers' layers expose them.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.n_slots]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.n_slots]
+
+    @keys.setter
+    def keys(self, value) -> None:  # the mixin's constructor clears them; contents only change through update()
+        if value is not None:
+            raise AttributeError(f"{type(self).__name__} owns its buffers; use update() to add tokens.")
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError(f"{type(self).__name__} owns its buffers; use update() to add tokens.")
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """True positions ``(batch, kv_heads, slots)`` (``-1``: empty)."""
+        return None if self._pos is None else self._pos[:, :, : self.n_slots]
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        """Stored entry-time scores ``(batch, kv_heads, slots)`` (query-free presses only)."""
+        return None if self._score is None else self._score[:, :, : self.n_slots]
+
+    def _write(self, where: slice, k, v, pos, score) -> None:
+        self._k[:, :, where] = k
+        self._v[:, :, where] = v
+        self._pos[:, :, where] = pos
+        if score is not None:
+            self._score[:, :, where] = score
+
+    def _write_slot(self, slot: torch.Tensor, k, v, pos, score) -> None:
+        """Overwrite one slot per (batch, head) in place."""
+        idx = slot[..., None]
+        self._k.scatter_(2, idx[..., None].expand(-1, -1, 1, k.shape[-1]), k)
+        self._v.scatter_(2, idx[..., None].expand(-1, -1, 1, v.shape[-1]), v)
+        self._pos.scatter_(2, idx, pos)
+        self._score.scatter_(2, idx, score.float())
+
+    def _candidates(self, n: int, k, v, pos, score, reading, live=lambda positions: positions) -> tuple:
+        """The first ``n`` slots followed by the new tokens: what a multi-token call attends to and selects from.
+
+        Returns ``(keys, values, positions, live positions, scores)``; scores are the stored and new ones, or
+        fresh ones at ``reading`` for position-dependent presses."""
+        if n:
+            k = torch.cat([self._k[:, :, :n], k], dim=-2)
+            v = torch.cat([self._v[:, :, :n], v], dim=-2)
+            pos = torch.cat([self._pos[:, :, :n], pos], dim=-1)
+            score = None if score is None else torch.cat([self._score[:, :, :n], score], dim=-1)
+        live_pos = live(pos)
+        if score is not None:
+            score = current_scores(self.press, self.layer_idx, k, v, live_pos, score, reading)
+        return k, v, pos, live_pos, score
+
+
+class PressedLayer(SlotStore):
     """Full- or sliding-attention cache layer whose contents are chosen by a :class:`~kvpress_like.base.Press`."""
 
     is_compileable = False
@@ -113,12 +194,10 @@ class PressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, press: Press, layer_idx: int, sliding_window: int | None = None):
-        self._k = self._v = None
         super().__init__()
         self.press = press
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
-        self._k = self._v = self._pos = self._score = None
         self.n = 0  # slots in use (live or empty), the same for every row and head
         self.seen = 0  # tokens given to this layer, padding included (transformers' sequence length)
         self.rows: torch.Tensor | None = None  # (batch,) real tokens seen per row, once a padded call came
@@ -130,34 +209,9 @@ class PressedLayer(CacheLayerMixin):
         self._attn_positions: torch.Tensor | None = None  # (batch, kv_heads, kv) keys the last call attended to
         self._query_positions: torch.Tensor | None = None  # (batch, q) its new tokens' positions (-1: padding)
 
-    # ``keys``/``values`` are the live views of the buffers, as transformers' layers expose them.
     @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self._k is None else self._k[:, :, : self.n]
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self._v is None else self._v[:, :, : self.n]
-
-    @keys.setter
-    def keys(self, value) -> None:  # the mixin's constructor clears them; contents only change through update()
-        if value is not None:
-            raise AttributeError("PressedLayer owns its buffers; use update() to add tokens.")
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise AttributeError("PressedLayer owns its buffers; use update() to add tokens.")
-
-    @property
-    def positions(self) -> torch.Tensor | None:
-        """True positions ``(batch, kv_heads, n)`` of the slots (``-1``: empty)."""
-        return None if self._pos is None else self._pos[:, :, : self.n]
-
-    @property
-    def scores(self) -> torch.Tensor | None:
-        """Stored entry-time scores ``(batch, kv_heads, n)`` of the slots (query-free presses only)."""
-        return None if self._score is None else self._score[:, :, : self.n]
+    def n_slots(self) -> int:
+        return self.n
 
     @property
     def padded(self) -> bool:
@@ -263,12 +317,10 @@ class PressedLayer(CacheLayerMixin):
             out = self.keys, self.values
             self._attn_positions = self.positions
         else:
-            full_k = torch.cat([self.keys, key_states], dim=-2) if self.n else key_states
-            full_v = torch.cat([self.values, value_states], dim=-2) if self.n else value_states
-            full_pos = torch.cat([self.positions, call.positions], dim=-1) if self.n else call.positions
-            full_score = torch.cat([self.scores, score], dim=-1) if self.n else score
-            live = self._live_positions(full_pos, reading)
-            full_score = current_scores(press, self.layer_idx, full_k, full_v, live, full_score, reading)
+            full_k, full_v, full_pos, live, full_score = self._candidates(
+                self.n, key_states, value_states, call.positions, score, reading,
+                lambda positions: self._live_positions(positions, reading),
+            )
             self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, reading, call.targets))
             out = full_k, full_v
             self._attn_positions = full_pos
@@ -407,21 +459,8 @@ class PressedLayer(CacheLayerMixin):
             else:
                 new_capacity = self.n + q  # prefill: exact, so KV bytes match what is kept
             self._allocate(k, v, new_capacity)
-        end = self.n + q
-        self._k[:, :, self.n : end] = k
-        self._v[:, :, self.n : end] = v
-        self._pos[:, :, self.n : end] = pos
-        if score is not None:
-            self._score[:, :, self.n : end] = score
-        self.n = end
-
-    def _write_slot(self, slot: torch.Tensor, k, v, pos, score) -> None:
-        """Overwrite one slot per (batch, head) in place."""
-        idx = slot[..., None]
-        self._k.scatter_(2, idx[..., None].expand(-1, -1, 1, k.shape[-1]), k)
-        self._v.scatter_(2, idx[..., None].expand(-1, -1, 1, v.shape[-1]), v)
-        self._pos.scatter_(2, idx, pos)
-        self._score.scatter_(2, idx, score.float())
+        self._write(slice(self.n, self.n + q), k, v, pos, score)
+        self.n += q
 
     def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
         """Store the ``keep`` indices of the given tokens as the new contents (index ``len`` = an empty slot)."""
@@ -441,11 +480,7 @@ class PressedLayer(CacheLayerMixin):
             if self._k is None or self._k.shape[-2] != budget:
                 self.n = 0
                 self._allocate(kept_k, kept_v, budget)
-            self._k[:, :, :m] = kept_k
-            self._v[:, :, :m] = kept_v
-            self._pos[:, :, :m] = kept_pos
-            if kept_score is not None:
-                self._score[:, :, :m] = kept_score
+            self._write(slice(0, m), kept_k, kept_v, kept_pos, kept_score)
         else:
             self._k, self._v, self._pos = kept_k, kept_v, kept_pos
             self._score = kept_score

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from .cache import current_scores, gather_kept, refuse_crop, scores_for
+from .cache import SlotStore, current_scores, gather_kept, refuse_crop, scores_for
 
 if TYPE_CHECKING:
     from .base import Press
@@ -93,7 +93,7 @@ def static_budget(press: Press, prompt_tokens: int, max_tokens: int | None = Non
     return max(int(budget), 1)
 
 
-class StaticPressedLayer(CacheLayerMixin):
+class StaticPressedLayer(SlotStore):
     """Full-attention cache layer of ``budget`` fixed slots per (batch row, KV head), chosen by a press."""
 
     is_compileable = True
@@ -111,23 +111,25 @@ class StaticPressedLayer(CacheLayerMixin):
         self.cumulative_length = torch.tensor(0, dtype=torch.long)  # tokens seen (true positions 0..seen-1)
         self.filled = torch.tensor(0, dtype=torch.long)  # live slots (== budget once full)
         self.masked = True  # empty slots exist (or existed when decoding started): attention needs a mask
-        self.positions: torch.Tensor | None = None  # (batch, kv_heads, budget) true position of each slot
-        self.scores: torch.Tensor | None = None  # (batch, kv_heads, budget) float32 score of each slot
+
+    @property
+    def n_slots(self) -> int:
+        return self.budget
 
     # -- transformers CacheLayerMixin API ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate the slot buffers once (zeros: masked empty slots must hold finite values)."""
         self.device = key_states.device
         b, h = key_states.shape[:2]
-        self.keys = key_states.new_zeros(b, h, self.budget, key_states.shape[-1])
-        self.values = value_states.new_zeros(b, h, self.budget, value_states.shape[-1])
-        self.positions = torch.zeros(b, h, self.budget, dtype=torch.long, device=self.device)
-        self.scores = torch.zeros(b, h, self.budget, dtype=torch.float32, device=self.device)
+        self._k = key_states.new_zeros(b, h, self.budget, key_states.shape[-1])
+        self._v = value_states.new_zeros(b, h, self.budget, value_states.shape[-1])
+        self._pos = torch.zeros(b, h, self.budget, dtype=torch.long, device=self.device)
+        self._score = torch.zeros(b, h, self.budget, dtype=torch.float32, device=self.device)
         self.slot_ids = torch.arange(self.budget, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.filled = self.filled.to(self.device)
         if not _is_tracing():  # static addresses let CUDA graphs keep the in-place writes (see StaticLayer)
-            for t in (self.keys, self.values, self.positions, self.scores, self.slot_ids,
+            for t in (self._k, self._v, self._pos, self._score, self.slot_ids,
                       self.cumulative_length, self.filled):
                 torch._dynamo.mark_static_address(t)
         self.is_initialized = True
@@ -164,18 +166,14 @@ class StaticPressedLayer(CacheLayerMixin):
         reading = self.cumulative_length.expand(b, 1, 1)
         score = scores_for(self.press, self.layer_idx, k, v, pos, reading)
         # Position-dependent presses re-score every slot (O(budget), like attention), branch-free.
-        scores = current_scores(self.press, self.layer_idx, self.keys, self.values, self.positions, self.scores, reading)
-        slot = self.press.victims(scores, self.positions, self.cumulative_length)  # (b, h)
+        scores = current_scores(self.press, self.layer_idx, self._k, self._v, self._pos, self._score, reading)
+        slot = self.press.victims(scores, self._pos, self.cumulative_length)  # (b, h)
         if self.masked:
             has_room = self.filled < self.budget
             slot = torch.where(has_room, self.filled, slot)  # empty slots first, in order: an append
             self.filled.add_(has_room.long())
-        idx = slot.reshape(b, h, 1)
-        self.keys.scatter_(2, idx[..., None].expand(b, h, 1, k.shape[-1]), k)
-        self.values.scatter_(2, idx[..., None].expand(b, h, 1, v.shape[-1]), v)
-        self.positions.scatter_(2, idx, pos)
-        self.scores.scatter_(2, idx, score)
-        return self.keys, self.values
+        self._write_slot(slot, k, v, pos, score)
+        return self._k, self._v
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Several tokens: the same choice as PressedLayer (append under the target, else select)."""
@@ -192,13 +190,8 @@ class StaticPressedLayer(CacheLayerMixin):
             end = n + q
             self._write(slice(n, end), k, v, pos, score)
             self._set_filled(end)
-            return self.keys[:, :, :end], self.values[:, :, :end]
-        full_k = torch.cat([self.keys[:, :, :n], k], dim=-2)
-        full_v = torch.cat([self.values[:, :, :n], v], dim=-2)
-        full_pos = torch.cat([self.positions[:, :, :n], pos], dim=-1)
-        full_score = current_scores(
-            self.press, self.layer_idx, full_k, full_v, full_pos, torch.cat([self.scores[:, :, :n], score], dim=-1), reading
-        )
+            return self._k[:, :, :end], self._v[:, :, :end]
+        full_k, full_v, full_pos, _, full_score = self._candidates(n, k, v, pos, score, reading)
         keep = self.press.select(full_score, full_pos, seen, target)
         m = keep.shape[-1]
         if m > self.budget:
@@ -209,12 +202,6 @@ class StaticPressedLayer(CacheLayerMixin):
         self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score))
         self._set_filled(m)
         return full_k, full_v
-
-    def _write(self, where: slice, k, v, pos, score) -> None:
-        self.keys[:, :, where] = k
-        self.values[:, :, where] = v
-        self.positions[:, :, where] = pos
-        self.scores[:, :, where] = score
 
     def _set_filled(self, n: int) -> None:
         self.filled.fill_(n)
@@ -245,7 +232,7 @@ class StaticPressedLayer(CacheLayerMixin):
     # -- housekeeping ----------------------------------------------------------------------------
     def reset(self) -> None:
         if self.is_initialized:
-            for t in (self.keys, self.values, self.positions, self.scores):
+            for t in (self._k, self._v, self._pos, self._score):
                 t.zero_()
         self.cumulative_length.zero_()
         self.filled.zero_()
