@@ -44,7 +44,7 @@ def test_bound_on_known_byte_counts():
 def test_report_schema_and_markdown(tmp_path):
     args = _args("--model", "tiny", "--batches", "1", "2", "--contexts", "32", "48", "--new-tokens", "4",
                  "--repeats", "2", "--presses", "qfilters", "streaming_llm", "--factors", "4", "--prompts", "1",
-                 "--compiled-cells", "--no-figure", "--out", str(tmp_path))
+                 "--compiled-cells", "--nocopy-baseline", "--no-figure", "--out", str(tmp_path))
     threads = torch.get_num_threads()
     try:
         report = tp.run(args, log=lambda _msg: None)
@@ -54,7 +54,7 @@ def test_report_schema_and_markdown(tmp_path):
     assert report["copy_bandwidth_gb_s"] > 0 and report["kv_bytes_per_token"] == 1024
     assert set(report["load_average"]) == {"start", "max_during", "cores"}
     rows = report["rows"]
-    names = ["full cache", "qfilters x4 dynamic", "qfilters x4 static", "streaming_llm x4 dynamic",
+    names = ["full cache", tp.NOCOPY, "qfilters x4 dynamic", "qfilters x4 static", "streaming_llm x4 dynamic",
              "streaming_llm x4 static"]
     assert [(r["batch"], r["context"], r["path"]) for r in rows] == [
         (b, c, n) for b in (1, 2) for c in (32, 48) for n in names]
@@ -64,15 +64,17 @@ def test_report_schema_and_markdown(tmp_path):
         assert r["bound_tokens_per_s"] > 0 and r["peak_rss_gib"] > 0
         assert r["ratio_of_allowed"] == pytest.approx(r["speedup"] / r["speedup_allowed"])
         assert r["update_share"] is not None and 0 < r["update_share"] < 1
-        if r["path"] == "full cache":
-            assert r["speedup"] == r["speedup_allowed"] == 1 and r["live_kv_tokens"] == r["context"] + 2.5
+        assert r["speedup_vs_nocopy"] > 0
+        if r["kind"].startswith("full"):
+            assert r["speedup_allowed"] == 1 and r["live_kv_tokens"] == r["context"] + 2.5
+            assert r["speedup"] == 1 if r["path"] == "full cache" else r["speedup_vs_nocopy"] == 1
         else:  # x4 of 48 tokens keeps 12; the static cache holds exactly that
             assert r["speedup_allowed"] > 1
             assert r["live_kv_tokens"] == (r["context"] // 4 if r["kind"] == "static" else r["context"] // 4 + 2.5)
     assert report["headline"]["cells_at_80pct_of_allowed"].endswith("/16")
     text = tp.markdown(report, None)
     assert "| batch | context | path |" in text and "Copy bandwidth measured in this run" in text
-    assert text.count("| 2 | 48 |") == 5 and "Command: `" in text
+    assert text.count("| 2 | 48 |") == 6 and "Command: `" in text
 
 
 def test_bad_options_say_what_to_do():
