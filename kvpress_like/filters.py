@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kvpress_like.models import EMBEDDED_MODELS, _head_dim, cache_dir, kv_heads, model_identity
+from kvpress_like.models import EMBEDDED_MODELS, cache_dir, head_dim, kv_heads, model_identity
 
 __all__ = [
     "FILTER_KEY",
@@ -62,7 +62,7 @@ STATS_KEYS = ("mean", "direction", "covariance")
 def expected_shape(model) -> tuple[int, int, int]:
     """``[num_layers, num_kv_heads, head_dim]``: the filters a model needs."""
     cfg = model.config.get_text_config()
-    return (cfg.num_hidden_layers, kv_heads(cfg), _head_dim(cfg))
+    return (cfg.num_hidden_layers, kv_heads(cfg), head_dim(cfg))
 
 
 def filters_dir() -> Path:

@@ -18,7 +18,7 @@ import torch
 from kvpress_like.base import ScorerPress
 from kvpress_like.filters import load_query_stats, query_stats_for, store_key
 from kvpress_like.integrations.rope import Rotary, rotary
-from kvpress_like.models import _head_dim, kv_heads
+from kvpress_like.models import head_dim as head_dim_of, kv_heads
 
 __all__ = ["CalibratedPress"]
 
@@ -53,7 +53,7 @@ class CalibratedPress(ScorerPress):
                 self._found[key] = query_stats_for(model)
             tensors, meta = self._found[key]
         cfg = model.config.get_text_config()
-        head_dim = _head_dim(cfg)
+        head_dim = head_dim_of(cfg)
         want = (cfg.num_hidden_layers, cfg.num_attention_heads, head_dim)
         if tuple(tensors["mean"].shape) != want:
             raise ValueError(

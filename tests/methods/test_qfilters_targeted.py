@@ -96,3 +96,32 @@ def test_prefill_under_press_keeps_the_top_scores_for_the_reading_position(tmp_p
         scores = p.score(idx, keys[idx], keys[idx], torch.arange(40).expand(1, 2, 40), torch.tensor([[[40]]]))
         want = scores.topk(20, dim=-1).indices.sort(dim=-1).values
         assert torch.equal(layer.positions.sort(dim=-1).values, want), idx
+
+
+@pytest.mark.parametrize("name", ["qfilters_targeted", "expected_attention_calibrated"])
+def test_rescoring_with_a_budget_equals_masking_and_static_equals_dynamic(tmp_path, name):
+    """Prefill, chunk, then decoding into a full budget (re-scored for each reading position): logits equal the
+    full-cache reference that masks the evicted positions; the static slot cache generates the same."""
+    from helpers import pressed_and_reference
+
+    model = tiny_model("llama", attn_implementation="sdpa")
+    reference = tiny_model("llama")
+    calibrated(model, tmp_path)
+    gen = torch.Generator().manual_seed(1)
+    calls = [torch.randint(3, 100, (1, 20), generator=gen), torch.randint(3, 100, (1, 4), generator=gen)]
+    calls += [torch.randint(3, 100, (1, 1), generator=gen) for _ in range(6)]
+    got, expected, cache = pressed_and_reference(model, reference, get_press(name, max_cache_tokens=12, stats=tmp_path), calls)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert all(layer.positions.shape[-1] == 12 for layer in cache.layers)
+
+    ids = torch.randint(3, 100, (1, 20), generator=gen)
+    settings = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with press(model, get_press(name, max_cache_tokens=12, stats=tmp_path)):
+            dynamic = model.generate(ids, **settings)
+        with press(model, get_press(name, max_cache_tokens=12, stats=tmp_path), static=True, compile=False):
+            static = model.generate(ids, **settings)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
