@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
 from kvpress_like.context import press as press_context
-from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.integrations.transformers import attention_layers, cache_kwargs
 
 from .common import RESULTS_DIR, build_press, environment, markdown_footer, query_free_presses, set_threads, write_result
 
@@ -133,25 +133,29 @@ def memory_check(model, ids: torch.Tensor, args) -> dict:
     token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()  # K + V
     cache = DynamicCache(config=model.config)
     stored_peak, attention_peak, calls = 0, 0, 0
-    original = PressedLayer.update
+    live_before: dict[int, int] = {}
 
-    def recording(self, key_states, value_states, *a, **kw):
+    def record(layer: PressedLayer, plan: str, n_new: int) -> None:
+        """Observer called after every update: the cache's stored bytes, and the keys this call attended to
+        (a prune attends to the previous live slots plus the new tokens, then stores fewer)."""
         nonlocal stored_peak, attention_peak, calls
-        keys, values = original(self, key_states, value_states, *a, **kw)
+        before = live_before.get(layer.layer_idx, 0)
+        attended = before if plan == "overwrite" else before + n_new
+        live_before[layer.layer_idx] = layer.n
         calls += 1
         stored_peak = max(stored_peak, cache_nbytes(cache))
-        attention_peak = max(attention_peak, keys.numel() * keys.element_size() + values.numel() * values.element_size())
-        return keys, values
+        attention_peak = max(attention_peak, attended * token_bytes)
 
-    PressedLayer.update = recording
-    try:
-        with press_context(model, p):
-            start = time.perf_counter()
-            model.generate(ids[:, :tokens], attention_mask=torch.ones_like(ids[:, :tokens]), **cache_kwargs(cache),
-                           max_new_tokens=1, do_sample=False)
-            seconds = time.perf_counter() - start
-    finally:
-        PressedLayer.update = original
+    # the benchmark's layers are created here, so the observer sees every update press() makes
+    for layer in attention_layers(model):
+        if not layer.sliding and p.compresses_layer(layer.layer_idx):
+            cache.layers[layer.layer_idx] = PressedLayer(p, layer.layer_idx)
+            cache.layers[layer.layer_idx].observers.append(record)
+    with press_context(model, p):
+        start = time.perf_counter()
+        model.generate(ids[:, :tokens], attention_mask=torch.ones_like(ids[:, :tokens]), **cache_kwargs(cache),
+                       max_new_tokens=1, do_sample=False)
+        seconds = time.perf_counter() - start
     layers = cfg.num_hidden_layers
     full = layers * tokens * token_bytes
     return dict(

@@ -66,6 +66,7 @@ class Grid:
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_presses()))
     variants: tuple[str, ...] = VARIANTS
     reference: str = "qfilters"
+    quick: bool = False  # recorded so every result file says whether it came from --quick
 
     def depth_values(self) -> list[float]:
         """Evenly spaced needle depths, centred in ``depths`` equal bins of [0, 1]."""
@@ -113,10 +114,10 @@ def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previou
 def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     """A copy of the shared full cache, compressed as a single pressed prefill of the same tokens would be.
 
-    Must run inside ``press(model, p)`` (which prepares ``p``). The engine's own :class:`PressedLayer`
-    takes the full layer in one update (announced like a prefill call, so no mask is involved), scoring and
-    selecting with the reading position at the end of the prefill; query-dependent presses then prune with
-    the recorded queries. ``p=None`` gives a plain copy.
+    Must run inside ``press(model, p)`` (which prepares ``p``). The engine's own
+    :meth:`PressedLayer.from_dynamic` takes each full layer over in one update, scoring and selecting with
+    the reading position at the end of the prefill; query-dependent presses then prune with the recorded
+    queries. ``p=None`` gives a plain copy.
     """
     new = _copy_cache(shared.cache)
     if p is None:
@@ -125,10 +126,7 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
         idx = layer.layer_idx
         if layer.sliding or not p.compresses_layer(idx):
             continue
-        full = shared.cache.layers[idx]
-        pressed = PressedLayer(p, idx)
-        pressed.begin_call(None)
-        pressed.update(full.keys, full.values)
+        pressed = PressedLayer.from_dynamic(shared.cache.layers[idx], p, idx)
         if not p.query_free:
             pressed.prune_with_queries(layer.module, shared.queries[idx])
         new.layers[idx] = pressed
@@ -258,9 +256,9 @@ def markdown(result: dict) -> str:
     counts = sorted({m["n"] for c in result["summary"]["cells"] for m in c["methods"].values()})
     n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     ref = s["reference"]
-    label = " (QUICK run)" if result.get("quick") else ""
+    label = " (QUICK run)" if s.get("quick") else ""
     if result.get("partial"):
-        label = f" (PARTIAL run: stopped after {result['prompts']} of {planned * len(s['lengths'])} prompts)"
+        label += f" (PARTIAL: stopped after {result['prompts']} of {planned * len(s['lengths'])} prompts)"
     md = [
         "## Pass-key retrieval, paired" + label,
         "",
@@ -268,7 +266,9 @@ def markdown(result: dict) -> str:
         f"{['x%g' % f for f in s['factors']]}; **n = {n} prompts per cell** (planned {s['depths']} needle depths x "
         f"{s['keys']} keys = {planned}, run key by key), the same prompts for every method; one shared full-cache prefill per prompt "
         f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
-        f"wall time {result['elapsed_s'] / 60:.1f} min). Each press keeps its registry defaults "
+        f"wall time {result['elapsed_s'] / 60:.1f} min"
+        + (f", CPU time {result['cpu_s'] / 60:.1f} min" if result.get("cpu_s") else "")
+        + "). Each press keeps its registry defaults "
         "(no skipped layers; StreamingLLM's 4 sinks).",
         "",
         "Cells: exact-match accuracy in % with its Wilson 95% interval. `vs " + ref + "`: paired difference in points "
@@ -307,8 +307,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
     parser.add_argument("--name", default=None, help="basename of the result files (default passkey / passkey.quick)")
-    parser.add_argument("--summarize", type=Path, default=None,
-                        help="write the results of a stopped run from its checkpoint (<out>/<name>.checkpoint.json)")
+    parser.add_argument("--summarize", type=Path, nargs="+", default=None,
+                        help="merge the rows of finished runs (<name>.json) and/or stopped ones (<name>.checkpoint.json, "
+                             "labelled partial), e.g. one run per length, into the results named by --name")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -326,15 +327,16 @@ def main(args: argparse.Namespace) -> int:
         methods=tuple(parse_list(args.methods)) if args.methods else tuple(list_presses()),
         variants=tuple(parse_list(args.variants)),
         reference=args.reference,
+        quick=args.quick,
     )
     _presses(grid)  # fail on a bad name or factor before loading the model
     model, tokenizer = load_model(args.model)
     env = environment()
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / f"{name}.checkpoint.json"
     result = run_grid(model, tokenizer, grid, checkpoint=checkpoint)
-    result.update(model=args.model, environment=env, elapsed_s=time.time() - start, quick=args.quick)
+    result.update(model=args.model, environment=env, elapsed_s=time.time() - start, cpu_s=time.process_time() - cpu)
     checkpoint.unlink(missing_ok=True)
     return _write(args.out, name, result)
 
@@ -349,9 +351,25 @@ def _write(out: Path, name: str, result: dict) -> int:
 
 
 def _summarize_checkpoint(args: argparse.Namespace, name: str) -> int:
-    """Results of a run stopped early, labelled partial, with the environment of when it was summarized."""
-    result = json.loads(args.summarize.read_text())
-    env = environment()
-    started = args.summarize.stat().st_mtime - sum(result["prefill_s"])  # lower bound; prefills dominate
-    result.update(model=args.model, environment=env, elapsed_s=time.time() - started, quick=False, partial=True)
-    return _write(args.out, name + ".partial", result)
+    """One result from several runs of the same grid on disjoint prompts (e.g. one process per length).
+
+    Finished runs bring their environment, wall and CPU time; a checkpoint (a run stopped early) makes
+    the merged result partial. Wall time is the longest run's (they ran side by side), CPU time the sum.
+    """
+    parts = [json.loads(path.read_text()) for path in args.summarize]
+    keys = [(r["variant"], r["length"], r["depth"], r["key"], r["method"], r["factor"]) for p in parts for r in p["rows"]]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the runs to merge overlap (the same prompt twice); merge runs over disjoint prompts")
+    first = parts[0]
+    settings = dict(first["settings"], lengths=sorted({n for p in parts for n in p["settings"]["lengths"]}))
+    planned = len(settings["lengths"]) * settings["depths"] * settings["keys"]
+    done = sum(p["prompts"] if "elapsed_s" in p else len(p["prefill_s"]) for p in parts)
+    result = dict(
+        settings=settings, rows=[r for p in parts for r in p["rows"]], prompts=done,
+        prefill_s=[x for p in parts for x in p["prefill_s"]], model=first.get("model", args.model),
+        environment=first.get("environment") or environment(),
+        elapsed_s=max(p.get("elapsed_s", 0.0) for p in parts), cpu_s=sum(p.get("cpu_s", 0.0) for p in parts),
+        partial=done < planned,
+        merged_from=[str(path) for path in args.summarize],
+    )
+    return _write(args.out, name, result)

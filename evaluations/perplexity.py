@@ -22,6 +22,7 @@ StreamingLLM only when that interval lies below zero.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -44,8 +45,12 @@ REFERENCE = "streaming_llm"
 
 
 def default_methods() -> list[str]:
-    """The full cache, StreamingLLM (the reference), then every other registered query-free press."""
-    return ["full", REFERENCE] + [m for m in query_free_presses() if m != REFERENCE]
+    """The full cache, StreamingLLM (the reference), then every other registered query-free press
+    (position-dependent ones first: they are the newest)."""
+    from kvpress_like.registry import press_class
+
+    others = [m for m in query_free_presses() if m != REFERENCE]
+    return ["full", REFERENCE] + sorted(others, key=lambda m: not press_class(m).position_dependent)
 
 
 def stored_budget(budget: int, chunk: int) -> int:
@@ -146,6 +151,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="length of the text")
     parser.add_argument("--chunk", type=int, default=1, help="tokens per forward call after the cache fills")
     parser.add_argument("--block", type=int, default=64, help="tokens per block of the paired block bootstrap")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="combine perplexity.json files of runs with the same settings and different --methods "
+                             "(e.g. one process per method) into one result in --out")
     parser.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (all methods)")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted (all methods)")
     parser.add_argument("--plot-window", type=int, default=256, help="tokens per point of the running perplexity")
@@ -162,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     methods = parse_list(args.methods) if args.methods else default_methods()
     budgets = parse_list(args.budgets, int)
+    if args.merge:
+        return merge(args, methods, budgets)
     for method in methods:
         build_press(method, max_cache_tokens=stored_budget(budgets[0], args.chunk), n_sink=args.n_sink,
                     window=args.window)  # a bad name fails before the model loads
@@ -187,7 +197,33 @@ def main(args: argparse.Namespace) -> int:
                 )
             )
             print(f"{method:>14} budget={budget}: ppl {perplexity(nll):.3f}", file=sys.stderr)
-    report = summarize(runs, budgets, args, env)
+            # rewritten after every method, so a run stopped early still reports what it measured
+            report = summarize(runs, budgets, args, env)
+            report["methods_planned"] = methods
+            write_outputs(report, runs, args)
+    print(render_markdown(report))
+    return 0
+
+
+def merge(args: argparse.Namespace, methods: list[str], budgets: list[int]) -> int:
+    """One report from runs that measured different methods on the same text and settings."""
+    parts = [json.loads(Path(path).read_text()) for path in args.merge]
+    same = ("model", "text", "tokens", "chunk", "n_sink", "window", "budgets")
+    for part in parts[1:]:
+        differ = [k for k in same if part[k] != parts[0][k]]
+        if differ:
+            raise ValueError(f"runs differ in {differ}: only runs of the same settings can be merged")
+    runs = []
+    for part in parts:
+        seconds = {(row["method"], row["budget"]): row["seconds"] for row in part["rows"]}
+        for key, values in part["nll"].items():
+            method, budget = key.rsplit("@", 1)
+            budget = None if budget == "None" else int(budget)
+            runs.append(dict(method=method, budget=budget, nll=torch.tensor(values), seconds=seconds[(method, budget)]))
+    for key in ("model", "tokens", "chunk", "n_sink", "window"):
+        setattr(args, key, parts[0][key])
+    report = summarize(runs, parts[0]["budgets"], args, parts[0]["environment"])
+    report.update(text=parts[0]["text"], methods_planned=methods, merged_from=[str(p) for p in args.merge])
     write_outputs(report, runs, args)
     print(render_markdown(report))
     return 0
@@ -292,6 +328,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         "## Streaming perplexity with a capped KV cache",
         "",
+        *([f"**PARTIAL run**: measured {', '.join(r['method'] for r in report['rows'])} of the planned "
+           f"{', '.join(report['methods_planned'])}.", ""]
+          if len(report["rows"]) < len(report.get("methods_planned", report["rows"])) else []),
         f"Model {report['model']}, text {report['text']}, first {report['tokens']} tokens, fed in chunks of "
         f"{report['chunk']} tokens once the cache is full (no prediction attends to more than the budget). "
         f"Every method keeps the same {report['n_sink']} sink tokens and {report['window']}-token recent window. "

@@ -96,7 +96,7 @@ def test_shared_prefill_equals_pressed_prefill(name, variant, stats_dir):
 def test_grid_schema_and_pairing():
     model, tok = _tiny(), ByteTokenizer()
     grid = passkey.Grid(lengths=(300,), factors=(4,), depths=2, keys=2, methods=("knorm", "streaming_llm"),
-                        reference="knorm")
+                        reference="knorm", quick=True)
     result = passkey.run_grid(model, tok, grid, progress=False)
     rows = result["rows"]
     assert result["prompts"] == 4 and len(result["prefill_s"]) == 4
@@ -104,7 +104,7 @@ def test_grid_schema_and_pairing():
     assert {"length", "depth", "key", "answer", "variant", "method", "factor", "exact", "output"} <= set(rows[0])
     assert all(r["exact"] in (0, 1) for r in rows)
     assert sorted({r["depth"] for r in rows}) == [0.25, 0.75]
-    result.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0, quick=True)
+    result.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0)
     result["summary"] = passkey.summarize(result)
     cell = result["summary"]["cells"][0]
     assert set(cell["methods"]) == {"no_press", "knorm", "streaming_llm"}
@@ -115,6 +115,42 @@ def test_grid_schema_and_pairing():
     text = passkey.markdown(result)
     assert "n = 4 prompts per cell" in text and "QUICK" in text and "Command:" in text
     json.dumps(result)
+
+
+def test_prompt_order_balances_cells_and_merge_of_disjoint_runs(tmp_path):
+    """Prompts go key by key (a stopped run leaves equal cells); runs over disjoint lengths merge, overlaps fail."""
+    grid = passkey.Grid(lengths=(2048, 4096), depths=3, keys=2)
+    order = passkey.prompt_order(grid)
+    assert len(order) == 12 and len(set(order)) == 12
+    first_half = order[:6]
+    assert {k for _, _, k in first_half} == {0} and sorted(n for n, _, _ in first_half) == [2048] * 3 + [4096] * 3
+
+    def part(length, prompts, finished):
+        rows = [dict(variant="uncompressed", length=length, depth=d, key=0, answer="1", method=m, factor=f,
+                     exact=int(m == "no_press" or d < 0.5), output="")
+                for d in (0.25, 0.75)[:prompts] for m, f in (("no_press", 1.0), ("knorm", 4.0))]
+        settings = dict(dataclasses.asdict(passkey.Grid(lengths=(length,), factors=(4,), depths=2, keys=1,
+                                                                methods=("knorm",), variants=("uncompressed",),
+                                                                reference="knorm")), depth_values=[0.25, 0.75])
+        data = dict(settings=settings, rows=rows, prompts=prompts, prefill_s=[1.0] * prompts)
+        if finished:
+            data.update(model="tiny", environment=passkey.environment(), elapsed_s=5.0, cpu_s=4.0)
+        path = tmp_path / f"{length}.json"
+        path.write_text(json.dumps(data))
+        return path
+
+    import argparse
+
+    args = argparse.Namespace(summarize=[part(2048, 2, True), part(4096, 1, False)], model="tiny", out=tmp_path)
+    assert passkey._summarize_checkpoint(args, "merged") == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["partial"] and merged["prompts"] == 3 and merged["settings"]["lengths"] == [2048, 4096]
+    counts = {c["length"]: c["methods"]["knorm"]["n"] for c in merged["summary"]["cells"]}
+    assert counts == {2048: 2, 4096: 1}
+    assert "PARTIAL: stopped after 3 of 4 prompts" in (tmp_path / "merged.md").read_text()
+    args.summarize = [args.summarize[0], args.summarize[0]]
+    with pytest.raises(ValueError, match="overlap"):
+        passkey._summarize_checkpoint(args, "twice")
 
 
 def test_unknown_method_fails_before_work():

@@ -40,6 +40,25 @@ def test_perplexity_cli_schema_and_budget(tiny_model_dir_with_filters, tmp_path)
     assert (tmp_path / "perplexity.png").stat().st_size > 0 and "Command:" in (tmp_path / "perplexity.md").read_text()
 
 
+def test_perplexity_runs_per_method_merge_into_one_paired_report(tiny_model_dir_with_filters, tmp_path):
+    common = ["eval", "perplexity", "--model", str(tiny_model_dir_with_filters), "--tokens", "96", "--budgets", "32",
+              "--chunk", "1", "--window", "4", "--n-sink", "2", "--block", "8"]
+    for methods in ("streaming_llm", "knorm,qfilters"):
+        assert main(common + ["--methods", methods, "--out", str(tmp_path / methods)]) == 0
+    single = json.loads((tmp_path / "knorm,qfilters" / "perplexity.json").read_text())
+    assert single["paired_vs_streaming_llm"] == []  # no reference in that run
+    assert main(common + ["--methods", "streaming_llm,knorm,qfilters", "--out", str(tmp_path / "merged"), "--merge",
+                          str(tmp_path / "streaming_llm" / "perplexity.json"),
+                          str(tmp_path / "knorm,qfilters" / "perplexity.json")]) == 0
+    merged = json.loads((tmp_path / "merged" / "perplexity.json").read_text())
+    assert {d["method"] for d in merged["paired_vs_streaming_llm"]} == {"knorm", "qfilters"}
+    assert merged["nll"]["knorm@32"] == single["nll"]["knorm@32"]
+    ref = torch.tensor(merged["nll"]["streaming_llm@32"][32:])
+    knorm = next(d for d in merged["paired_vs_streaming_llm"] if d["method"] == "knorm")
+    assert knorm["nll_diff"] == pytest.approx(float((torch.tensor(single["nll"]["knorm@32"][32:]) - ref).mean()), abs=1e-4)
+    assert "PARTIAL" not in (tmp_path / "merged" / "perplexity.md").read_text()
+
+
 def test_decode_bench_cli_reports_overhead_and_bounded_memory(tiny_model_dir_with_filters, tmp_path):
     rc = main(["bench", "decode", "--model", str(tiny_model_dir_with_filters), "--budget", "32", "--window", "4", "--n-sink", "2",
                "--steps", "6", "--repeats", "1", "--prefill-tokens", "96", "--prefill-chunk", "16", "--out", str(tmp_path)])
