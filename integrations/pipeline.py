@@ -132,7 +132,8 @@ class KVPressQAPipeline(Pipeline):
 
     Returns ``{"answer": str}`` for ``question=`` or ``{"answers": [str, ...]}`` for ``questions=``, plus
     ``kv_bytes`` (the compressed context cache), ``peak_kv_bytes`` (that cache plus the copies of one batch of
-    questions, after answering), ``context_tokens``, ``prefill_seconds``, ``answer_seconds`` (per question; a
+    questions, after answering; the last batch uses the context cache itself unless it is returned or was
+    passed in), ``context_tokens``, ``prefill_seconds``, ``answer_seconds`` (per question; a
     batch's time is split evenly) and, on request, ``cache``.
     """
 
@@ -268,17 +269,18 @@ class KVPressQAPipeline(Pipeline):
             answers: list = [None] * len(questions)
             seconds: list = [None] * len(questions)
             peak = kv_bytes
-            for members in groups.values():
-                for lo in range(0, len(members), question_batch_size):
-                    part = members[lo : lo + question_batch_size]
-                    start = time.perf_counter()
-                    tokens, fork_bytes = self._answer(
-                        cache, context_ids, [questions[i] for i in part], compress_questions, generate_kwargs
-                    )
-                    elapsed = (time.perf_counter() - start) / len(part)
-                    peak = max(peak, kv_bytes + fork_bytes)
-                    for row, i in enumerate(part):
-                        answers[i], seconds[i] = tokens[row], elapsed
+            batches = [m[lo : lo + question_batch_size] for m in groups.values() for lo in range(0, len(m), question_batch_size)]
+            for b, part in enumerate(batches):
+                # The last batch answers on the context cache itself unless the caller keeps it (or passed it).
+                in_place = b == len(batches) - 1 and not (return_cache or inputs["cache"] is not None)
+                start = time.perf_counter()
+                tokens, batch_bytes = self._answer(
+                    cache, context_ids, [questions[i] for i in part], compress_questions, generate_kwargs, in_place
+                )
+                elapsed = (time.perf_counter() - start) / len(part)
+                peak = max(peak, batch_bytes if in_place else kv_bytes + batch_bytes)
+                for row, i in enumerate(part):
+                    answers[i], seconds[i] = tokens[row], elapsed
         out = {
             "answer_ids": answers,
             "kv_bytes": kv_bytes,
@@ -306,16 +308,24 @@ class KVPressQAPipeline(Pipeline):
             ids = torch.full((1, cache.get_seq_length()), pad, dtype=torch.long)
         return ids.to(self.device)
 
-    def _answer(self, cache, context_ids, questions: list[torch.Tensor], compress_questions: bool, generate_kwargs: dict):
-        """Generated token ids of a batch of questions, each on its own copy of ``cache``, left-padded to the
-        longest (the pads sit between the cached context and the question, which press() accepts)."""
+    def _answer(
+        self, cache, context_ids, questions: list[torch.Tensor], compress_questions: bool, generate_kwargs: dict, in_place: bool
+    ):
+        """Generated token ids of a batch of questions, each on its own copy of ``cache`` (``in_place``: on
+        ``cache`` itself, repeated along the batch), left-padded to the longest (the pads sit between the
+        cached context and the question, which press() accepts); and the KV bytes the batch ends with."""
         rows, width, n = len(questions), max(q.shape[1] for q in questions), context_ids.shape[1]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.stack([torch.nn.functional.pad(q[0], (width - q.shape[1], 0), value=pad) for q in questions])
         mask = torch.ones(rows, n + width, dtype=torch.long, device=ids.device)
         for row, q in enumerate(questions):
             mask[row, n : n + width - q.shape[1]] = 0
-        own = fork(cache, rows)
+        if in_place:
+            own = cache
+            if rows > 1:
+                own.batch_repeat_interleave(rows)
+        else:
+            own = fork(cache, rows)
         # All question tokens but the last are appended here (kept whole unless compress_questions); the
         # last one starts generate(), whose decoding steps follow the press's decoding rules (budgets).
         if width > 1:
