@@ -319,6 +319,8 @@ def decode_run(model, path: DecodePath, cache, prompt: torch.Tensor, new_tokens:
         ctx = press(model, path.press, static=static, compile=compile_)
     _hwm, _reset_hwm, _rss = _rss_tools()
     hwm_ok = device.type == "cpu" and _reset_hwm()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     rss0 = _rss() if device.type == "cpu" else 0
     start = time.perf_counter()
     with ctx, torch.no_grad():
