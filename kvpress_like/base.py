@@ -128,7 +128,8 @@ class Press(ABC):
     def select(self, scores: torch.Tensor, positions: torch.Tensor, seen, n_keep: int) -> torch.Tensor:
         """Indices ``(batch, kv_heads, n_keep)`` into the cached tokens to keep, in position order.
 
-        ``seen`` is the reading position (an int, or a ``(batch, 1, 1)`` tensor when rows differ)."""
+        ``seen`` is the reading position (an int, or a ``(batch, 1, 1)`` tensor when rows differ). Empty
+        slots (``positions < 0``) come with ``-inf`` scores and must not be protected."""
 
     @abstractmethod
     def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen) -> torch.Tensor:
@@ -209,12 +210,13 @@ class ScorerPress(Press):
             n_keep = n_protected
         n_keep = min(n_keep, scores.shape[-1])
         masked = scores.float().masked_fill(self.protected(positions, seen), float("inf"))
-        masked = masked.masked_fill(positions < 0, float("-inf"))
         kept = masked.topk(n_keep, dim=-1, sorted=False).indices
         kept_pos = positions.gather(-1, kept)
         order = kept_pos.masked_fill(kept_pos < 0, torch.iinfo(kept_pos.dtype).max).argsort(dim=-1)
         return kept.gather(-1, order)
 
     def victims(self, scores: torch.Tensor, positions: torch.Tensor, seen) -> torch.Tensor:
-        masked = scores.float().masked_fill(self.protected(positions, seen), float("inf"))
-        return masked.masked_fill(positions < 0, float("-inf")).argmin(dim=-1)
+        scores = scores.float()
+        if type(self).protected is ScorerPress.protected and not self.n_sink and not self.window:
+            return scores.argmin(dim=-1)  # nothing protected: skip the mask (a decoding step's hot path)
+        return scores.masked_fill(self.protected(positions, seen), float("inf")).argmin(dim=-1)

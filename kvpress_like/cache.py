@@ -66,18 +66,20 @@ def refuse_crop(tokens_to_remove: int) -> None:
         )
 
 
-def scores_for(press: Press, layer_idx: int, keys, values, positions, reading) -> torch.Tensor:
-    """``press.score`` as float32, with ``-inf`` for empty/padding slots (``positions < 0``)."""
+def scores_for(press: Press, layer_idx: int, keys, values, positions, reading, empty: bool = True) -> torch.Tensor:
+    """``press.score`` as float32, with ``-inf`` for empty/padding slots (``positions < 0``) unless the
+    caller knows there are none (``empty=False``)."""
     scores = press.score(layer_idx, keys, values, positions, reading).float()
-    return scores.masked_fill(positions < 0, float("-inf"))
+    return scores.masked_fill(positions < 0, float("-inf")) if empty else scores
 
 
-def current_scores(press: Press, layer_idx: int, keys, values, positions, stored, reading) -> torch.Tensor:
+def current_scores(press: Press, layer_idx: int, keys, values, positions, stored, reading, empty: bool = True):
     """Scores to evict by: re-computed at ``reading`` for position-dependent presses, else the stored
-    entry-time ones (empty slots ``-inf`` either way)."""
+    entry-time ones. Empty slots score ``-inf`` (``empty=False``: the caller knows stored scores already do,
+    the fast path of an unpadded full-attention layer)."""
     if press.position_dependent:
-        return scores_for(press, layer_idx, keys, values, positions, reading)
-    return stored.masked_fill(positions < 0, float("-inf"))
+        return scores_for(press, layer_idx, keys(), values(), positions, reading, empty)
+    return stored.masked_fill(positions < 0, float("-inf")) if empty else stored
 
 
 def layer_windows(config) -> list[int | None]:
@@ -103,6 +105,7 @@ class Call:
     positions: torch.Tensor  # (batch, kv_heads, q) true positions of the new tokens, -1 for padding
     reading: torch.Tensor  # (batch, 1, 1) position of the next query after this call
     targets: list[int] | None  # per row; None: no limit
+    reading_int: int | None  # ``reading`` as an int when every row agrees (no padding): cheaper to compare
 
 
 class SlotStore(CacheLayerMixin):
@@ -182,7 +185,7 @@ class SlotStore(CacheLayerMixin):
             score = None if score is None else torch.cat([self._score[:, :, :n], score], dim=-1)
         live_pos = live(pos)
         if score is not None:
-            score = current_scores(self.press, self.layer_idx, k, v, live_pos, score, reading)
+            score = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, live_pos, score, reading)
         return k, v, pos, live_pos, score
 
 
@@ -276,7 +279,7 @@ class PressedLayer(SlotStore):
             plan = "append"
         else:
             plan = "prune"
-        return Call(plan, q, positions, reading, targets)
+        return Call(plan, q, positions, reading, targets, reading_int if self.rows is None else None)
 
     # -- transformers CacheLayerMixin API ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -295,33 +298,37 @@ class PressedLayer(SlotStore):
             self.rows = call.reading.view(b)
         self.seen += q
         press, reading = self.press, call.reading
+        fast = self.rows is None and self.sliding_window is None  # no empty slot can exist
+        seen = call.reading_int if call.reading_int is not None else reading
         score = (
-            scores_for(press, self.layer_idx, key_states, value_states, call.positions, reading)
+            scores_for(press, self.layer_idx, key_states, value_states, call.positions, reading, empty=not fast)
             if press.query_free
             else None
         )
         if call.plan == "append":
             self._append(key_states, value_states, call.positions, score)
             out = self.keys, self.values
-            self._attn_positions = self.positions
+            self._attn_positions = None if fast else self.positions  # only our own masks read them
         elif call.plan == "overwrite":
             if self.rows is not None:
                 self._make_room(call.targets)
-            live = self._live_positions(self.positions, reading - 1)
-            scores = current_scores(press, self.layer_idx, self.keys, self.values, live, self.scores, reading)
+            live = self._live_positions(self.positions, seen - 1)
+            scores = current_scores(
+                press, self.layer_idx, lambda: self.keys, lambda: self.values, live, self.scores, reading, empty=not fast
+            )
             if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
                 full = (live >= 0).sum(-1, keepdim=True) >= torch.tensor(call.targets, device=live.device).view(b, 1, 1)
                 live = live.masked_fill(full & (live < 0), torch.iinfo(live.dtype).max)
-            slot = press.victims(scores, live, reading)
+            slot = press.victims(scores, live, seen)
             self._write_slot(slot, key_states, value_states, call.positions, score)
             out = self.keys, self.values
-            self._attn_positions = self.positions
+            self._attn_positions = None if fast else self.positions
         else:
             full_k, full_v, full_pos, live, full_score = self._candidates(
                 self.n, key_states, value_states, call.positions, score, reading,
                 lambda positions: self._live_positions(positions, reading),
             )
-            self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, reading, call.targets))
+            self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, seen, call.targets))
             out = full_k, full_v
             self._attn_positions = full_pos
         self._query_positions = call.positions[:, 0]
@@ -354,7 +361,7 @@ class PressedLayer(SlotStore):
     def _select(self, scores, positions, reading, targets: list[int]) -> torch.Tensor:
         """Kept indices; rows with different targets (padded batches) are selected one by one."""
         if len(set(targets)) == 1 and self.rows is None:
-            return self.press.select(scores, positions, int(reading.flatten()[0]), targets[0])
+            return self.press.select(scores, positions, reading, targets[0])
         rows = [
             self.press.select(scores[r : r + 1], positions[r : r + 1], reading[r : r + 1], t)
             for r, t in enumerate(targets)

@@ -164,9 +164,11 @@ class StaticPressedLayer(SlotStore):
         pos = self.cumulative_length.expand(b, h, 1).clone()
         self.cumulative_length.add_(1)
         reading = self.cumulative_length.expand(b, 1, 1)
-        score = scores_for(self.press, self.layer_idx, k, v, pos, reading)
+        score = scores_for(self.press, self.layer_idx, k, v, pos, reading, empty=False)
         # Position-dependent presses re-score every slot (O(budget), like attention), branch-free.
-        scores = current_scores(self.press, self.layer_idx, self._k, self._v, self._pos, self._score, reading)
+        scores = current_scores(
+            self.press, self.layer_idx, lambda: self._k, lambda: self._v, self._pos, self._score, reading, empty=False
+        )
         slot = self.press.victims(scores, self._pos, self.cumulative_length)  # (b, h)
         if self.masked:
             has_room = self.filled < self.budget
