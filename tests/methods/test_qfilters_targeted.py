@@ -125,3 +125,30 @@ def test_rescoring_with_a_budget_equals_masking_and_static_equals_dynamic(tmp_pa
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.logits, static.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_embedded_model_gets_statistics_calibrated_once_offline(tmp_path, monkeypatch, tiny_model_dir):
+    """An embedded model without stored statistics calibrates on first use (offline corpus), stores filters and
+    statistics, and never again; an existing filters file is left as it was."""
+    from transformers import AutoTokenizer
+
+    from kvpress_like.filters import FILTER_FILE, STATS_FILE, load_filters, save_filters
+    from kvpress_like.models import EMBEDDED_MODELS, load_model
+
+    monkeypatch.setenv("KVPRESS_LIKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVPRESS_LIKE_FILTERS", str(tmp_path / "filters"))
+    name = "tiny-embedded"
+    monkeypatch.setitem(EMBEDDED_MODELS, name, "a tiny stand-in for an embedded model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "cache" / "models" / name)
+    model, _ = load_model(str(tiny_model_dir))
+    model.config._name_or_path = name
+    mine = torch.randn(4, 2, 16)
+    save_filters(mine, store_path(model))  # the user's filters: must survive
+    calls = []
+    real = calibration.run_calibration
+    monkeypatch.setattr(calibration, "run_calibration", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):
+        with press(model, TargetedQFilterPress(ratio=0.5)):
+            pass
+    assert len(calls) == 1 and (store_path(model) / STATS_FILE).exists()
+    assert torch.equal(load_filters(store_path(model) / FILTER_FILE), mine)
