@@ -138,7 +138,7 @@ def test_tasks_ship_with_the_package(lm_eval):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (dict(press="qfilter"), "registered presses: knorm, qfilters, snapkv, streaming_llm"),
+        (dict(press="qfilter"), "registered presses: .*knorm, .*qfilters, .*snapkv, .*streaming_llm"),
         (dict(press="knorm", filters="x"), "do not apply to press=knorm; its options are:"),
         (dict(press="knorm", ration=0.5), "did you mean 'ratio'"),
         (dict(ratio=0.5), "given without a press"),
