@@ -38,6 +38,7 @@ help the post-RoPE filters at every length measured, so the default is 2 windows
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import random
@@ -193,22 +194,21 @@ def sample_queries(
         if rot is None:
             pre[idx].append(flat.cpu())
             return
-        key_ = rot.layer_type
-        if key_ not in state["cos_sin"]:
-            state["cos_sin"][key_] = rot.cos_sin((take % q).to(query.device))
-        cos, sin = state["cos_sin"][key_]
+        if rot.layer_type not in state["cos_sin"]:  # one rotation per layer type and forward call
+            state["cos_sin"][rot.layer_type] = rot.cos_sin((take % q).to(query.device))
+        cos, sin = state["cos_sin"][rot.layer_type]
         pre[idx].append(rot.unrotate(flat, cos, sin).cpu())
 
     device = next(model.parameters()).device
     # Only queries matter: skip the LM head where the model allows (a 262k vocabulary costs more than the layers).
-    import inspect
-
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad(), patched_attention(model, layers, record):
         for row in tqdm(ids, desc="calibrating", unit="seq", disable=not progress):
             state["take"] = None
             model(row[None].to(device), use_cache=False, **extra)
-    cut = lambda chunks: torch.cat(chunks, dim=1)[:, :samples_per_head]  # noqa: E731
+    def cut(chunks: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(chunks, dim=1)[:, :samples_per_head]
+
     return QuerySample(
         post_rope={idx: cut(c) for idx, c in post.items()},
         pre_rope={idx: cut(c) for idx, c in pre.items()},

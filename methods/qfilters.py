@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress_like.base import ScorerPress
-from kvpress_like.calibration import (  # noqa: F401  (historical import path)
+from kvpress_like.calibration import (
     calibrate,
     calibration_ids,
     collect_queries,
@@ -32,7 +32,7 @@ from kvpress_like.calibration import (  # noqa: F401  (historical import path)
     run_calibration,
     uncompressed_layers,
 )
-from kvpress_like.filters import (  # noqa: F401  (historical import path)
+from kvpress_like.filters import (
     FILTER_FILE,
     FILTER_KEY,
     SIGN_CONVENTION,
@@ -48,15 +48,24 @@ from kvpress_like.filters import (  # noqa: F401  (historical import path)
 
 __all__ = [
     "QFilterPress",
-    "calibrate",
-    "collect_queries",
-    "filters_from_queries",
-    "run_calibration",
-    "load_filters",
-    "save_filters",
-    "filters_for",
-    "store_path",
+    # re-exported from kvpress_like.calibration and kvpress_like.filters (historical import path)
+    "FILTER_FILE",
+    "FILTER_KEY",
     "SIGN_CONVENTION",
+    "as_filters",
+    "calibrate",
+    "calibration_ids",
+    "check_filters",
+    "collect_queries",
+    "expected_shape",
+    "filters_for",
+    "filters_from_queries",
+    "load_filters",
+    "run_calibration",
+    "save_filters",
+    "store_key",
+    "store_path",
+    "uncompressed_layers",
 ]
 
 
