@@ -318,7 +318,7 @@ class PressedLayer(SlotStore):
             )
             if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
                 full = (live >= 0).sum(-1, keepdim=True) >= torch.tensor(call.targets, device=live.device).view(b, 1, 1)
-                live = live.masked_fill(full & (live < 0), torch.iinfo(live.dtype).max)
+                scores = scores.masked_fill(full & (live < 0), float("inf"))
             slot = press.victims(scores, live, seen)
             self._write_slot(slot, key_states, value_states, call.positions, score)
             out = self.keys, self.values
