@@ -17,6 +17,7 @@ from kvpress_like import (
     press,
 )
 from kvpress_like.models import tiny_model
+from kvpress_like.integrations.transformers import cache_kwargs
 
 VOCAB = 128
 
@@ -269,9 +270,9 @@ def test_keys_scored_once_and_buffers_reused_while_decoding(kind):
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
         ids = ids_for(1, prompt + 6, seed=9)
-        model(ids[:, :prompt], past_key_values=cache)
+        model(ids[:, :prompt], **cache_kwargs(cache))
         for i in range(prompt, prompt + 6):
-            model(ids[:, i : i + 1], past_key_values=cache)
+            model(ids[:, i : i + 1], **cache_kwargs(cache))
     for layer in cache.layers:
         torch.testing.assert_close(layer.scores, original(layer.layer_idx, layer.keys, layer.positions))
 
@@ -289,7 +290,7 @@ def test_qfilters_cache_matches_the_press_and_loads_filters_from_a_path(tmp_path
         cache = QFiltersCache(window_length=4, max_length=12, filters=source, model=model)
         torch.manual_seed(0)
         with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=10, pad_token_id=0, do_sample=False)
+            out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=10, pad_token_id=0, do_sample=False)
         assert torch.equal(out, via_press.sequences)
         assert {layer.n for layer in cache.layers} == {12}
     with pytest.raises(ValueError, match="do not fit"):
@@ -332,7 +333,7 @@ def test_qfilters_cache_readme_example_on_smollm2():
     prompt, max_length, new = ids.shape[1], 128, 200
     cache = QFiltersCache(window_length=64, max_length=max_length, model=model)
     with StepRecorder(model) as rec, torch.no_grad():
-        capped = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+        capped = model.generate(ids, **cache_kwargs(cache), max_new_tokens=new, do_sample=False, min_new_tokens=new)
     with torch.no_grad():
         full = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
     assert capped.shape[1] == prompt + new

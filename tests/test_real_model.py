@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import kvpress_like as kp
 from kvpress_like.data import corpus_ids, passkey_sample
 from kvpress_like.integrations.transformers import attention_layers, patched_attention
+from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.qfilters import calibrate
 
 pytestmark = pytest.mark.slow
@@ -56,11 +57,11 @@ def test_qfilter_scores_follow_received_attention(smollm, filters):
 def _found(model, tokenizer, sample, p) -> bool:
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kp.press(model, p):
-        model(sample.context_ids, past_key_values=cache)
+        model(sample.context_ids, **cache_kwargs(cache))
         assert all(layer.keys.shape[-2] == sample.context_ids.shape[1] // 2 for layer in cache.layers)
         with kp.uncompressed(cache):
             ids = torch.cat([sample.context_ids, sample.question_ids], 1)
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+            out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=8, do_sample=False)
     return sample.answer in tokenizer.decode(out[0, ids.shape[1] :])
 
 

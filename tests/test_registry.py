@@ -10,6 +10,7 @@ from transformers import DynamicCache
 import kvpress_like as kp
 from kvpress_like.registry import plugin_manager
 from kvpress_like.models import tiny_model
+from kvpress_like.integrations.transformers import cache_kwargs
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ def test_third_party_press_through_entry_point(installed_plugin):
     model = tiny_model("llama")
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), kp.press(model, "odd_positions", ratio=0.5):
-        model(torch.randint(3, 100, (1, 20)), past_key_values=cache)
+        model(torch.randint(3, 100, (1, 20)), **cache_kwargs(cache))
     for layer in cache.layers:
         assert layer.positions.tolist() == [[list(range(1, 20, 2))] * 2]
 
