@@ -43,6 +43,11 @@ LLAMA_8B = dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, 
                 intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
 
 
+#: Shape of the random ``--model tiny`` (benchmark smoke runs).
+TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=65536)
+
+
 def build_model(name: str, device: str, dtype: torch.dtype):
     """``(model, filters)``: an embedded/local model with its Q-Filters, or a random-weight one.
 
@@ -52,11 +57,13 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     import transformers as tf
 
     from kvpress_like.methods.qfilters import calibrate, filters_for
-    from kvpress_like.models import load_model, tiny_model
+    from kvpress_like.models import load_model
 
     if name in ("llama-8b-random", "tiny"):
-        if name == "tiny":
-            model = tiny_model("llama", seed=0, attn_implementation="sdpa", max_position_embeddings=65536)
+        if name == "tiny":  # a random 4-layer Llama: smoke runs of the benchmark code, not numbers
+            torch.manual_seed(0)
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**TINY_LLAMA))
+            model.config._attn_implementation = "sdpa"
         else:
             config = tf.LlamaConfig(**LLAMA_8B)
             torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Loading models: the embedded offline models, hub/local models, and tiny random models for tests.
+"""Loading models: the embedded offline models and hub/local models (tiny random test models live in tests/tiny.py).
 
 The embedded models ship as GGUF files inside PyPI packages; de-quantizing them takes 20-50 s, so the
 first load writes a safetensors copy under the cache directory (``$KVPRESS_LIKE_CACHE``, default
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "load_model", "tiny_model", "model_identity"]
+__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "load_model", "model_identity", "head_dim", "kv_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -121,54 +121,3 @@ _head_dim = head_dim  # the name the filter store and presses import
 def kv_heads(cfg) -> int:
     """KV heads per layer: ``num_key_value_heads``, or one per query head in configs without GQA (GPT-NeoX)."""
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
-_TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager", **overrides):
-    """A small random model of a given architecture, deterministic for a seed (for tests and smoke runs).
-
-    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox. Gemma3 alternates sliding
-    and full layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv
-    projection; GPT-NeoX (Pythia) a fused qkv projection, rotary embedding on a quarter of each head and
-    no grouped KV heads. (Falcon is not offered: its attention bypasses transformers' attention
-    interface, see ``attention_layers``.)
-    """
-    import transformers as tf
-
-    settings = dict(_TINY, **overrides)
-    if arch == "llama":
-        config = tf.LlamaConfig(**settings)
-    elif arch == "mistral":
-        config = tf.MistralConfig(**{"sliding_window": None, **settings})
-    elif arch == "qwen2":
-        config = tf.Qwen2Config(**settings)
-    elif arch == "qwen3":
-        config = tf.Qwen3Config(head_dim=16, **settings)
-    elif arch == "phi3":
-        config = tf.Phi3Config(pad_token_id=0, **settings)
-    elif arch == "gemma3":
-        settings.setdefault("head_dim", 16)
-        config = tf.Gemma3TextConfig(
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"] * (settings["num_hidden_layers"] // 2),
-            **settings,
-        )
-    elif arch == "gpt_neox":
-        settings.pop("num_key_value_heads")  # GPT-NeoX has one KV head per query head
-        config = tf.GPTNeoXConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, **settings)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3 or gpt_neox")
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    return model.eval()

@@ -43,7 +43,8 @@ def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama with the SmolLM2 tokenizer beside it: loadable by name like any local model."""
     from transformers import AutoTokenizer
 
-    from kvpress_like.models import _materialize, tiny_model
+    from kvpress_like.models import _materialize
+    from tiny import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llama-smol-vocab")
     tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=49152, max_position_embeddings=4096).save_pretrained(out)

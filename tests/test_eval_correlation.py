@@ -5,7 +5,7 @@ import torch
 
 from kvpress_like import KnormPress, QFilterPress, StreamingLLMPress
 from kvpress_like.evaluations import correlation
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 def test_spearman_matches_definition():

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from kvpress_like import KnormPress, PressedLayer, QFilterPress, SnapKVPress, press
 from kvpress_like.evaluations import niah
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 

@@ -11,7 +11,7 @@ from kvpress_like import PressedLayer, list_presses, press, uncompressed
 from kvpress_like.registry import press_class
 from kvpress_like.evaluations import passkey
 from kvpress_like.integrations.transformers import cache_kwargs
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
 

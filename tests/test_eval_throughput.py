@@ -9,7 +9,7 @@ from transformers import CompileConfig
 
 from kvpress_like import QFilterPress, StreamingLLMPress
 from kvpress_like.evaluations import throughput as tp
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -7,7 +7,7 @@ from kvpress_like import calibration, get_press
 from kvpress_like.filters import save_query_stats
 from kvpress_like.integrations.rope import rotary
 from kvpress_like.methods import ExpectedAttentionPress
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 def rotation_matrix(model, layer_idx, p, d=16):

@@ -8,7 +8,7 @@ import torch
 from kvpress_like import calibration, get_press, press
 from kvpress_like.filters import save_query_stats, store_path
 from kvpress_like.methods import TargetedQFilterPress
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 @pytest.fixture

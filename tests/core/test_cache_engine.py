@@ -14,7 +14,7 @@ from transformers import DynamicCache
 import kvpress_like as kp
 from kvpress_like import PressedCache, PressedLayer, ScorerPress, press
 from kvpress_like.integrations.transformers import cache_kwargs
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 @dataclass
@@ -270,7 +270,7 @@ def test_observers_see_every_update():
 
 @pytest.mark.parametrize("make", [lambda: RecencyBandPress(max_cache_tokens=9, n_sink=1), lambda: kp.KnormPress(max_cache_tokens=9)])
 def test_static_cache_rescoring_equals_dynamic(make):
-    """The static slot cache (eager here; compiled in tests/test_static.py) re-scores like the dynamic one."""
+    """The static slot cache (eager here; compiled in tests/core/test_static_cache.py) re-scores like the dynamic one."""
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
     settings = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)

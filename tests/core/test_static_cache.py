@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from transformers import CompileConfig, DynamicCache
 
 from kvpress_like import PressedLayer, QFilterPress, SnapKVPress, press
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, static_budget
 
 

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like import PressedLayer, cache_nbytes, press
-from kvpress_like.models import kv_heads, tiny_model
+from kvpress_like.models import kv_heads
+from tiny import tiny_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 METHODS = {
@@ -101,19 +102,6 @@ def test_layer_sizes_sorted_and_untouched_layers(arch):
     assert cache.get_seq_length() == n
 
 
-def test_streaming_llm_keeps_exactly_sinks_and_recent():
-    model = tiny_model("llama")
-    n, sinks = 30, 3
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad(), press(model, kp.StreamingLLMPress(ratio=0.5, n_sink=sinks)):
-        model(torch.randint(3, 100, (2, n)), **cache_kwargs(cache))
-    keep = n - math.floor(n * 0.5)
-    expected = list(range(sinks)) + list(range(n - (keep - sinks), n))
-    for layer in cache.layers:
-        assert layer.positions.shape[-1] == keep
-        assert (layer.positions == torch.tensor(expected)).all()
-
-
 def test_kv_bytes_really_shrink():
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (1, 64))
@@ -176,7 +164,7 @@ def test_model_without_attention_layers():
 
 
 def test_right_padded_batch_rejected():
-    """Left padding is compressed row by row (tests/test_engine_padding.py); right padding is refused."""
+    """Left padding is compressed row by row (tests/core/test_cache_engine.py); right padding is refused."""
     model = tiny_model("llama")
     ids = torch.randint(3, 100, (2, 10))
     mask = torch.ones_like(ids)

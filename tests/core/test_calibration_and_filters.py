@@ -16,7 +16,8 @@ from kvpress_like import calibration
 from kvpress_like import QFilterPress, press
 from kvpress_like.calibration import read_texts
 from kvpress_like.data import offline_corpus
-from kvpress_like.models import EMBEDDED_MODELS, load_model, tiny_model
+from kvpress_like.models import EMBEDDED_MODELS, load_model
+from tiny import tiny_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from kvpress_like import SnapKVPress, press
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 def reference_kept(query, key, window: int, kernel: int, n_keep: int, scaling: float) -> list[set[int]]:

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like.registry import plugin_manager
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 PLUGIN = '''

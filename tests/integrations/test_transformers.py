@@ -8,7 +8,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import kvpress_like as kp
 from kvpress_like.integrations.transformers import ATTENTION_NAME, attention_layers, cache_kwargs
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 
 
 def _names(model) -> list[str]:

@@ -33,7 +33,8 @@ def tiny_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama whose vocabulary matches the SmolLM2 tokenizer saved beside it."""
     from transformers import AutoTokenizer
 
-    from kvpress_like.models import _materialize, tiny_model
+    from kvpress_like.models import _materialize
+    from tiny import tiny_model
 
     source = _materialize("smollm2-135m")  # the cached safetensors copy after the first conversion
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -103,7 +104,7 @@ def test_core_imports_and_runs_without_lm_eval():
     code = (
         "import sys; sys.modules['lm_eval'] = None\n"  # makes `import lm_eval` fail as if it were absent
         "import kvpress_like, torch\n"
-        "from kvpress_like.models import tiny_model\n"
+        f"sys.path.insert(0, {str(Path(__file__).parents[1])!r}); from tiny import tiny_model\n"
         "m = tiny_model('llama')\n"
         "with torch.no_grad(), kvpress_like.press(m, 'knorm', ratio=0.5):\n"
         "    m.generate(torch.arange(1, 40)[None], max_new_tokens=2, do_sample=False)\n"

@@ -16,7 +16,7 @@ from kvpress_like import (
     cache_nbytes,
     press,
 )
-from kvpress_like.models import tiny_model
+from tiny import tiny_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 VOCAB = 128

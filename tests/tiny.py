@@ -1,0 +1,53 @@
+"""Tiny random models of each supported family: the test suite's fixtures (deterministic, built offline)."""
+
+import torch
+
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """A small random model of a given architecture, deterministic for a seed (for tests and smoke runs).
+
+    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox. Gemma3 alternates sliding
+    and full layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv
+    projection; GPT-NeoX (Pythia) a fused qkv projection, rotary embedding on a quarter of each head and
+    no grouped KV heads. (Falcon is not offered: its attention bypasses transformers' attention
+    interface, see ``attention_layers``.)
+    """
+    import transformers as tf
+
+    settings = dict(_TINY, **overrides)
+    if arch == "llama":
+        config = tf.LlamaConfig(**settings)
+    elif arch == "mistral":
+        config = tf.MistralConfig(**{"sliding_window": None, **settings})
+    elif arch == "qwen2":
+        config = tf.Qwen2Config(**settings)
+    elif arch == "qwen3":
+        config = tf.Qwen3Config(head_dim=16, **settings)
+    elif arch == "phi3":
+        config = tf.Phi3Config(pad_token_id=0, **settings)
+    elif arch == "gemma3":
+        settings.setdefault("head_dim", 16)
+        config = tf.Gemma3TextConfig(
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * (settings["num_hidden_layers"] // 2),
+            **settings,
+        )
+    elif arch == "gpt_neox":
+        settings.pop("num_key_value_heads")  # GPT-NeoX has one KV head per query head
+        config = tf.GPTNeoXConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, **settings)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3 or gpt_neox")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
