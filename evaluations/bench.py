@@ -36,6 +36,7 @@ from kvpress_like.cache import PressedLayer
 
 from kvpress_like.integrations.transformers import cache_kwargs
 from .common import RESULTS_DIR, build_press, command_line, environment, environment_markdown, set_threads, write_result
+from kvpress_like.models import head_dim as head_dim_of
 
 METHODS = ("no_press", "qfilters", "knorm", "snapkv", "streaming_llm")
 #: Llama-3.1-8B's shape (kvpress's speed benchmark uses it with random weights)
@@ -183,7 +184,7 @@ def promised_kv_bytes(model, n: int, p) -> int:
     from kvpress_like.integrations.transformers import attention_layers
 
     cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     per_token = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
     total = 0
     for layer in attention_layers(model):
@@ -248,7 +249,7 @@ def run_bench(model, filters, lengths, methods=METHODS, ratio: float = 0.5, repe
         peaks: dict[str, list[int]] = {m: [] for m in presses}
         how = ""
         cfg = model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         token_bytes = 2 * head_dim * next(model.parameters()).element_size()  # one token of one KV head
         measured = {}
         for r in range(repeats):

@@ -30,6 +30,7 @@ from kvpress_like.context import press as press_context
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs
 
 from .common import RESULTS_DIR, build_press, environment, markdown_footer, query_free_presses, set_threads, write_result
+from kvpress_like.models import head_dim as head_dim_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +100,7 @@ def decode_benchmark(model, ids: torch.Tensor, args) -> dict:
     medians = {name: statistics.median(t) for name, t in times.items()}
 
     cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     k = torch.randn(1, cfg.num_key_value_heads, 1, head_dim)
     v = torch.randn_like(k)
     per_layer = {
@@ -129,7 +130,7 @@ def memory_check(model, ids: torch.Tensor, args) -> dict:
     p = _press(args.method, model, max_cache_tokens=budget, window=args.window, n_sink=args.n_sink,
                prefill_chunk_size=chunk)
     cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()  # K + V
     cache = DynamicCache(config=model.config)
     stored_peak, attention_peak, calls = 0, 0, 0

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from kvpress_like.models import head_dim as head_dim_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = "kvpress-like bench gpu-decode"
@@ -83,7 +84,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
@@ -95,7 +96,7 @@ def weight_bytes_read(model) -> int:
 
 def fill(cache, cfg, batch: int, prompt: int, dtype, device, seed: int, chunk: int = 8192) -> None:
     """Give every layer ``prompt`` random keys/values through the cache's own ``update`` (chunked)."""
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     for layer in range(cfg.num_hidden_layers):
         for start in range(0, prompt, chunk):
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=args.attn).eval()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     filters = torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
     bandwidth = copy_bandwidth(device, (2 << 30) if not tiny else (64 << 20))
     weights = weight_bytes_read(model)

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from .common import RESULTS_DIR, command_line, environment, markdown_footer, set_threads, write_result
+from kvpress_like.models import head_dim as head_dim_of
 
 NAME = "throughput"
 #: ``--quick``: a small grid that still contains the headline cell (batch 8 x 4k) and Q-Filters only
@@ -114,7 +115,7 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
     """Key + value bytes one token adds to a full cache (all layers, all KV heads)."""
     cfg = model.config.get_text_config()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     elem = next(model.parameters()).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
 
