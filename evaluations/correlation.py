@@ -33,7 +33,7 @@ from kvpress_like.integrations.transformers import attention_layers, patched_att
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, environment, parse_list, query_free_presses, set_threads,
+    RESULTS_DIR, build_press, environment, markdown_footer, parse_list, query_free_presses, set_threads,
     write_result,
 )
 

@@ -38,7 +38,8 @@ from kvpress_like.integrations.transformers import cache_kwargs
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, environment, markdown_footer, parse_list, query_free_presses, set_threads, write_result,
+    RESULTS_DIR, build_press, command_line, environment, markdown_footer, parse_list, query_free_presses, set_threads,
+    write_result,
 )
 
 REFERENCE = "streaming_llm"
@@ -223,7 +224,9 @@ def merge(args: argparse.Namespace, methods: list[str], budgets: list[int]) -> i
     for key in ("model", "tokens", "chunk", "n_sink", "window"):
         setattr(args, key, parts[0][key])
     report = summarize(runs, parts[0]["budgets"], args, parts[0]["environment"])
-    report.update(text=parts[0]["text"], methods_planned=methods, merged_from=[str(p) for p in args.merge])
+    commands = [part["environment"]["command"] for part in parts] + [command_line()]
+    report.update(text=parts[0]["text"], methods_planned=methods, merged_from=[str(p) for p in args.merge],
+                  command=" && ".join(commands))
     write_outputs(report, runs, args)
     print(render_markdown(report))
     return 0
