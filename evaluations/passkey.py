@@ -15,7 +15,7 @@ every layer attends over all prompt tokens and the press only decides which entr
 library's tested guarantee that pruning equals masking). So each prompt's context is prefilled once into a
 full ``DynamicCache``, and each (method, factor) gets a compressed copy built by the cache engine itself
 (:func:`compress_prefilled`: the press scores and selects from the full cache exactly as at the end of a
-pressed prefill, with the same reading position); ``tests/test_eval_passkey.py`` checks that this equals
+pressed prefill, with the same reading position); ``tests/evaluations/test_passkey.py`` checks that this equals
 a real pressed prefill. The question is then fed *uncompressed* after the compressed context (as the
 Q-Filters paper evaluates), and, as the ``compressed`` variant, prefilled *with* the context and
 compressed along with it (the full cache of context + question is the shared prefill then).

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 from .common import RESULTS_DIR, environment, environment_markdown
-from .common import command_line, markdown_footer, set_threads, write_result  # noqa: F401  for modules not yet moved to .common
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 #: sections first in RESULTS.md, in this order; any other ``*.md`` follows alphabetically

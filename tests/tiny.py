@@ -51,3 +51,20 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
+
+
+class ByteTokenizer:
+    """A tokenizer-shaped byte codec, so evaluation grids run on a tiny random model without any download."""
+
+    bos_token_id = 256
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tiny_byte_model():
+    """A tiny Llama whose vocabulary covers :class:`ByteTokenizer` (256 bytes + BOS), with room for 4k tokens."""
+    return tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=257, max_position_embeddings=4096)

@@ -8,24 +8,10 @@ from transformers import DynamicCache
 
 from kvpress_like import KnormPress, PressedLayer, QFilterPress, SnapKVPress, press
 from kvpress_like.evaluations import niah
-from tiny import tiny_model
+from tiny import ByteTokenizer, tiny_byte_model
 from kvpress_like.integrations.transformers import cache_kwargs
 
 
-class ByteTokenizer:
-    """A tokenizer-shaped byte codec, so the grid runs on a tiny random model without any download."""
-
-    bos_token_id = 256
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-def _tiny():
-    return tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=257, max_position_embeddings=4096)
 
 
 FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
@@ -39,7 +25,7 @@ FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
 )
 def test_shared_prefill_equals_pressed_prefill(p):
     """The grid's shortcut (prefill once, compress copies) keeps the same tokens as a real pressed prefill."""
-    model = _tiny()
+    model = tiny_byte_model()
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     question = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
     real = DynamicCache(config=model.config)
@@ -59,7 +45,7 @@ def test_shared_prefill_equals_pressed_prefill(p):
 
 
 def test_oracle_keeps_needle():
-    model = _tiny()
+    model = tiny_byte_model()
     ids = torch.randint(0, 256, (1, 120), generator=torch.Generator().manual_seed(3))
     p = niah.NeedleOraclePress(ratio=0.9, filters=FILTERS, needle_span=(40, 48))
     cache, queries, _ = niah.prefill(model, ids, window=64)
@@ -71,7 +57,7 @@ def test_oracle_keeps_needle():
 
 
 def test_grid_schema_and_outputs(tmp_path):
-    model, tok = _tiny(), ByteTokenizer()
+    model, tok = tiny_byte_model(), ByteTokenizer()
     grid = niah.Grid(lengths=(300,), depths=(0.5,), factors=(2, 4), seeds=(0,), methods=("no_press", "qfilters", "snapkv"),
                      variants=("oracle",), min_baseline=0.0)
     result = niah.run_grid(model, tok, grid, filters=FILTERS, progress=False)
@@ -94,7 +80,7 @@ def test_grid_schema_and_outputs(tmp_path):
 
 def test_min_baseline_drops_failing_lengths():
     """A random model fails the needle: with a threshold of 1.0 the lengths are dropped, and no press runs."""
-    model, tok = _tiny(), ByteTokenizer()
+    model, tok = tiny_byte_model(), ByteTokenizer()
     grid = niah.Grid(lengths=(300,), depths=(0.5,), factors=(2,), seeds=(0,), haystacks=("repetitive",),
                      methods=("no_press", "knorm"), variants=(), min_baseline=1.0)
     result = niah.run_grid(model, tok, grid, progress=False)

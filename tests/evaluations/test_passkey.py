@@ -11,25 +11,11 @@ from kvpress_like import PressedLayer, list_presses, press, uncompressed
 from kvpress_like.registry import press_class
 from kvpress_like.evaluations import passkey
 from kvpress_like.integrations.transformers import cache_kwargs
-from tiny import tiny_model
+from tiny import ByteTokenizer, tiny_byte_model
 
 FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
 
 
-class ByteTokenizer:
-    """A tokenizer-shaped byte codec, so the grid runs on a tiny random model without any download."""
-
-    bos_token_id = 256
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-def _tiny():
-    return tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=257, max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +25,7 @@ def stats_dir(tmp_path_factory):
     from kvpress_like.filters import save_query_stats
 
     ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(4))
-    result = run_calibration(_tiny(), texts=ids, num_sequences=2, seq_len=128, samples_per_head=64, progress=False)
+    result = run_calibration(tiny_byte_model(), texts=ids, num_sequences=2, seq_len=128, samples_per_head=64, progress=False)
     return save_query_stats(result.stats, tmp_path_factory.mktemp("stats"), **result.stats_info).parent
 
 
@@ -58,7 +44,7 @@ def _press(name: str, stats_dir, **settings):
 def test_shared_prefill_equals_pressed_prefill(name, variant, stats_dir):
     """Compressing a copy of one full-cache prefill keeps the same entries, and gives the same answer logits,
     as prefilling under press() (for every registered press, with sinks, a window and a skipped layer)."""
-    model = _tiny()
+    model = tiny_byte_model()
     p = _press(name, stats_dir, ratio=0.75, n_sink=2, window=8, skip_layers=(1,))
     ctx = torch.randint(0, 256, (1, 400), generator=torch.Generator().manual_seed(1))
     question = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
@@ -94,7 +80,7 @@ def test_shared_prefill_equals_pressed_prefill(name, variant, stats_dir):
 
 
 def test_grid_schema_and_pairing():
-    model, tok = _tiny(), ByteTokenizer()
+    model, tok = tiny_byte_model(), ByteTokenizer()
     grid = passkey.Grid(lengths=(300,), factors=(4,), depths=2, keys=2, methods=("knorm", "streaming_llm"),
                         reference="knorm", quick=True)
     result = passkey.run_grid(model, tok, grid, progress=False)
