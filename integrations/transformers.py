@@ -218,6 +218,11 @@ class PlainLayerGeometry:
         self.sliding_window = sliding_window
         self.real = real  # (batch, past + q) real tokens, None when nothing is padded
 
+    def wants_own_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> bool:
+        """Padding always needs it; a sliding layer when transformers' mask was built for another length."""
+        fits = attention_mask is not None and attention_mask.shape[-1] == key.shape[-2]
+        return self.real is not None or (self.sliding_window is not None and not fits)
+
     def attention_mask(self, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor:
         q, kv = query.shape[-2], key.shape[-2]
         if self.real is None:  # contiguous keys, the new ones last: relative positions are enough
@@ -250,27 +255,18 @@ def positions_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int | None, q
 
 
 def _fit_mask(state: _State, attention_mask, query, key):
-    """The mask this layer's call needs: transformers' (aligned) when it describes the keys, else our own."""
-    layer = state.layer
-    impl = state.original_impl
-    if layer is None:
-        return align_mask(attention_mask, query, key, impl)
-    own = getattr(layer, "needs_own_mask", None)
-    if isinstance(layer, PlainLayerGeometry):
-        fits = attention_mask is not None and attention_mask.shape[-1] == key.shape[-2]
-        own = layer.real is not None or (layer.sliding_window is not None and not fits)
-        if not own:
-            return align_mask(attention_mask, query, key, impl)
-    elif not own:
+    """The mask this layer's call needs: transformers' (aligned) when it describes the keys, else the
+    layer's own, built from true positions (``wants_own_mask`` / ``attention_mask`` of the call's layer)."""
+    layer, impl = state.layer, state.original_impl
+    wants_own = getattr(layer, "wants_own_mask", None)
+    if wants_own is None or not wants_own(attention_mask, key):
         return align_mask(attention_mask, query, key, impl)
     if impl.startswith("flash"):
         raise ValueError(
             "padded batches and compressed sliding-window layers need masks built from true positions, which "
             f"{impl} cannot take; load the model with attn_implementation='sdpa' or 'eager'."
         )
-    if isinstance(layer, PlainLayerGeometry):
-        return layer.attention_mask(query, key, impl)
-    return layer.attention_mask(query, impl)
+    return layer.attention_mask(query, key, impl)
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):

@@ -236,10 +236,13 @@ class PressedLayer(SlotStore):
 
     # -- planning ----------------------------------------------------------------------------------
     def begin_call(self, valid: torch.Tensor | None) -> None:
-        """Announced by :func:`kvpress_like.press` before each call: which new tokens are real (left padding)."""
+        """Announced by :func:`kvpress_like.press` before each call: which new tokens are real (left padding).
+
+        A plan that :meth:`get_mask_sizes` made for this call stays valid unless the call is padded."""
         self._valid = valid
         self._in_context = True
-        self._call = None
+        if valid is not None:
+            self._call = None
 
     def _row_targets(self, reading: torch.Tensor | int, decoding: bool) -> list[int] | None:
         readings = [reading] if isinstance(reading, int) else reading.flatten().tolist()
@@ -292,7 +295,7 @@ class PressedLayer(SlotStore):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
-        call = self._call or self._plan_call(q, b, h, key_states.device)
+        call = self._call if self._call is not None and self._call.q == q else self._plan_call(q, b, h, key_states.device)
         in_context, self._in_context, self._valid, self._call = self._in_context, False, None, None
         if self.rows is not None:
             self.rows = call.reading.view(b)
@@ -310,15 +313,16 @@ class PressedLayer(SlotStore):
             out = self.keys, self.values
             self._attn_positions = None if fast else self.positions  # only our own masks read them
         elif call.plan == "overwrite":
-            if self.rows is not None:
-                self._make_room(call.targets)
-            live = self._live_positions(self.positions, seen - 1)
+            if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
+                targets = torch.tensor(call.targets, device=key_states.device).view(b, 1, 1)
+                live = self._make_room(targets, seen - 1)
+            else:
+                live = self._live_positions(self.positions, seen - 1)
             scores = current_scores(
                 press, self.layer_idx, lambda: self.keys, lambda: self.values, live, self.scores, reading, empty=not fast
             )
-            if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
-                full = (live >= 0).sum(-1, keepdim=True) >= torch.tensor(call.targets, device=live.device).view(b, 1, 1)
-                scores = scores.masked_fill(full & (live < 0), float("inf"))
+            if self.rows is not None:
+                scores = scores.masked_fill(((live >= 0).sum(-1, keepdim=True) >= targets) & (live < 0), float("inf"))
             slot = press.victims(scores, live, seen)
             self._write_slot(slot, key_states, value_states, call.positions, score)
             out = self.keys, self.values
@@ -331,26 +335,24 @@ class PressedLayer(SlotStore):
             self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, seen, call.targets))
             out = full_k, full_v
             self._attn_positions = full_pos
-        self._query_positions = call.positions[:, 0]
+        self._query_positions = None if fast else call.positions[:, 0]
         if not in_context:
             self._check_outside_context(call)
         for observer in self.observers:
             observer(self, call.plan, q)
         return out
 
-    def _make_room(self, targets: list[int]) -> None:
-        """Padded decoding: add one empty slot when a row under its target has none left to fill."""
-        live = self._live_positions(self.positions, self._query_positions_hint())
-        count = (live >= 0).sum(-1)  # (batch, heads)
-        under = count < torch.tensor(targets, device=count.device)[:, None]
-        if bool((under & (count == self.n)).any()):
-            b, h = count.shape
+    def _make_room(self, targets: torch.Tensor, query_position) -> torch.Tensor:
+        """Padded decoding: add one empty slot when a row under its ``(batch, 1, 1)`` target has none left to
+        fill; returns the live positions (for the query at ``query_position``) of the slots after that."""
+        live = self._live_positions(self.positions, query_position)
+        count = (live >= 0).sum(-1, keepdim=True)  # (batch, heads, 1)
+        if bool(((count < targets) & (count == self.n)).any()):
+            b, h = count.shape[:2]
             self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
                          self._pos.new_full((b, h, 1), -1), self._score.new_full((b, h, 1), float("-inf")))
-
-    def _query_positions_hint(self) -> torch.Tensor:
-        """Position of the query of the decoding step being written (rows already counted it)."""
-        return (self.rows - 1).view(-1, 1, 1)
+            live = self._live_positions(self.positions, query_position)
+        return live
 
     def _live_positions(self, positions: torch.Tensor, reading: torch.Tensor) -> torch.Tensor:
         """Positions with the tokens the query at ``reading`` can no longer see (sliding window) marked empty."""
@@ -390,8 +392,7 @@ class PressedLayer(SlotStore):
         self._store(self.keys, self.values, self.positions, None, keep)
 
     # -- masks ---------------------------------------------------------------------------------------
-    @property
-    def needs_own_mask(self) -> bool:
+    def wants_own_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> bool:
         """Whether transformers' causal mask cannot describe what the last call's keys may see."""
         return self.sliding_window is not None or self.rows is not None
 
@@ -401,7 +402,7 @@ class PressedLayer(SlotStore):
         kv_length = self.n if self._call is not None and self._call.plan == "overwrite" else self.n + query_length
         return kv_length, self.seen + query_length - kv_length
 
-    def attention_mask(self, query: torch.Tensor, impl: str) -> torch.Tensor:
+    def attention_mask(self, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor:
         """The mask of the call just made, from the true positions of the keys it returned (see
         :func:`~kvpress_like.integrations.transformers.positions_mask`); per KV head only for a sliding layer
         holding old tokens, since heads keep different ones."""

@@ -26,9 +26,12 @@ from .static import StaticPressedCache, StaticPressedLayer, check_static_press, 
 __all__ = ["press"]
 
 
-def _adopt(cache: Cache, idx: int, p: Press, window: int | None, q: int) -> PressedLayer | StaticPressedLayer | None:
+def _adopt(
+    cache: Cache, idx: int, p: Press, window: int | None, q: int, real: torch.Tensor | None
+) -> PressedLayer | StaticPressedLayer | None:
     """The cache layer ``idx`` as a pressed layer driven by ``p`` (converting a plain layer), or ``None``
-    when it stays a transformers layer (a sliding layer its window already bounds below the press's target)."""
+    when it stays a transformers layer (a sliding layer its window already bounds below the press's target,
+    judged on the shortest row's real tokens of this ``q``-token call)."""
     layers = cache.layers
     while len(layers) <= idx:
         if cache.layer_class_to_replicate is None:
@@ -47,8 +50,11 @@ def _adopt(cache: Cache, idx: int, p: Press, window: int | None, q: int) -> Pres
             f"press() compresses transformers' DynamicCache (the default of generate()); layer {idx} of the "
             f"given cache is a {type(layer).__name__}. Pass no cache, a DynamicCache, or a PressedCache."
         )
-    if window is not None and (not p.query_free or layer.is_initialized or stays_plain(p, window, q)):
-        return None
+    if window is not None:
+        if not p.query_free or layer.is_initialized:
+            return None
+        if stays_plain(p, window, q if real is None else int(real[:, -q:].sum(-1).min())):
+            return None
     layers[idx] = PressedLayer.from_dynamic(layer, p, idx, window)
     return layers[idx]
 
@@ -146,8 +152,7 @@ def press(
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         q = hidden.shape[1]
-        shortest = q if real is None else int(real[:, -q:].sum(-1).min())  # rows decide by their real tokens
-        layer = _adopt(cache, idx, p, window_of[idx], shortest) if idx in compressed else None
+        layer = _adopt(cache, idx, p, window_of[idx], q, real) if idx in compressed else None
         if isinstance(layer, PressedLayer):
             layer.begin_call(None if real is None else real[:, -q:])
         elif layer is None:
