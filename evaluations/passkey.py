@@ -20,9 +20,11 @@ a real pressed prefill. The question is then fed *uncompressed* after the compre
 Q-Filters paper evaluates), and, as the ``compressed`` variant, prefilled *with* the context and
 compressed along with it (the full cache of context + question is the shared prefill then).
 
-Scoring: the question and the answer go in one teacher-forced pass; a prompt counts as exact when the
-model's greedy prediction is right at every answer token (the same event as greedy decoding producing the
-answer's tokens).
+Scoring: greedy decoding after the question, as a user would run it; a prompt counts as retrieved when the
+pass key appears in the first ``len(answer tokens) + ANSWER_SLACK`` generated tokens (the usual pass-key
+criterion, key in the output). A teacher-forced check of the answer tokens, which this replaced, also
+failed every prompt whose answer began "is a 60494": on SmolLM2 most failures of the compressed caches were
+that format token, not a lost key.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from .common import (
 VARIANTS = ("uncompressed", "compressed")
 #: queries kept from the prefill for query-dependent presses (SnapKV's default window is 64)
 QUERY_WINDOW = 64
+#: tokens decoded beyond the answer's own before a prompt counts as failed
+ANSWER_SLACK = 3
 
 
 @dataclass
@@ -133,22 +137,63 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     return new
 
 
-@torch.no_grad()
-def answer_exact(model, tokenizer, cache, feed_ids: torch.Tensor, answer: str,
-                 first_logits: torch.Tensor | None = None) -> tuple[bool, str]:
-    """Teacher-forced greedy check of ``answer`` after ``feed_ids`` (the question, or nothing).
+def stack_caches(model, caches: list) -> DynamicCache | None:
+    """The compressed caches of one cell as one plain batch, a row per method, or ``None`` when they cannot
+    share one: a model with sliding layers (their masks need each row's own window), or rows of different
+    sizes. Entries keep their true RoPE positions in the keys; new tokens get theirs from ``position_ids``."""
+    if any(layer.sliding for layer in attention_layers(model)):
+        return None
+    batch = DynamicCache(config=model.config)
+    for idx in range(len(caches[0].layers)):
+        layers = [c.layers[idx] for c in caches]
+        if len({tuple(layer.keys.shape) for layer in layers}) != 1 or any(
+            isinstance(layer, PressedLayer) and bool((layer.positions < 0).any()) for layer in layers
+        ):
+            return None
+        batch.update(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]), idx)
+    return batch
 
+
+@torch.no_grad()
+def answers_found(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, answer: str, start: int | None = None,
+                  first_logits: torch.Tensor | None = None, slack: int = ANSWER_SLACK) -> list[tuple[bool, str]]:
+    """Greedy decoding after ``feed_ids`` (the question, or nothing) for each of the cache's ``rows``; a row
+    finds the key when ``answer`` appears in its text.
+
+    ``start``: true position of the first fed token, passed as ``position_ids`` (needed when ``cache`` is a
+    stack of compressed caches, whose length is not the position); ``None`` lets the cache say.
     ``first_logits``: the prefill's last logits when the question was prefilled with the context (then
-    ``feed_ids`` is empty and they predict the first answer token). Returns (exact, greedy predictions).
+    ``feed_ids`` is empty and they give the first token). Up to ``slack`` tokens more than the answer's own
+    are decoded, so "is a 60494" or "is: 60494" still counts, as in the usual pass-key scoring (key in the
+    output); a row stops growing once its key is there. Returns (found, decoded text) per row.
     """
-    target = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    feed = torch.tensor([feed_ids[0].tolist() + target[:-1]], device=model.device)
-    logits = model(feed, **cache_kwargs(cache)).logits[0] if feed.shape[1] else None
-    if first_logits is not None:
-        head = first_logits.reshape(1, -1)
-        logits = head if logits is None else torch.cat([head, logits], 0)
-    pred = logits[-len(target):].argmax(-1).tolist()
-    return pred == target, tokenizer.decode(pred)
+    device = model.device
+    budget = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + slack
+    position = start
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        kwargs = cache_kwargs(cache)
+        if position is not None:
+            kwargs["position_ids"] = torch.arange(position, position + ids.shape[1], device=device).expand(rows, -1)
+            position += ids.shape[1]
+        return model(ids, **kwargs, logits_to_keep=1).logits[:, -1]
+
+    logits = None if first_logits is None else first_logits.reshape(1, -1).expand(rows, -1)
+    if feed_ids.shape[1]:
+        logits = step(feed_ids.to(device).expand(rows, -1))
+    out: list[list[int]] = [[] for _ in range(rows)]
+    found = [False] * rows
+    for i in range(budget):
+        nxt = logits.argmax(-1)
+        for r in range(rows):
+            if not found[r]:
+                out[r].append(int(nxt[r]))
+                found[r] = answer in tokenizer.decode(out[r])
+        if all(found) or i == budget - 1:
+            break
+        logits = step(nxt[:, None])
+    return [(ok, tokenizer.decode(ids)) for ok, ids in zip(found, out)]
 
 
 def _presses(grid: Grid) -> dict[tuple[str, float], Press]:
@@ -159,6 +204,25 @@ def _presses(grid: Grid) -> dict[tuple[str, float], Press]:
 def prompt_order(grid: Grid) -> list[tuple[int, float, int]]:
     """(length, depth, key) of every prompt, key-major: a run stopped early has balanced cells."""
     return [(n, d, k) for k in range(grid.keys) for d in grid.depth_values() for n in grid.lengths]
+
+
+def _answer_cell(model, tokenizer, pre: Prefill, cell: list[tuple[str, Press]], feed: torch.Tensor, answer: str,
+                 start: int, first: torch.Tensor | None) -> list[tuple[bool, str]]:
+    """Every method of one (variant, factor) cell on one prompt: each compresses its copy of the shared
+    prefill; the copies then answer in one batch (one row per method), or one by one when they cannot be
+    stacked (:func:`stack_caches`)."""
+    caches = []
+    for _, p in cell:
+        with press(model, p):
+            caches.append(compress_prefilled(model, pre, p))
+    batch = stack_caches(model, caches)
+    if batch is not None:
+        return answers_found(model, tokenizer, batch, len(caches), feed, answer, start, first)
+    found = []
+    for (_, p), cache in zip(cell, caches):
+        with press(model, p), uncompressed(cache):
+            found += answers_found(model, tokenizer, cache, 1, feed, answer, None, first)
+    return found
 
 
 def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Path | None = None) -> dict:
@@ -187,15 +251,13 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
             shared["compressed"] = (both, s.question_ids[:, :0], both.logits)
         meta = dict(length=length, depth=depth, key=key, answer=s.answer)
         for variant, (pre, feed, first) in shared.items():
-            ok, said = answer_exact(model, tokenizer, _copy_cache(pre.cache), feed, s.answer, first)
+            start = pre.cache.get_seq_length()  # every token went in: the next one's true position
+            ((ok, said),) = answers_found(model, tokenizer, _copy_cache(pre.cache), 1, feed, s.answer, start, first)
             rows.append(dict(meta, variant=variant, method="no_press", factor=1.0, exact=int(ok), output=said))
-            for (method, factor), p in presses.items():
-                with press(model, p):
-                    cache = compress_prefilled(model, pre, p)
-                    with uncompressed(cache):
-                        ok, said = answer_exact(model, tokenizer, cache, feed, s.answer, first)
-                rows.append(dict(meta, variant=variant, method=method, factor=factor, exact=int(ok), output=said))
-                del cache
+            for factor in grid.factors:
+                cell = [(m, presses[(m, float(factor))]) for m in grid.methods]
+                for (method, _), (ok, said) in zip(cell, _answer_cell(model, tokenizer, pre, cell, feed, s.answer, start, first)):
+                    rows.append(dict(meta, variant=variant, method=method, factor=float(factor), exact=int(ok), output=said))
         del context, shared
         if checkpoint is not None:
             checkpoint.write_text(json.dumps(dict(settings=settings, rows=rows, prompts=len(prefill_s), prefill_s=prefill_s)))
@@ -273,7 +335,7 @@ def markdown(result: dict) -> str:
         + "). Each press keeps its registry defaults "
         "(no skipped layers; StreamingLLM's 4 sinks).",
         "",
-        "Cells: exact-match accuracy in % with its Wilson 95% interval. `vs " + ref + "`: paired difference in points "
+        "Cells: retrieval accuracy (pass key in the greedy output) in % with its Wilson 95% interval. `vs " + ref + "`: paired difference in points "
         "(method - " + ref + ") with its paired-bootstrap 95% interval and McNemar's exact p; **beats** / **worse** "
         "only when that interval excludes zero and p < 0.05.",
     ]
@@ -281,7 +343,7 @@ def markdown(result: dict) -> str:
         title = ("question fed uncompressed after the compressed context (as the paper)" if variant == "uncompressed"
                  else "question compressed with the context")
         md += ["", f"### {title}", ""]
-        md += ["| length | factor | method | n | exact % [95% CI] | vs " + ref + " (points, 95% CI, p) | vs no press |",
+        md += ["| length | factor | method | n | retrieved % [95% CI] | vs " + ref + " (points, 95% CI, p) | vs no press |",
                "|---|---|---|---|---|---|---|"]
         for cell in (c for c in result["summary"]["cells"] if c["variant"] == variant):
             for method, m in cell["methods"].items():

@@ -58,8 +58,14 @@ def _is_decoder_self_attention(module: nn.Module) -> bool:
 
 def _uses_attention_interface(module: nn.Module) -> bool:
     """Whether the module's forward dispatches through ``ALL_ATTENTION_FUNCTIONS`` (True when unknowable)."""
+    return _forward_uses_attention_interface(type(module).forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_uses_attention_interface(forward) -> bool:
+    """Read once per forward function: parsing its source took ~3 ms per layer, on every ``press()`` entry."""
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
         return True
     return "ALL_ATTENTION_FUNCTIONS" in source

@@ -144,3 +144,38 @@ def test_unknown_method_fails_before_work():
         passkey._presses(passkey.Grid(methods=("h2o",)))
     with pytest.raises(ValueError, match="factors must be >= 1"):
         passkey._presses(passkey.Grid(methods=("knorm",), factors=(0.5,)))
+
+
+def test_answer_cell_batch_equals_each_method_alone(stats_dir, monkeypatch):
+    """Stacking the methods' compressed caches into one batch (true positions passed as position_ids) gives
+    each method the text it decodes alone under press() + uncompressed(), in both variants."""
+    model, tok = tiny_byte_model(), ByteTokenizer()
+    cell = [(n, _press(n, stats_dir, ratio=0.75)) for n in list_presses()]
+    ctx = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(5))
+    question = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    context = passkey.prefill(model, ctx)
+    both = passkey.prefill(model, question, previous=context)
+    for pre, feed, first in ((context, question, None), (both, question[:, :0], both.logits)):
+        start = pre.cache.get_seq_length()
+        batched = passkey._answer_cell(model, tok, pre, cell, feed, "zz", start, first)
+        monkeypatch.setattr(passkey, "stack_caches", lambda model, caches: None)  # force one by one
+        alone = passkey._answer_cell(model, tok, pre, cell, feed, "zz", start, first)
+        monkeypatch.undo()
+        assert [said for _, said in batched] == [said for _, said in alone]
+        assert len({said for _, said in batched}) > 1  # the methods kept different entries: a real comparison
+
+
+def test_answers_found_stops_when_the_key_appears():
+    """The key counts when it appears anywhere in the greedy text, and decoding stops there; a key the model
+    never writes fails after len(key tokens) + ANSWER_SLACK tokens."""
+    model, tok = tiny_byte_model(), ByteTokenizer()
+    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(7))
+    pre = passkey.prefill(model, ids)
+    ((_, free),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], "\x00" * 40,
+                                          50, pre.logits)
+    key = free[2:5]  # what greedy decoding writes anyway, not at the start
+    ((ok, said),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], key, 50, pre.logits)
+    assert ok and said == free[: free.index(key) + len(key)]
+    ((ok, said),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], "\x00\x01", 50,
+                                          pre.logits)
+    assert not ok and len(tok(" \x00\x01", add_special_tokens=False)["input_ids"]) + passkey.ANSWER_SLACK == len(said)
