@@ -49,10 +49,12 @@ CROSS_INPUTS = ("cross_attention_states", "encoder_hidden_states")
 
 def _is_decoder_self_attention(module: nn.Module) -> bool:
     params = inspect.signature(module.forward).parameters
+    # a class serving both roles (GPT-2) takes cross inputs but says which role this instance has
+    cross = getattr(module, "is_cross_attention", None)
     return (
         bool(getattr(module, "is_causal", True))  # False: encoder self-attention and cross-attention
         and any(name in params for name in CACHE_KEYWORDS)
-        and not any(name in params for name in CROSS_INPUTS)
+        and (not cross if isinstance(cross, bool) else not any(name in params for name in CROSS_INPUTS))
     )
 
 

@@ -67,17 +67,23 @@ class ExpectedAttentionPress(CalibratedPress):
         w = (top_vectors * factor[:, None, :]).transpose(1, 2)  # (hq, r, d)
         iso = self.shrinkage * values.clamp_min(0).sum(-1) / d * scaling**2 / 2  # (hq,)
         g = hq // num_kv_heads
-        rows = torch.cat([(mean * scaling)[:, None], w], dim=1)  # (hq, 1 + r, d): the linear term, then W
-        self._quadratic = torch.ones(1 + rank)
-        self._quadratic[0] = 0
-        return rows.view(num_kv_heads, g, 1 + rank, d).float(), iso.view(num_kv_heads, g).float()
+        # rows (hkv, g + g*r, d): each query head's linear term, then the W rows of each head of the group
+        linear = (mean * scaling).view(num_kv_heads, g, d)
+        quadratic = w.reshape(num_kv_heads, g * rank, d)
+        return torch.cat([linear, quadratic], dim=1).float(), iso.view(num_kv_heads, g, 1).float()
 
     def score(self, layer_idx, keys, values, positions, reading_position) -> torch.Tensor:
-        rows, iso = self.layer_tensors(layer_idx, reading_position)  # (b, hkv, g, 1 + r, d) at the reader, (hkv, g)
-        _, hkv, g, j, d = rows.shape
+        rows, iso = self.layer_tensors(layer_idx, reading_position)  # (b, hkv, g + g*r, d) at the reader; (hkv, g, 1)
+        b, hkv, _, d = rows.shape
+        g = iso.shape[1]
         k = keys.float()  # (b, hkv, n, d)
-        rotated = rows.view(-1, hkv, g * j, d)
-        proj = (k @ rotated.transpose(-1, -2)).view(*k.shape[:3], g, j)  # one matmul per KV head
-        quad = proj.square() @ self._quadratic.to(proj.device)  # sum over j >= 1 (a strided sum is slower on CPU)
-        logits = proj[..., 0] + quad + iso[:, None] * k.square().sum(-1, keepdim=True)
-        return logits.logsumexp(dim=-1) if self.combine == "logsumexp" else logits.mean(dim=-1)
+        # statistics @ keys^T, so the n keys run along the contiguous last dim (much faster on CPU than k @ rows^T)
+        proj = rows @ k.transpose(-1, -2)  # (b, hkv, g + g*r, n): one matmul per KV head
+        logits = proj[:, :, :g]
+        if proj.shape[2] > g:
+            logits = logits + proj[:, :, g:].square().view(b, hkv, g, -1, k.shape[2]).sum(3)
+        logits = torch.addcmul(logits, iso, torch.linalg.vecdot(k, k)[:, :, None])  # + iso ||k||^2
+        if self.combine == "mean":
+            return logits.mean(dim=2)
+        top = logits.amax(dim=2)  # logsumexp by hand: aten's adds infinity checks that cost as much as the rest
+        return (logits - top[:, :, None]).exp_().sum(dim=2).log_().add_(top)

@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "gpt2"]
 
 
 @pytest.fixture(scope="session", autouse=True)

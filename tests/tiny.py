@@ -16,10 +16,10 @@ _TINY = dict(
 def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager", **overrides):
     """A small random model of a given architecture, deterministic for a seed (for tests and smoke runs).
 
-    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox. Gemma3 alternates sliding
+    ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox, gpt2. Gemma3 alternates sliding
     and full layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv
     projection; GPT-NeoX (Pythia) a fused qkv projection, rotary embedding on a quarter of each head and
-    no grouped KV heads. (Falcon is not offered: its attention bypasses transformers' attention
+    no grouped KV heads; GPT-2 no RoPE at all (learned positions). (Falcon is not offered: its attention bypasses transformers' attention
     interface, see ``attention_layers``.)
     """
     import transformers as tf
@@ -45,8 +45,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
     elif arch == "gpt_neox":
         settings.pop("num_key_value_heads")  # GPT-NeoX has one KV head per query head
         config = tf.GPTNeoXConfig(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, **settings)
+    elif arch == "gpt2":  # no RoPE: learned absolute positions, so keys carry no rotation to target
+        config = tf.GPT2Config(
+            vocab_size=settings["vocab_size"], n_embd=settings["hidden_size"], n_inner=settings["intermediate_size"],
+            n_layer=settings["num_hidden_layers"], n_head=settings["num_attention_heads"],
+            n_positions=settings["max_position_embeddings"], bos_token_id=0, eos_token_id=0,
+        )
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3 or gpt_neox")
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox or gpt2")
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)

@@ -127,6 +127,34 @@ def test_rescoring_with_a_budget_equals_masking_and_static_equals_dynamic(tmp_pa
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["qfilters_targeted", "expected_attention_calibrated"])
+def test_model_without_rope_gets_plain_statistics_and_position_free_scores(tmp_path, name):
+    """GPT-2 (learned positions, no RoPE): calibration records the queries as they are, scores do not move
+    with the reading position, and pruning with re-scoring still equals masking."""
+    from helpers import pressed_and_reference
+
+    model = tiny_model("gpt2", attn_implementation="sdpa")
+    ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    sample = calibration.sample_queries(model, ids, samples_per_head=17, progress=False)
+    assert set(sample.rotary_dims.values()) == {0}
+    for idx in sample.pre_rope:
+        assert torch.equal(sample.pre_rope[idx], sample.post_rope[idx])
+    calibrated(model, tmp_path)
+    p = get_press(name, ratio=0.5, stats=tmp_path)
+    p.prepare(model)
+    keys = torch.randn(1, 4, 30, 16)
+    at = [p.score(1, keys, keys, torch.arange(30).expand(1, 4, 30), torch.tensor([[[r]]])) for r in (30, 400)]
+    torch.testing.assert_close(at[0], at[1])
+    gen = torch.Generator().manual_seed(1)
+    calls = [torch.randint(3, 100, (1, 20), generator=gen)] + [torch.randint(3, 100, (1, 1), generator=gen) for _ in range(6)]
+    got, expected, cache = pressed_and_reference(
+        model, tiny_model("gpt2"), get_press(name, max_cache_tokens=12, stats=tmp_path), calls
+    )
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert all(layer.positions.shape[-1] == 12 for layer in cache.layers)
+
+
 def test_embedded_model_gets_statistics_calibrated_once_offline(tmp_path, monkeypatch, tiny_model_dir):
     """An embedded model without stored statistics calibrates on first use (offline corpus), stores filters and
     statistics, and never again; an existing filters file is left as it was."""
