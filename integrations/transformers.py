@@ -80,7 +80,8 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     ``layer_idx`` of its own (that excludes decoder layers, which wrap their attention), is causal (its
     ``is_causal`` is not False: that excludes encoders and cross-attention, whose keys do not grow with the
     generated sequence), and its ``forward`` takes the cache (``past_key_values`` before transformers 5.24,
-    ``cache`` after, ``layer_past`` in GPT-NeoX/Falcon) and no cross-attention input. Layers are sliding
+    ``cache`` after, ``layer_past`` in GPT-NeoX/Falcon) and no cross-attention input (unless the module says
+    ``is_cross_attention = False``, as GPT-2's shared class does). Layers are sliding
     when their config's ``layer_types`` says so or the module carries a ``sliding_window``. A qualifying
     module whose forward computes attention itself instead of calling transformers' attention interface
     cannot be compressed (its queries and masks are out of reach): that raises ``ValueError``.
