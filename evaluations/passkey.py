@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class Grid:
     variants: tuple[str, ...] = VARIANTS
     reference: str = "qfilters"
     quick: bool = False  # recorded so every result file says whether it came from --quick
+    shard: tuple[int, int] | None = None  # (i, n): only prompts i, i + n, ... of prompt_order (see --jobs)
 
     def depth_values(self) -> list[float]:
         """Evenly spaced needle depths, centred in ``depths`` equal bins of [0, 1]."""
@@ -237,6 +239,8 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
     rows: list[dict] = []
     prefill_s: list[float] = []
     prompts = prompt_order(grid)
+    if grid.shard is not None:
+        prompts = prompts[grid.shard[0] :: grid.shard[1]]
     settings = dict(asdict(grid), depth_values=grid.depth_values())
     for length, depth, key in tqdm(prompts, desc="passkey prompts", disable=not progress):
         s = passkey_sample(tokenizer, length, depth, seed=key, haystack="repetitive")
@@ -332,6 +336,7 @@ def markdown(result: dict) -> str:
         f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
         f"wall time {result['elapsed_s'] / 60:.1f} min"
         + (f", CPU time {result['cpu_s'] / 60:.1f} min" if result.get("cpu_s") else "")
+        + (f", {result['environment']['jobs']} worker processes" if result["environment"].get("jobs") else "")
         + "). Each press keeps its registry defaults "
         "(no skipped layers; StreamingLLM's 4 sinks).",
         "",
@@ -370,6 +375,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; ~9 CPU-min")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, one thread each, sharing the prompts; their rows are merged into one "
+                             "result (2 on a 2-core machine: the full grid takes ~100 single-thread CPU-minutes)")
+    parser.add_argument("--shard", default=None, help="I/N: run only prompts I, I+N, ... of the grid (what each --jobs worker does)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
     parser.add_argument("--name", default=None, help="basename of the result files (default passkey / passkey.quick)")
     parser.add_argument("--summarize", type=Path, nargs="+", default=None,
@@ -384,6 +393,13 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or ("passkey.quick" if args.quick else "passkey")
     if args.summarize is not None:
         return _summarize_checkpoint(args, name)
+    shard = _parse_shard(args.shard)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1:
+        if shard is not None:
+            raise SystemExit("--jobs and --shard do not combine: --jobs starts the shards itself")
+        return _run_jobs(args, name)
     grid = Grid(
         lengths=tuple(parse_list(args.lengths, int)),
         factors=tuple(parse_list(args.factors, float)),
@@ -393,6 +409,7 @@ def main(args: argparse.Namespace) -> int:
         variants=tuple(parse_list(args.variants)),
         reference=args.reference,
         quick=args.quick,
+        shard=shard,
     )
     _presses(grid)  # fail on a bad name or factor before loading the model
     model, tokenizer = load_model(args.model)
@@ -406,6 +423,46 @@ def main(args: argparse.Namespace) -> int:
     return _write(args.out, name, result)
 
 
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes I/N with integers, e.g. 0/2; got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {text}: I must be in [0, N)")
+    return i, n
+
+
+def _run_jobs(args: argparse.Namespace, name: str) -> int:
+    """Run ``--jobs`` shards as child processes (one thread each), then merge their rows into ``name``."""
+    import subprocess
+    import sys
+
+    forwarded = ["--model", args.model, "--lengths", args.lengths, "--factors", args.factors, "--depths", str(args.depths),
+                 "--keys", str(args.keys), "--variants", args.variants, "--reference", args.reference, "--threads", "1",
+                 "--out", str(args.out)]
+    forwarded += ["--methods", args.methods] if args.methods else []
+    forwarded += ["--quick"] if args.quick else []
+    names = [f"{name}.shard{i}of{args.jobs}" for i in range(args.jobs)]
+    start, children = time.time(), []
+    for i, shard_name in enumerate(names):
+        cmd = [sys.executable, "-m", "kvpress_like.cli", "eval", "passkey", *forwarded, "--shard", f"{i}/{args.jobs}",
+               "--name", shard_name]
+        children.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL))
+    failed = [n for n, child in zip(names, children) if child.wait() != 0]
+    if failed:
+        raise SystemExit(f"passkey workers failed: {', '.join(failed)} (their checkpoints are in {args.out})")
+    args.summarize = [args.out / f"{n}.json" for n in names]
+    env = dict(environment(), torch_threads=1, jobs=args.jobs)  # this command, as typed; each worker ran one thread
+    code = _summarize_checkpoint(args, name, elapsed_s=time.time() - start, env=env)
+    for n in names:
+        for suffix in (".json", ".md"):
+            (args.out / f"{n}{suffix}").unlink(missing_ok=True)
+    return code
+
+
 def _write(out: Path, name: str, result: dict) -> int:
     result["summary"] = summarize(result)
     text = markdown(result)
@@ -415,25 +472,27 @@ def _write(out: Path, name: str, result: dict) -> int:
     return 0
 
 
-def _summarize_checkpoint(args: argparse.Namespace, name: str) -> int:
+def _summarize_checkpoint(args: argparse.Namespace, name: str, elapsed_s: float | None = None, env: dict | None = None) -> int:
     """One result from several runs of the same grid on disjoint prompts (e.g. one process per length).
 
     Finished runs bring their environment, wall and CPU time; a checkpoint (a run stopped early) makes
-    the merged result partial. Wall time is the longest run's (they ran side by side), CPU time the sum.
+    the merged result partial. Wall time is ``elapsed_s`` when given (``--jobs``), else the longest run's
+    (they ran side by side); CPU time the sum.
     """
     parts = [json.loads(path.read_text()) for path in args.summarize]
     keys = [(r["variant"], r["length"], r["depth"], r["key"], r["method"], r["factor"]) for p in parts for r in p["rows"]]
     if len(set(keys)) != len(keys):
         raise ValueError("the runs to merge overlap (the same prompt twice); merge runs over disjoint prompts")
     first = parts[0]
-    settings = dict(first["settings"], lengths=sorted({n for p in parts for n in p["settings"]["lengths"]}))
+    settings = dict(first["settings"], lengths=sorted({n for p in parts for n in p["settings"]["lengths"]}), shard=None)
     planned = len(settings["lengths"]) * settings["depths"] * settings["keys"]
     done = sum(p["prompts"] if "elapsed_s" in p else len(p["prefill_s"]) for p in parts)
     result = dict(
         settings=settings, rows=[r for p in parts for r in p["rows"]], prompts=done,
         prefill_s=[x for p in parts for x in p["prefill_s"]], model=first.get("model", args.model),
-        environment=first.get("environment") or environment(),
-        elapsed_s=max(p.get("elapsed_s", 0.0) for p in parts), cpu_s=sum(p.get("cpu_s", 0.0) for p in parts),
+        environment=env or first.get("environment") or environment(),
+        elapsed_s=elapsed_s if elapsed_s is not None else max(p.get("elapsed_s", 0.0) for p in parts),
+        cpu_s=sum(p.get("cpu_s", 0.0) for p in parts),
         partial=done < planned,
         merged_from=[str(path) for path in args.summarize],
     )

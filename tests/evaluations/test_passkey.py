@@ -179,3 +179,26 @@ def test_answers_found_stops_when_the_key_appears():
     ((ok, said),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], "\x00\x01", 50,
                                           pre.logits)
     assert not ok and len(tok(" \x00\x01", add_special_tokens=False)["input_ids"]) + passkey.ANSWER_SLACK == len(said)
+
+
+def test_shards_split_the_prompts_and_merge_to_the_whole_grid(tmp_path):
+    """--jobs workers run disjoint shards of the prompt order; merged, their rows are the unsharded run's."""
+    model, tok = tiny_byte_model(), ByteTokenizer()
+    base = dict(lengths=(300,), factors=(4,), depths=3, keys=1, methods=("knorm", "streaming_llm"), reference="knorm")
+    whole = passkey.run_grid(model, tok, passkey.Grid(**base), progress=False)
+    paths = []
+    for i in range(2):
+        part = passkey.run_grid(model, tok, passkey.Grid(**base, shard=(i, 2)), progress=False)
+        assert part["prompts"] == (2 if i == 0 else 1)
+        part.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0, cpu_s=1.0)
+        paths.append(tmp_path / f"shard{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    import argparse
+
+    args = argparse.Namespace(summarize=paths, model="tiny", out=tmp_path)
+    assert passkey._summarize_checkpoint(args, "merged", elapsed_s=7.0) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    key = lambda r: (r["variant"], r["depth"], r["method"], r["factor"])  # noqa: E731
+    assert sorted(map(key, merged["rows"])) == sorted(map(key, whole["rows"]))
+    assert {key(r): r["output"] for r in merged["rows"]} == {key(r): r["output"] for r in whole["rows"]}
+    assert not merged["partial"] and merged["elapsed_s"] == 7.0 and merged["settings"]["shard"] is None
