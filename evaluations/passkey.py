@@ -373,7 +373,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="uncompressed and/or compressed question")
     parser.add_argument("--reference", default="qfilters", help="method every other one is paired against")
     parser.add_argument("--quick", action="store_true",
-                        help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; ~9 CPU-min")
+                        help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; 12 prompts, ~10 single-thread "
+                             "CPU-min (~5 min with --jobs 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one thread each, sharing the prompts; their rows are merged into one "
