@@ -83,7 +83,4 @@ class ExpectedAttentionPress(CalibratedPress):
         if proj.shape[2] > g:
             logits = logits + proj[:, :, g:].square().view(b, hkv, g, -1, k.shape[2]).sum(3)
         logits = torch.addcmul(logits, iso, torch.linalg.vecdot(k, k)[:, :, None])  # + iso ||k||^2
-        if self.combine == "mean":
-            return logits.mean(dim=2)
-        top = logits.amax(dim=2)  # logsumexp by hand: aten's adds infinity checks that cost as much as the rest
-        return (logits - top[:, :, None]).exp_().sum(dim=2).log_().add_(top)
+        return logits.logsumexp(dim=2) if self.combine == "logsumexp" else logits.mean(dim=2)
