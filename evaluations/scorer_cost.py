@@ -6,29 +6,35 @@ For each press, in the same run as the reference timings:
 
 * prefill: scoring every layer's ``tokens`` keys once (what the cache does when a prefill enters), over a
   no-press forward pass of ``tokens`` tokens;
-* decode: re-scoring every layer's ``budget`` live slots for the current reading position (what a
-  position-dependent press costs at each decode step into a full cache), over one decode step of the model
-  on a ``budget``-token cache.
+* decode scoring: the scoring the cache does per decode step into a full cache, over one decode step of the
+  model on a plain ``budget``-token cache. A position-dependent press re-scores every layer's ``budget``
+  live slots for the current reading position; a position-independent one scores the new key only;
+* whole step: one decode step through a full :class:`~kvpress_like.cache.PressedCache` of ``budget``
+  tokens (scoring, eviction, in-place write) over the plain step: everything the press costs.
 
-Keys are the model's real post-RoPE keys from the prefill. Decode steps and re-scoring alternate, round by
-round (``3 x --repeats`` rounds); the decode overhead is the median of the paired per-round ratios, with the
-ratio of the fastest runs beside it (on a shared machine both are needed to see through the load).
+Keys are the model's real post-RoPE keys from the prefill. Plain steps, scoring and pressed steps alternate,
+round by round (``3 x --repeats`` rounds); decode overheads are medians of the paired per-round ratios, with
+the ratio of the fastest runs beside the scoring one (on a shared machine both are needed to see through
+the load).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from kvpress_like import get_press
+from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.models import load_model
 
-from .common import environment, set_threads
+from .common import RESULTS_DIR, environment, markdown_footer, set_threads, write_result
 
 __all__ = ["configure", "main", "scoring_overhead"]
 
@@ -46,7 +52,8 @@ def _median_seconds(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repeats: int = 3) -> dict:
-    """Seconds and ratios: scoring vs a no-press prefill of ``ids``, re-scoring ``budget`` slots vs a decode step."""
+    """Seconds and ratios: scoring vs a no-press prefill of ``ids``; per-step scoring and a whole pressed decode
+    step vs a plain decode step on ``budget`` tokens. ``presses`` must be prepared and hold ``budget`` tokens."""
     layers = [layer for layer in attention_layers(model) if not layer.sliding]
     keys: dict[int, torch.Tensor] = {}
 
@@ -61,36 +68,50 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
     model(ids[:, :budget], **cache_kwargs(cache), logits_to_keep=1)
     step_ids = ids[:, budget : budget + 1]
 
-    def decode_step() -> None:
+    def plain_step() -> None:
         model(step_ids, **cache_kwargs(cache), logits_to_keep=1)
         cache.crop(-1)  # back to the budget-token cache
+
+    pressed = {}
+    for name, p in presses.items():  # full caches: every further step evicts
+        pressed[name] = PressedCache(p, model.config)
+        model(ids[:, :budget], past_key_values=pressed[name], logits_to_keep=1)
+
+    def pressed_step(name: str) -> None:
+        model(step_ids, past_key_values=pressed[name], logits_to_keep=1)
 
     out = dict(tokens=n, budget=budget, prefill_seconds=prefill, presses={})
     b, h = keys[layers[0].layer_idx].shape[:2]
 
-    def score_all(p, m: int) -> None:
+    def score_all(p, start: int, stop: int) -> None:
         for idx, k in keys.items():
-            k = k[:, :, :m]
-            positions = torch.arange(m).expand(b, h, m)
+            k = k[:, :, start:stop]
+            positions = torch.arange(start, stop).expand(b, h, stop - start)
             p.score(idx, k, k, positions, torch.full((b, 1, 1), n, dtype=torch.long))
 
-    # decode steps and re-scoring interleaved round by round, so a load change hits both sides of a ratio
+    def step_scoring(p) -> None:
+        score_all(p, 0, budget) if p.position_dependent else score_all(p, budget, budget + 1)
+
+    # interleaved round by round, so a load change hits both sides of a ratio
     rounds = {name: [] for name in presses}
+    whole = {name: [] for name in presses}
     steps = []
     for _ in range(repeats * 3):
-        steps.append(_median_seconds(decode_step, 1))
+        steps.append(_median_seconds(plain_step, 1))
         for name, p in presses.items():
-            rounds[name].append(_median_seconds(lambda: score_all(p, budget), 1))
+            rounds[name].append(_median_seconds(lambda: step_scoring(p), 1))
+            whole[name].append(_median_seconds(lambda: pressed_step(name), 1))
     out["decode_step_seconds"] = statistics.median(steps)
     for name, p in presses.items():
-        full = _median_seconds(lambda: score_all(p, n), repeats)
-        ratios = [r / s for r, s in zip(rounds[name], steps)]
+        full = _median_seconds(lambda: score_all(p, 0, n), repeats)
         out["presses"][name] = dict(
             prefill_scoring_seconds=full,
             prefill_overhead=full / prefill,
-            rescore_seconds=statistics.median(rounds[name]),
-            decode_overhead=statistics.median(ratios),  # median of paired ratios
+            rescores=p.position_dependent,
+            step_scoring_seconds=statistics.median(rounds[name]),
+            decode_overhead=statistics.median([r / s for r, s in zip(rounds[name], steps)]),  # paired
             decode_overhead_min=min(rounds[name]) / min(steps),  # the least-disturbed run of each
+            pressed_step_overhead=statistics.median([w / s - 1 for w, s in zip(whole[name], steps)]),
         )
     return out
 
@@ -98,10 +119,11 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded name or local directory")
     parser.add_argument("--tokens", type=int, default=4096, help="prefill length (default: 4096)")
-    parser.add_argument("--budget", type=int, default=512, help="live slots re-scored per decode step (default: 512)")
+    parser.add_argument("--budget", type=int, default=512, help="tokens in the decoding cache (default: 512)")
     parser.add_argument("--presses", default=",".join(PRESSES), help="registry names, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,21 +134,33 @@ def main(args: argparse.Namespace) -> int:
     ids = corpus_ids(tokenizer, "prose")[: args.tokens][None]
     presses = {}
     for name in args.presses.split(","):
-        presses[name] = get_press(name)
+        presses[name] = get_press(name, max_cache_tokens=args.budget)
         presses[name].prepare(model)
-    env = environment()
+    env = environment(command="python -m kvpress_like.evaluations.scorer_cost " + " ".join(sys.argv[1:]))
     result = scoring_overhead(model, ids, presses, args.budget, args.repeats)
-    print(
-        f"{args.model}: {result['tokens']}-token prefill {result['prefill_seconds']:.2f} s, decode step on a "
-        f"{args.budget}-token cache {1000 * result['decode_step_seconds']:.1f} ms "
-        f"(torch threads {env['torch_threads']}, load average {env.get('load_average_1min')})"
-    )
+    lines = [
+        "## Scoring cost",
+        "",
+        f"{args.model}: {result['tokens']}-token prefill {result['prefill_seconds']:.2f} s; decode step on a plain "
+        f"{args.budget}-token cache {1000 * result['decode_step_seconds']:.1f} ms (median of {3 * args.repeats} paired rounds). "
+        "Per-step scoring: what the cache scores at each decode step into a full cache (position-dependent presses "
+        "re-score every live slot; the others score the new key). Whole pressed step: a decode step through a full "
+        "`PressedCache` (scoring, eviction, in-place write) over the plain step.",
+        "",
+        "| press | prefill scoring | of a prefill | per-step scoring | of a decode step (paired median; fastest runs) | whole pressed step |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
     for name, r in result["presses"].items():
-        print(
-            f"  {name:32s} prefill scoring {1000 * r['prefill_scoring_seconds']:7.1f} ms = {100 * r['prefill_overhead']:5.2f}% | "
-            f"re-scoring {args.budget} slots {1000 * r['rescore_seconds']:6.2f} ms = {100 * r['decode_overhead']:5.2f}% of a step "
-            f"(paired median; fastest runs {100 * r['decode_overhead_min']:.2f}%)"
+        what = f"re-scores {args.budget} slots" if r["rescores"] else "scores the new key"
+        lines.append(
+            f"| `{name}` | {1000 * r['prefill_scoring_seconds']:.1f} ms | {100 * r['prefill_overhead']:.2f}% | "
+            f"{what}: {1000 * r['step_scoring_seconds']:.2f} ms | {100 * r['decode_overhead']:.2f}% "
+            f"({100 * r['decode_overhead_min']:.2f}%) | {100 * r['pressed_step_overhead']:+.1f}% |"
         )
+    report = dict(settings=vars(args) | dict(out=str(args.out)), environment=env, **result)
+    markdown = "\n".join(lines + markdown_footer(report))
+    print(markdown)
+    write_result(args.out, "scorer_cost", report, markdown)
     return 0
 
 

@@ -70,6 +70,12 @@ class Rotary:
         ok = torch.allclose(cos[0], torch.cos(far * freq), atol=1e-3) and torch.allclose(sin[0], torch.sin(far * freq), atol=1e-3)
         return freq if ok else None
 
+    @property
+    def frequencies(self) -> torch.Tensor | None:
+        """Per-dim angular frequencies ``(head_dim,)`` when the angle is ``position * frequency`` (0 on
+        pass-through dims); ``None`` for rope types whose angles depend on the sequence length."""
+        return self._freq
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + (head_dim,)``, float32, on ``positions``' device;
         pass-through dims (partial rotary) have cos 1 and sin 0."""

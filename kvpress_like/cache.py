@@ -154,9 +154,19 @@ class SlotStore(CacheLayerMixin):
         return None if self._pos is None else self._pos[:, :, : self.n_slots]
 
     @property
+    def stores_scores(self) -> bool:
+        """Whether slots keep the score they got on entry: query-free presses whose scores do not depend on
+        the reading position. Position-dependent ones are re-scored whenever the layer evicts, so scoring
+        keys on entry would be wasted work (a second scoring call per layer and decode step)."""
+        return self.press.query_free and not self.press.position_dependent
+
+    @property
     def scores(self) -> torch.Tensor | None:
-        """Stored entry-time scores ``(batch, kv_heads, slots)`` (query-free presses only)."""
+        """Stored entry-time scores ``(batch, kv_heads, slots)`` (``None`` unless :attr:`stores_scores`)."""
         return None if self._score is None else self._score[:, :, : self.n_slots]
+
+    def _entry_scores(self, k, v, pos, reading, empty: bool = True) -> torch.Tensor | None:
+        return scores_for(self.press, self.layer_idx, k, v, pos, reading, empty) if self.stores_scores else None
 
     def _write(self, where: slice, k, v, pos, score) -> None:
         self._k[:, :, where] = k
@@ -171,20 +181,21 @@ class SlotStore(CacheLayerMixin):
         self._k.scatter_(2, idx[..., None].expand(-1, -1, 1, k.shape[-1]), k)
         self._v.scatter_(2, idx[..., None].expand(-1, -1, 1, v.shape[-1]), v)
         self._pos.scatter_(2, idx, pos)
-        self._score.scatter_(2, idx, score.float())
+        if score is not None:
+            self._score.scatter_(2, idx, score.float())
 
     def _candidates(self, n: int, k, v, pos, score, reading, live=lambda positions: positions) -> tuple:
         """The first ``n`` slots followed by the new tokens: what a multi-token call attends to and selects from.
 
         Returns ``(keys, values, positions, live positions, scores)``; scores are the stored and new ones, or
-        fresh ones at ``reading`` for position-dependent presses."""
+        fresh ones at ``reading`` for position-dependent presses (``None`` for presses that need queries)."""
         if n:
             k = torch.cat([self._k[:, :, :n], k], dim=-2)
             v = torch.cat([self._v[:, :, :n], v], dim=-2)
             pos = torch.cat([self._pos[:, :, :n], pos], dim=-1)
             score = None if score is None else torch.cat([self._score[:, :, :n], score], dim=-1)
         live_pos = live(pos)
-        if score is not None:
+        if self.press.query_free:
             score = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, live_pos, score, reading)
         return k, v, pos, live_pos, score
 
@@ -303,11 +314,7 @@ class PressedLayer(SlotStore):
         press, reading = self.press, call.reading
         fast = self.rows is None and self.sliding_window is None  # no empty slot can exist
         seen = call.reading_int if call.reading_int is not None else reading
-        score = (
-            scores_for(press, self.layer_idx, key_states, value_states, call.positions, reading, empty=not fast)
-            if press.query_free
-            else None
-        )
+        score = self._entry_scores(key_states, value_states, call.positions, reading, empty=not fast)
         if call.plan == "append":
             self._append(key_states, value_states, call.positions, score)
             out = self.keys, self.values
@@ -350,7 +357,8 @@ class PressedLayer(SlotStore):
         if bool(((count < targets) & (count == self.n)).any()):
             b, h = count.shape[:2]
             self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
-                         self._pos.new_full((b, h, 1), -1), self._score.new_full((b, h, 1), float("-inf")))
+                         self._pos.new_full((b, h, 1), -1),
+                         None if self._score is None else self._score.new_full((b, h, 1), float("-inf")))
             live = self._live_positions(self.positions, query_position)
         return live
 
@@ -446,12 +454,12 @@ class PressedLayer(SlotStore):
         k = like_k.new_empty(b, h, capacity, dk)
         v = like_v.new_empty(b, h, capacity, dv)
         pos = torch.empty(b, h, capacity, dtype=torch.long, device=like_k.device)
-        score = torch.empty(b, h, capacity, dtype=torch.float32, device=like_k.device)
+        score = torch.empty(b, h, capacity, dtype=torch.float32, device=like_k.device) if self.stores_scores else None
         if self.n:
             k[:, :, : self.n] = self.keys
             v[:, :, : self.n] = self.values
             pos[:, :, : self.n] = self.positions
-            if self._score is not None:
+            if score is not None and self._score is not None:
                 score[:, :, : self.n] = self.scores
         self._k, self._v, self._pos, self._score = k, v, pos, score
 
@@ -472,6 +480,8 @@ class PressedLayer(SlotStore):
 
     def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
         """Store the ``keep`` indices of the given tokens as the new contents (index ``len`` = an empty slot)."""
+        if not self.stores_scores:
+            full_score = None
         if bool((keep == full_pos.shape[-1]).any()):
             b, h = full_pos.shape[:2]
             full_k = torch.cat([full_k, full_k.new_zeros(b, h, 1, full_k.shape[-1])], dim=-2)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .cache import SlotStore, current_scores, gather_kept, refuse_crop, scores_for
+from .cache import SlotStore, current_scores, gather_kept, refuse_crop
 
 if TYPE_CHECKING:
     from .base import Press
@@ -124,14 +124,17 @@ class StaticPressedLayer(SlotStore):
         self._k = key_states.new_zeros(b, h, self.budget, key_states.shape[-1])
         self._v = value_states.new_zeros(b, h, self.budget, value_states.shape[-1])
         self._pos = torch.zeros(b, h, self.budget, dtype=torch.long, device=self.device)
-        self._score = torch.zeros(b, h, self.budget, dtype=torch.float32, device=self.device)
+        self._score = (
+            torch.zeros(b, h, self.budget, dtype=torch.float32, device=self.device) if self.stores_scores else None
+        )
         self.slot_ids = torch.arange(self.budget, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.filled = self.filled.to(self.device)
         if not _is_tracing():  # static addresses let CUDA graphs keep the in-place writes (see StaticLayer)
             for t in (self._k, self._v, self._pos, self._score, self.slot_ids,
                       self.cumulative_length, self.filled):
-                torch._dynamo.mark_static_address(t)
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def update(
@@ -164,7 +167,7 @@ class StaticPressedLayer(SlotStore):
         pos = self.cumulative_length.expand(b, h, 1).clone()
         self.cumulative_length.add_(1)
         reading = self.cumulative_length.expand(b, 1, 1)
-        score = scores_for(self.press, self.layer_idx, k, v, pos, reading, empty=False)
+        score = self._entry_scores(k, v, pos, reading, empty=False)
         # Position-dependent presses re-score every slot (O(budget), like attention), branch-free.
         scores = current_scores(
             self.press, self.layer_idx, lambda: self._k, lambda: self._v, self._pos, self._score, reading, empty=False
@@ -184,7 +187,7 @@ class StaticPressedLayer(SlotStore):
         pos = torch.arange(seen, seen + q, device=k.device).expand(b, h, q)
         seen += q
         reading = torch.full((b, 1, 1), seen, dtype=torch.long, device=k.device)
-        score = scores_for(self.press, self.layer_idx, k, v, pos, reading)
+        score = self._entry_scores(k, v, pos, reading)
         self.cumulative_length.fill_(seen)
         target = self.press.target_size(seen, decoding=False)
         target = self.budget if target is None else min(target, self.budget)
@@ -201,7 +204,7 @@ class StaticPressedLayer(SlotStore):
                 f"layer {self.layer_idx}: the press keeps {m} protected tokens (n_sink + window), more than the "
                 f"{self.budget} slots of the static cache; raise max_cache_tokens or shrink the window."
             )
-        self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score))
+        self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score if self.stores_scores else None))
         self._set_filled(m)
         return full_k, full_v
 
@@ -235,7 +238,8 @@ class StaticPressedLayer(SlotStore):
     def reset(self) -> None:
         if self.is_initialized:
             for t in (self._k, self._v, self._pos, self._score):
-                t.zero_()
+                if t is not None:
+                    t.zero_()
         self.cumulative_length.zero_()
         self.filled.zero_()
         self.masked = True

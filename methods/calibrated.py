@@ -5,6 +5,10 @@ position; a key's expected logit from such a query is a function of ``R(p)^T k``
 pre-RoPE statistics per query head (:mod:`kvpress_like.calibration`) and, once per scoring call, rotate
 the few statistics to the reading position (rotary dims only): ``<R(p) x, k> = <x, R(p)^T k>``, so a score
 costs one projection of the keys, like Q-Filters.
+
+Every layer is read at the same position within a forward call, and on CPU the cost of re-scoring is
+mostly per-op overhead, so the first layer scored at a new reading position rotates the statistics of all
+layers at once (one set of ops instead of one per layer); the others reuse them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class CalibratedPress(ScorerPress):
         self._layers: dict[int, tuple] = {}
         self._rotary: dict[int, Rotary | None] = {}
         self._on: dict[tuple, tuple] = {}
+        self._stack: dict[int, int] = {}  # layer -> index into the stacked statistics (static frequencies)
+        self._stacked: tuple | None = None  # (rows, turned, frequencies) of those layers, stacked
+        self._rotated: tuple | None = None  # (reading key, rows of every stacked layer rotated there)
 
     def prepare(self, model) -> None:
         if self._explicit is not None:
@@ -72,6 +79,13 @@ class CalibratedPress(ScorerPress):
             turned = torch.zeros_like(rows) if rot is None else rot.quarter_turn(rows)
             self._layers[idx] = (rows, turned, *rest)
         self._on.clear()
+        self._rotated = None
+        stackable = [i for i in calibrated if self._rotary[i] is not None and self._rotary[i].frequencies is not None]
+        stackable = [i for i in stackable if self._layers[i][0].shape == self._layers[stackable[0]][0].shape]
+        self._stack = {idx: j for j, idx in enumerate(stackable)}
+        self._stacked = None if not stackable else tuple(
+            torch.stack(parts) for parts in zip(*[(*self._layers[i][:2], self._rotary[i].frequencies) for i in stackable])
+        )
 
     def build(self, layer: dict[str, torch.Tensor], num_kv_heads: int, scaling: float) -> tuple[torch.Tensor, ...]:
         """Per-layer scoring tensors from that layer's statistics (``mean``/``direction`` ``[hq, d]``,
@@ -97,5 +111,22 @@ class CalibratedPress(ScorerPress):
         rot = self._rotary[layer_idx]
         if rot is None:
             return (rows.expand(b, *rows.shape), *rest)
+        rotated = self._rotated_stack(reading_position) if layer_idx in self._stack else None
+        if rotated is not None:
+            return (rotated[:, self._stack[layer_idx]], *rest)
         cos, sin = rot.cos_sin(reading_position.reshape(b, *[1] * rows.dim())[..., 0])  # (b, 1, ..., d)
         return (rows * cos + turned * sin, *rest)
+
+    def _rotated_stack(self, reading_position: torch.Tensor) -> torch.Tensor | None:
+        """Rows of every stacked layer rotated to ``reading_position``: ``(batch, layers, *rows.shape)``,
+        computed once per reading position. Only for CPU tensors outside compilation, where reading the
+        position's value costs no device sync and no graph break; elsewhere each layer rotates its own."""
+        if reading_position.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        key = tuple(reading_position.flatten().tolist())
+        if self._rotated is None or self._rotated[0] != key:
+            rows, turned, freq = self._stacked  # (L, *rows.shape), same, (L, d)
+            angles = reading_position.reshape(-1, 1, 1).float() * freq  # (b, L, d): as Rotary.cos_sin computes them
+            shape = (len(key), rows.shape[0], *[1] * (rows.dim() - 2), rows.shape[-1])
+            self._rotated = (key, rows * angles.cos().view(shape) + turned * angles.sin().view(shape))
+        return self._rotated[1]

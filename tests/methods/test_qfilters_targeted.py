@@ -24,28 +24,37 @@ def calibrated(model, tmp_path, seed=0):
     return result
 
 
-def rotate_like_transformers(model, x, p):
+def rotate_like_transformers(model, x, p, layer_idx=0):
     """``R(p) x`` with the modeling module's own apply_rotary_pos_emb and rotary module (x: (h, d))."""
     modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
-    cos, sin = model.model.rotary_emb(x, torch.tensor([[p]]))
+    types = getattr(model.config, "layer_types", None) if "gemma" in model.config.model_type else None
+    extra = () if types is None else (types[layer_idx],)  # Gemma: one rotary per layer type
+    cos, sin = model.model.rotary_emb(x, torch.tensor([[p]]), *extra)
     out, _ = modeling.apply_rotary_pos_emb(x[None, :, None], x[None, :, None], cos, sin)
     return out[0, :, 0]
 
 
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("phi3", dict(partial_rotary_factor=0.5))])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("phi3", dict(partial_rotary_factor=0.5)), ("gemma3", {})])
 def test_score_is_the_projection_on_the_direction_rotated_to_the_reading_position(tmp_path, arch, overrides):
+    """Against transformers' own rotation, layer after layer and position after position, so the statistics
+    rotated once per reading position for all layers (on CPU) are the right layer's, at the right position."""
     model = tiny_model(arch, **overrides)
     result = calibrated(model, tmp_path)
     p = TargetedQFilterPress(ratio=0.5, stats=tmp_path)
     p.prepare(model)
     keys = torch.randn(2, 2, 30, 16)
-    reading = torch.tensor([[[30]], [[400]]])
-    scores = p.score(1, keys, keys, torch.arange(30).expand(2, 2, 30), reading)
-    u = result.stats["direction"][1].view(2, 2, 16).mean(1)  # GQA group mean, (kv_heads, d)
-    for row, pos in enumerate((30, 400)):
-        target = rotate_like_transformers(model, u, pos)
-        torch.testing.assert_close(scores[row], torch.einsum("hnd,hd->hn", keys[row], target), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(scores[0], scores[1], atol=1e-3)  # the reading position matters
+    positions = torch.arange(30).expand(2, 2, 30)
+    calibrated_layers = [int(i) for i in (result.stats["count"] > 0).nonzero()]  # Gemma: full layers only
+    for reading_rows in [(30, 400), (30, 400), (401, 30)]:
+        reading = torch.tensor(reading_rows).view(2, 1, 1)
+        for layer in calibrated_layers[:2]:
+            scores = p.score(layer, keys, keys, positions, reading)
+            u = result.stats["direction"][layer].view(2, 2, 16).mean(1)  # GQA group mean, (kv_heads, d)
+            for row, pos in enumerate(reading_rows):
+                target = rotate_like_transformers(model, u, pos, layer)
+                want = torch.einsum("hnd,hd->hn", keys[row], target)
+                torch.testing.assert_close(scores[row], want, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(scores[0], scores[1], atol=1e-3)  # the reading position matters
 
 
 def test_registry_store_lookup_and_clear_errors(tmp_path, store):
