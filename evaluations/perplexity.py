@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.registry import press_class
 
 from . import stats
 from .common import (
@@ -48,8 +49,6 @@ REFERENCE = "streaming_llm"
 def default_methods() -> list[str]:
     """The full cache, StreamingLLM (the reference), then every other registered query-free press
     (position-dependent ones first: they are the newest)."""
-    from kvpress_like.registry import press_class
-
     others = [m for m in query_free_presses() if m != REFERENCE]
     return ["full", REFERENCE] + sorted(others, key=lambda m: not press_class(m).position_dependent)
 
@@ -88,13 +87,21 @@ def stream_nll(
     return torch.cat(nll).cpu()
 
 
-def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int) -> Press | None:
+def press_settings(method: str, budget: int, chunk: int, n_sink: int, window: int, rescore_every: int = 1) -> dict:
+    """Settings of every method: the budget, shared sinks/window; ``rescore_every`` for position-dependent ones."""
+    settings = dict(max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
+    if method not in ("full", "no_press") and press_class(method).position_dependent:
+        settings["rescore_every"] = rescore_every
+    return settings
+
+
+def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int, rescore_every: int = 1) -> Press | None:
     """The registered press ``method`` capped at the budget with the shared sinks/window (None: full cache).
 
     The press is prepared for ``model`` here (filters, calibration statistics), since a bare
     :class:`PressedCache` is used without :func:`kvpress_like.press`.
     """
-    p = build_press(method, max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
+    p = build_press(method, **press_settings(method, budget, chunk, n_sink, window, rescore_every))
     if p is not None:
         if not p.query_free:
             raise ValueError(f"{method} needs queries to score keys; streaming perplexity takes query-free presses")
@@ -157,6 +164,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(e.g. one process per method) into one result in --out")
     parser.add_argument("--n-sink", type=int, default=4, help="first tokens never evicted (all methods)")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted (all methods)")
+    parser.add_argument("--rescore-every", type=int, default=1,
+                        help="position-dependent presses re-score their live slots every this many steps (default: 1, exact)")
     parser.add_argument("--plot-window", type=int, default=256, help="tokens per point of the running perplexity")
     parser.add_argument("--dataset", default=None, help="Hugging Face dataset with a `text` column (online only)")
     parser.add_argument("--dataset-config", default=None, help="configuration of --dataset, e.g. wikitext-2-raw-v1")
@@ -174,8 +183,8 @@ def main(args: argparse.Namespace) -> int:
     if args.merge:
         return merge(args, methods, budgets)
     for method in methods:
-        build_press(method, max_cache_tokens=stored_budget(budgets[0], args.chunk), n_sink=args.n_sink,
-                    window=args.window)  # a bad name fails before the model loads
+        build_press(method)  # a bad name fails before the model loads, naming what is registered
+        build_press(method, **press_settings(method, budgets[0], args.chunk, args.n_sink, args.window, args.rescore_every))
     env = environment()
     model, tokenizer = load_model(args.model)
     ids = load_text_ids(tokenizer, args.tokens, args.dataset, args.dataset_config, args.split)
@@ -185,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
         for method in methods:
             if method == "full" and any(r["method"] == "full" for r in runs):
                 continue
-            p = budget_press(method, model, budget, args.chunk, args.n_sink, args.window)
+            p = budget_press(method, model, budget, args.chunk, args.n_sink, args.window, args.rescore_every)
             start = time.perf_counter()
             # the full cache evicts nothing: feeding it in budget-sized chunks gives the same NLL, faster
             nll = stream_nll(model, ids, p, args.chunk if p is not None else budget, desc=f"{method} @ {budget}")

@@ -8,7 +8,8 @@ For each press, in the same run as the reference timings:
   no-press forward pass of ``tokens`` tokens;
 * decode scoring: the scoring the cache does per decode step into a full cache, over one decode step of the
   model on a plain ``budget``-token cache. A position-dependent press re-scores every layer's ``budget``
-  live slots for the current reading position; a position-independent one scores the new key only;
+  live slots for the current reading position (every ``--rescore-every`` steps: the cost per step is that
+  share of a re-scoring); a position-independent one scores the new key only;
 * whole step: one decode step through a full :class:`~kvpress_like.cache.PressedCache` of ``budget``
   tokens (scoring, eviction, in-place write) over the plain step: everything the press costs.
 
@@ -30,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like import get_press
+from kvpress_like.registry import press_class
 from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.models import load_model
@@ -92,6 +94,9 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
     def step_scoring(p) -> None:
         score_all(p, 0, budget) if p.position_dependent else score_all(p, budget, budget + 1)
 
+    def per_step(p, seconds: list[float]) -> list[float]:  # a re-scoring every rescore_every steps
+        return [t / p.rescore_every for t in seconds]
+
     # interleaved round by round, so a load change hits both sides of a ratio
     rounds = {name: [] for name in presses}
     whole = {name: [] for name in presses}
@@ -108,9 +113,10 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
             prefill_scoring_seconds=full,
             prefill_overhead=full / prefill,
             rescores=p.position_dependent,
-            step_scoring_seconds=statistics.median(rounds[name]),
-            decode_overhead=statistics.median([r / s for r, s in zip(rounds[name], steps)]),  # paired
-            decode_overhead_min=min(rounds[name]) / min(steps),  # the least-disturbed run of each
+            rescore_every=p.rescore_every,
+            step_scoring_seconds=statistics.median(per_step(p, rounds[name])),
+            decode_overhead=statistics.median([r / s for r, s in zip(per_step(p, rounds[name]), steps)]),  # paired
+            decode_overhead_min=min(per_step(p, rounds[name])) / min(steps),  # the least-disturbed run of each
             pressed_step_overhead=statistics.median([w / s - 1 for w, s in zip(whole[name], steps)]),
         )
     return out
@@ -123,6 +129,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presses", default=",".join(PRESSES), help="registry names, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--rescore-every", type=int, default=1,
+                        help="position-dependent presses re-score every this many decoding steps (default: 1, exact)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
@@ -134,12 +142,13 @@ def main(args: argparse.Namespace) -> int:
     ids = corpus_ids(tokenizer, "prose")[: args.tokens][None]
     presses = {}
     for name in args.presses.split(","):
-        presses[name] = get_press(name, max_cache_tokens=args.budget)
+        every = dict(rescore_every=args.rescore_every) if press_class(name).position_dependent else {}
+        presses[name] = get_press(name, max_cache_tokens=args.budget, **every)
         presses[name].prepare(model)
     env = environment(command="python -m kvpress_like.evaluations.scorer_cost " + " ".join(sys.argv[1:]))
     result = scoring_overhead(model, ids, presses, args.budget, args.repeats)
     lines = [
-        "## Scoring cost",
+        "## Scoring cost" + (f" (re-scoring every {args.rescore_every} decoding steps)" if args.rescore_every > 1 else ""),
         "",
         f"{args.model}: {result['tokens']}-token prefill {result['prefill_seconds']:.2f} s; decode step on a plain "
         f"{args.budget}-token cache {1000 * result['decode_step_seconds']:.1f} ms (median of {3 * args.repeats} paired rounds). "
@@ -151,7 +160,9 @@ def main(args: argparse.Namespace) -> int:
         "|---|---:|---:|---|---:|---:|",
     ]
     for name, r in result["presses"].items():
-        what = f"re-scores {args.budget} slots" if r["rescores"] else "scores the new key"
+        what = "scores the new key"
+        if r["rescores"]:
+            what = f"re-scores {args.budget} slots" + (f" every {r['rescore_every']} steps" if r["rescore_every"] > 1 else "")
         lines.append(
             f"| `{name}` | {1000 * r['prefill_scoring_seconds']:.1f} ms | {100 * r['prefill_overhead']:.2f}% | "
             f"{what}: {1000 * r['step_scoring_seconds']:.2f} ms | {100 * r['decode_overhead']:.2f}% "
@@ -160,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
     report = dict(settings=vars(args) | dict(out=str(args.out)), environment=env, **result)
     markdown = "\n".join(lines + markdown_footer(report))
     print(markdown)
-    write_result(args.out, "scorer_cost", report, markdown)
+    write_result(args.out, "scorer_cost" + (f".rescore{args.rescore_every}" if args.rescore_every > 1 else ""), report, markdown)
     return 0
 
 

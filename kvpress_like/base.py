@@ -58,6 +58,10 @@ class Press(ABC):
     decoding: bool = False
     #: ``generate()`` prefills long prompts in chunks of this many tokens (``None``: in one call).
     prefill_chunk_size: int | None = None
+    #: Position-dependent presses: re-score the live slots at most every this many decoding steps (1: at every
+    #: eviction, exact). In between, evictions use the last re-scoring's scores and keys that entered since are
+    #: kept; this divides the re-scoring cost of decoding by up to ``rescore_every``. Dynamic cache only.
+    rescore_every: int = 1
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ``ValueError``/``TypeError`` for settings the core cannot honour (and for layer indices
@@ -79,6 +83,14 @@ class Press(ABC):
         chunk = self.prefill_chunk_size
         if chunk is not None and (not _is_int(chunk) or chunk < 1):
             raise ValueError(f"prefill_chunk_size must be a positive integer or None, got {chunk!r}.")
+        every = self.rescore_every
+        if not _is_int(every) or every < 1:
+            raise ValueError(f"rescore_every must be a positive integer, got {every!r}.")
+        if every > 1 and not self.position_dependent:
+            raise ValueError(
+                f"rescore_every={every}: {type(self).__name__}'s scores do not depend on the reading position, so "
+                "keys are scored once on entry and never re-scored; leave rescore_every=1."
+            )
 
     def prepare(self, model) -> None:
         """Called by :func:`kvpress_like.press` on entry: check the model fits (raise ``ValueError``), load
@@ -150,6 +162,8 @@ class ScorerPress(Press):
         decoding: also apply ``ratio`` while decoding, keeping the cache near ``(1 - ratio) x tokens seen``.
         prefill_chunk_size: under :func:`kvpress_like.press`, ``generate()`` prefills long prompts in chunks of
             this many tokens, so peak KV memory stays near ``max_cache_tokens + prefill_chunk_size``.
+        rescore_every: position-dependent presses re-score live slots at most every this many decoding steps
+            (1: exact at every eviction; dynamic cache only).
     """
 
     ratio: float = 0.0
@@ -159,6 +173,7 @@ class ScorerPress(Press):
     max_cache_tokens: int | None = None
     decoding: bool = False
     prefill_chunk_size: int | None = None
+    rescore_every: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:

@@ -155,10 +155,12 @@ class SlotStore(CacheLayerMixin):
 
     @property
     def stores_scores(self) -> bool:
-        """Whether slots keep the score they got on entry: query-free presses whose scores do not depend on
-        the reading position. Position-dependent ones are re-scored whenever the layer evicts, so scoring
-        keys on entry would be wasted work (a second scoring call per layer and decode step)."""
-        return self.press.query_free and not self.press.position_dependent
+        """Whether slots keep a score: the one they got on entry for query-free presses whose scores do not
+        depend on the reading position; the last re-scoring's for position-dependent ones with
+        ``rescore_every > 1``. Other position-dependent presses are re-scored whenever the layer evicts, so
+        scoring keys on entry would be wasted work (a second scoring call per layer and decode step)."""
+        press = self.press
+        return press.query_free and (not press.position_dependent or press.rescore_every > 1)
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -166,7 +168,13 @@ class SlotStore(CacheLayerMixin):
         return None if self._score is None else self._score[:, :, : self.n_slots]
 
     def _entry_scores(self, k, v, pos, reading, empty: bool = True) -> torch.Tensor | None:
-        return scores_for(self.press, self.layer_idx, k, v, pos, reading, empty) if self.stores_scores else None
+        """Scores of new keys, to store; keys of a position-dependent press get ``+inf`` (not scored yet: kept
+        until the next re-scoring)."""
+        if not self.stores_scores:
+            return None
+        if self.press.position_dependent:
+            return torch.full(pos.shape, float("inf"), device=pos.device)
+        return scores_for(self.press, self.layer_idx, k, v, pos, reading, empty)
 
     def _write(self, where: slice, k, v, pos, score) -> None:
         self._k[:, :, where] = k
@@ -222,6 +230,7 @@ class PressedLayer(SlotStore):
         self._call: Call | None = None
         self._attn_positions: torch.Tensor | None = None  # (batch, kv_heads, kv) keys the last call attended to
         self._query_positions: torch.Tensor | None = None  # (batch, q) its new tokens' positions (-1: padding)
+        self._rescored_at: int | None = None  # reading position of the last stored re-scoring (rescore_every > 1)
 
     @property
     def n_slots(self) -> int:
@@ -325,9 +334,7 @@ class PressedLayer(SlotStore):
                 live = self._make_room(targets, seen - 1)
             else:
                 live = self._live_positions(self.positions, seen - 1)
-            scores = current_scores(
-                press, self.layer_idx, lambda: self.keys, lambda: self.values, live, self.scores, reading, empty=not fast
-            )
+            scores = self._eviction_scores(live, reading, seen, empty=not fast)
             if self.rows is not None:
                 scores = scores.masked_fill(((live >= 0).sum(-1, keepdim=True) >= targets) & (live < 0), float("inf"))
             slot = press.victims(scores, live, seen)
@@ -340,6 +347,7 @@ class PressedLayer(SlotStore):
                 lambda positions: self._live_positions(positions, reading),
             )
             self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, seen, call.targets))
+            self._rescored_at = seen if isinstance(seen, int) else None  # the kept scores are fresh at ``seen``
             out = full_k, full_v
             self._attn_positions = full_pos
         self._query_positions = None if fast else call.positions[:, 0]
@@ -348,6 +356,22 @@ class PressedLayer(SlotStore):
         for observer in self.observers:
             observer(self, call.plan, q)
         return out
+
+    def _eviction_scores(self, live: torch.Tensor, reading: torch.Tensor, seen, empty: bool) -> torch.Tensor:
+        """Scores of the live slots for a decoding eviction: stored, or re-scored at ``reading`` for a
+        position-dependent press, at most every ``rescore_every`` steps (then stored for the steps between;
+        padded batches re-score at every step)."""
+        press = self.press
+        stored = self.scores
+        if press.position_dependent and press.rescore_every > 1:
+            due = not isinstance(seen, int) or self._rescored_at is None or seen - self._rescored_at >= press.rescore_every
+            if not due:
+                return stored.masked_fill(live < 0, float("-inf")) if empty else stored
+            scores = scores_for(press, self.layer_idx, self.keys, self.values, live, reading, empty)
+            stored.copy_(scores)
+            self._rescored_at = seen if isinstance(seen, int) else None
+            return scores
+        return current_scores(press, self.layer_idx, lambda: self.keys, lambda: self.values, live, stored, reading, empty)
 
     def _make_room(self, targets: torch.Tensor, query_position) -> torch.Tensor:
         """Padded decoding: add one empty slot when a row under its ``(batch, 1, 1)`` target has none left to
@@ -513,6 +537,7 @@ class PressedLayer(SlotStore):
     def reset(self) -> None:
         self._k = self._v = self._pos = self._score = self.rows = None
         self.n = self.seen = 0
+        self._rescored_at = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:

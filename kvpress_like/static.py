@@ -67,6 +67,11 @@ def check_static_press(press: Press) -> None:
     if press.skip_layers:
         raise ValueError("skip_layers leaves layers uncompressed, which a fixed-size static cache cannot hold; "
                          "drop skip_layers or use static=False.")
+    if press.rescore_every > 1:
+        raise ValueError(
+            f"{name}(rescore_every={press.rescore_every}): a compiled static step cannot skip re-scoring on some "
+            "steps without branching; use rescore_every=1 or static=False."
+        )
     if press.decoding:
         raise ValueError(
             f"{name}(decoding=True) grows its target with every token, but a static cache holds a fixed number of "

@@ -49,6 +49,7 @@ PRESSES = {
     "qfilters": lambda m: kp.QFilterPress(ratio=0.75, filters=_filters(m)),
     "knorm budget": lambda m: kp.KnormPress(max_cache_tokens=8, n_sink=1, window=2),
     "rescoring budget": lambda m: RecencyBandPress(max_cache_tokens=9, n_sink=1),
+    "rescoring every 3 steps": lambda m: RecencyBandPress(max_cache_tokens=9, n_sink=1, rescore_every=3),
 }
 
 
@@ -210,6 +211,32 @@ def test_rescoring_changes_what_is_evicted():
     assert not torch.equal(kept[RecencyBandPress], kept[EntryTime])
 
 
+def test_rescore_every_k_steps_rescores_then_and_still_equals_masking():
+    """rescore_every=3: the live slots are re-scored at the 3rd, 6th... decoding step after the last scoring
+    (the prefill's), evictions in between use the stored scores, and pruning still equals masking."""
+    model = tiny_model("llama")
+    p = RecencyBandPress(max_cache_tokens=10, rescore_every=3)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(torch.randint(3, 100, (1, 12)), **cache_kwargs(cache))  # prefill over the budget: scored at 12
+        p.readings.clear()
+        for _ in range(7):  # readings 13..19
+            model(torch.randint(3, 100, (1, 1)), **cache_kwargs(cache))
+    assert [r[0] for r in p.readings] == [15] * 4 + [18] * 4  # once per layer, every third step
+    kept = {}
+    for every in (1, 3):
+        got, expected, out = pressed_and_reference(
+            model, tiny_model("llama"), RecencyBandPress(max_cache_tokens=9, n_sink=1, rescore_every=every), _calls()
+        )
+        for g_logits, e_logits in zip(got, expected):
+            torch.testing.assert_close(g_logits, e_logits, atol=2e-5, rtol=1e-4)
+        kept[every] = out.layers[0].positions.sort(-1).values
+    assert not torch.equal(kept[1], kept[3])  # the stale scores did choose other victims
+    with pytest.raises(ValueError, match="rescore_every=1 or static=False"):
+        with press(model, RecencyBandPress(max_cache_tokens=9, rescore_every=2), static=True, compile=False):
+            pass
+
+
 def test_old_style_key_scores_press_still_works():
     @dataclass
     class Legacy(ScorerPress):
@@ -234,6 +261,8 @@ def test_old_style_key_scores_press_still_works():
         (dict(decoding="no"), TypeError, "True or False"),
         (dict(prefill_chunk_size=True), ValueError, "positive integer"),
         (dict(max_cache_tokens=2.5), ValueError, "integer"),
+        (dict(rescore_every=0), ValueError, "positive integer"),
+        (dict(rescore_every=2), ValueError, "do not depend on the reading position"),
     ],
 )
 def test_bad_settings_refused_at_construction(settings, error, match):
