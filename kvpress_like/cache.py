@@ -112,7 +112,7 @@ class SlotStore(CacheLayerMixin):
     """Slot buffers a press fills, shared by the dynamic :class:`PressedLayer` and the static layer.
 
     Per (batch row, KV head): keys, values, the true position of each slot (``-1``: empty) and the
-    float32 score it got on entry. The two layers differ only in how they count (Python ints here, 0-d
+    float32 score it is evicted by (:attr:`stores_scores`). The two layers differ only in how they count (Python ints here, 0-d
     tensors in the static layer, so a compiled step never re-traces) and in allocation (grow to what is
     kept vs. ``budget`` slots once); writes, candidates and scoring are these methods.
     """
@@ -164,7 +164,7 @@ class SlotStore(CacheLayerMixin):
 
     @property
     def scores(self) -> torch.Tensor | None:
-        """Stored entry-time scores ``(batch, kv_heads, slots)`` (``None`` unless :attr:`stores_scores`)."""
+        """Stored scores ``(batch, kv_heads, slots)``, see :attr:`stores_scores` (``None`` when none are kept)."""
         return None if self._score is None else self._score[:, :, : self.n_slots]
 
     def _entry_scores(self, k, v, pos, reading, empty: bool = True) -> torch.Tensor | None:
