@@ -148,6 +148,14 @@ def build_press(name: str, **settings) -> Press | None:
         raise ValueError(f"unknown method {name!r}; registered presses: {', '.join(list_presses())}") from err
 
 
+def rescore_setting(method: str, rescore_every: int) -> dict:
+    """``rescore_every`` for a registered position-dependent press (the others refuse it), else nothing, so one
+    command-line value can apply to a list of methods."""
+    if rescore_every != 1 and method in list_presses() and press_class(method).position_dependent:
+        return dict(rescore_every=rescore_every)
+    return {}
+
+
 def factor_to_ratio(factor: float) -> float:
     """Compression factor (x4 keeps a quarter) to the fraction removed."""
     if factor < 1:

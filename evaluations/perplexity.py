@@ -39,8 +39,8 @@ from kvpress_like.registry import press_class
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, command_line, environment, markdown_footer, parse_list, query_free_presses, set_threads,
-    write_result,
+    RESULTS_DIR, build_press, command_line, environment, markdown_footer, parse_list, query_free_presses,
+    rescore_setting, set_threads, write_result,
 )
 
 REFERENCE = "streaming_llm"
@@ -89,10 +89,8 @@ def stream_nll(
 
 def press_settings(method: str, budget: int, chunk: int, n_sink: int, window: int, rescore_every: int = 1) -> dict:
     """Settings of every method: the budget, shared sinks/window; ``rescore_every`` for position-dependent ones."""
-    settings = dict(max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window)
-    if method not in ("full", "no_press") and press_class(method).position_dependent:
-        settings["rescore_every"] = rescore_every
-    return settings
+    return dict(max_cache_tokens=stored_budget(budget, chunk), n_sink=n_sink, window=window,
+                **rescore_setting(method, rescore_every))
 
 
 def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, window: int, rescore_every: int = 1) -> Press | None:
@@ -183,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
     if args.merge:
         return merge(args, methods, budgets)
     for method in methods:
-        build_press(method)  # a bad name fails before the model loads, naming what is registered
+        # a bad name or setting fails before the model loads
         build_press(method, **press_settings(method, budgets[0], args.chunk, args.n_sink, args.window, args.rescore_every))
     env = environment()
     model, tokenizer = load_model(args.model)

@@ -31,12 +31,11 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like import get_press
-from kvpress_like.registry import press_class
 from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.models import load_model
 
-from .common import RESULTS_DIR, environment, markdown_footer, set_threads, write_result
+from .common import RESULTS_DIR, environment, markdown_footer, rescore_setting, set_threads, write_result
 
 __all__ = ["configure", "main", "scoring_overhead"]
 
@@ -142,8 +141,7 @@ def main(args: argparse.Namespace) -> int:
     ids = corpus_ids(tokenizer, "prose")[: args.tokens][None]
     presses = {}
     for name in args.presses.split(","):
-        every = dict(rescore_every=args.rescore_every) if press_class(name).position_dependent else {}
-        presses[name] = get_press(name, max_cache_tokens=args.budget, **every)
+        presses[name] = get_press(name, max_cache_tokens=args.budget, **rescore_setting(name, args.rescore_every))
         presses[name].prepare(model)
     env = environment(command="python -m kvpress_like.evaluations.scorer_cost " + " ".join(sys.argv[1:]))
     result = scoring_overhead(model, ids, presses, args.budget, args.repeats)

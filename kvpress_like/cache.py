@@ -79,6 +79,11 @@ def current_scores(press: Press, layer_idx: int, keys, values, positions, stored
     the fast path of an unpadded full-attention layer)."""
     if press.position_dependent:
         return scores_for(press, layer_idx, keys(), values(), positions, reading, empty)
+    return stored_scores(stored, positions, empty)
+
+
+def stored_scores(stored: torch.Tensor, positions: torch.Tensor, empty: bool = True) -> torch.Tensor:
+    """Stored scores with ``-inf`` for empty slots (``empty=False``: the caller knows there are none)."""
     return stored.masked_fill(positions < 0, float("-inf")) if empty else stored
 
 
@@ -180,7 +185,7 @@ class SlotStore(CacheLayerMixin):
         self._k[:, :, where] = k
         self._v[:, :, where] = v
         self._pos[:, :, where] = pos
-        if score is not None:
+        if score is not None and self._score is not None:  # no buffer: the press keeps no scores
             self._score[:, :, where] = score
 
     def _write_slot(self, slot: torch.Tensor, k, v, pos, score) -> None:
@@ -358,20 +363,19 @@ class PressedLayer(SlotStore):
         return out
 
     def _eviction_scores(self, live: torch.Tensor, reading: torch.Tensor, seen, empty: bool) -> torch.Tensor:
-        """Scores of the live slots for a decoding eviction: stored, or re-scored at ``reading`` for a
-        position-dependent press, at most every ``rescore_every`` steps (then stored for the steps between;
-        padded batches re-score at every step)."""
-        press = self.press
-        stored = self.scores
-        if press.position_dependent and press.rescore_every > 1:
-            due = not isinstance(seen, int) or self._rescored_at is None or seen - self._rescored_at >= press.rescore_every
-            if not due:
-                return stored.masked_fill(live < 0, float("-inf")) if empty else stored
-            scores = scores_for(press, self.layer_idx, self.keys, self.values, live, reading, empty)
-            stored.copy_(scores)
+        """Scores of the live slots for a decoding eviction. With ``rescore_every > 1`` (a position-dependent
+        press: validated) the stored ones until that many steps have passed since the last re-scoring, whose
+        result is stored (padded batches re-score at every step)."""
+        every = self.press.rescore_every
+        if every > 1 and isinstance(seen, int) and self._rescored_at is not None and seen - self._rescored_at < every:
+            return stored_scores(self.scores, live, empty)
+        scores = current_scores(
+            self.press, self.layer_idx, lambda: self.keys, lambda: self.values, live, self.scores, reading, empty
+        )
+        if every > 1:
+            self.scores.copy_(scores)
             self._rescored_at = seen if isinstance(seen, int) else None
-            return scores
-        return current_scores(press, self.layer_idx, lambda: self.keys, lambda: self.values, live, stored, reading, empty)
+        return scores
 
     def _make_room(self, targets: torch.Tensor, query_position) -> torch.Tensor:
         """Padded decoding: add one empty slot when a row under its ``(batch, 1, 1)`` target has none left to

@@ -209,7 +209,7 @@ class StaticPressedLayer(SlotStore):
                 f"layer {self.layer_idx}: the press keeps {m} protected tokens (n_sink + window), more than the "
                 f"{self.budget} slots of the static cache; raise max_cache_tokens or shrink the window."
             )
-        self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score if self.stores_scores else None))
+        self._write(slice(0, m), *gather_kept(keep, full_k, full_v, full_pos, full_score))
         self._set_filled(m)
         return full_k, full_v
 
