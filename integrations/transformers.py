@@ -104,6 +104,12 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
                 "a compressed cache. Models whose attention goes through that interface (Llama, Mistral, "
                 "Qwen, Phi-3, Gemma 3, GPT-NeoX, ...) are supported."
             )
+        if getattr(module.config, "alibi", False) or "alibi" in inspect.signature(module.forward).parameters:
+            raise ValueError(
+                f"{type(model).__name__} with ALiBi is not supported: its position bias is added through the attention "
+                "mask, which a compressed cache would misalign. Use a rotary variant of the model (e.g. Falcon with "
+                "alibi=False)."
+            )
         idx = module.layer_idx
         layer_types = getattr(module.config, "layer_types", None)
         sliding = bool(layer_types and idx < len(layer_types) and layer_types[idx] in SLIDING_TYPES) or (

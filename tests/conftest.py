@@ -6,7 +6,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "gpt2"]
+from tiny import falcon_supported  # noqa: E402
+
+#: Families the pruning-equals-masking tests cover; Falcon where transformers routes it through the interface.
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt_neox", "gpt2"] + (["falcon"] if falcon_supported() else [])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,8 +19,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
     ``arch`` is one of llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox, gpt2. Gemma3 alternates sliding
     and full layers; Qwen3 and Gemma3 have QK-norm; Qwen2 has attention biases; Phi3 a fused qkv
     projection; GPT-NeoX (Pythia) a fused qkv projection, rotary embedding on a quarter of each head and
-    no grouped KV heads; GPT-2 no RoPE at all (learned positions). (Falcon is not offered: its attention bypasses transformers' attention
-    interface, see ``attention_layers``.)
+    no grouped KV heads; GPT-2 no RoPE at all (learned positions); Falcon (new decoder architecture: fused
+    grouped qkv, parallel attention and MLP) only where the installed transformers routes its attention through
+    the attention interface (5.25 and later, see :data:`FALCON_SUPPORTED`).
     """
     import transformers as tf
 
@@ -51,12 +52,30 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "e
             n_layer=settings["num_hidden_layers"], n_head=settings["num_attention_heads"],
             n_positions=settings["max_position_embeddings"], bos_token_id=0, eos_token_id=0,
         )
+    elif arch == "falcon":
+        config = tf.FalconConfig(
+            vocab_size=settings["vocab_size"], hidden_size=settings["hidden_size"],
+            num_hidden_layers=settings["num_hidden_layers"], num_attention_heads=settings["num_attention_heads"],
+            num_kv_heads=settings["num_key_value_heads"], new_decoder_architecture=True,
+            max_position_embeddings=settings["max_position_embeddings"], bos_token_id=0, eos_token_id=0,
+        )
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox or gpt2")
+        raise ValueError(
+            f"unknown tiny architecture {arch!r}; use llama, mistral, qwen2, qwen3, phi3, gemma3, gpt_neox, gpt2 or falcon"
+        )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
+
+
+def falcon_supported() -> bool:
+    """Whether the installed transformers' Falcon attention calls the attention interface (5.25 and later)."""
+    from transformers.models.falcon.modeling_falcon import FalconAttention
+
+    from kvpress_like.integrations.transformers import _uses_attention_interface
+
+    return _uses_attention_interface(object.__new__(FalconAttention))
 
 
 class ByteTokenizer:

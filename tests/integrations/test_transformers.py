@@ -8,7 +8,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import kvpress_like as kp
 from kvpress_like.integrations.transformers import ATTENTION_NAME, attention_layers, cache_kwargs
-from tiny import tiny_model
+from conftest import ARCHS
+from tiny import falcon_supported, tiny_model
 
 
 def _names(model) -> list[str]:
@@ -45,13 +46,30 @@ def test_gpt_neox_is_found_without_attention_in_its_layer_names():
     assert [layer.keys.shape[-2] for layer in cache.layers] == [10] * 4
 
 
-def test_falcon_is_refused_with_the_reason():
-    model = tf.AutoModelForCausalLM.from_config(
-        tf.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+def _falcon(**settings):
+    return tf.AutoModelForCausalLM.from_config(
+        tf.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **settings)
     )
+
+
+@pytest.mark.skipif(falcon_supported(), reason="this transformers routes Falcon through the attention interface")
+def test_falcon_is_refused_with_the_reason_where_it_bypasses_the_interface():
     with pytest.raises(ValueError, match=r"FalconForCausalLM is not supported: its attention \(FalconAttention\) "
                                          r"computes attention inside its own forward"):
-        with kp.press(model, kp.KnormPress(ratio=0.5)):
+        with kp.press(_falcon(), kp.KnormPress(ratio=0.5)):
+            pass
+
+
+@pytest.mark.skipif(not falcon_supported(), reason="this transformers' Falcon bypasses the attention interface")
+def test_falcon_is_compressed_where_it_uses_the_interface_and_alibi_is_refused():
+    assert "falcon" in ARCHS  # so the pruning-equals-masking tests cover it
+    model = _falcon()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), kp.press(model, kp.KnormPress(ratio=0.5)):
+        model(torch.randint(3, 100, (1, 20)), **cache_kwargs(cache))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [10, 10]
+    with pytest.raises(ValueError, match=r"FalconForCausalLM with ALiBi is not supported: .* alibi=False"):
+        with kp.press(_falcon(alibi=True), kp.KnormPress(ratio=0.5)):
             pass
 
 
