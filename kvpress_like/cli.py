@@ -63,7 +63,10 @@ def commands() -> dict[tuple[str, ...], tuple[str, str]]:
 
 def _top_parser() -> argparse.ArgumentParser:
     """The command list only: built from the tables above, imports nothing."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="kvpress-like", description=plain(__doc__.splitlines()[0]))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*COMMANDS, *GROUPS]) + "}")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text)

@@ -258,7 +258,7 @@ def _calibrate_embedded(model, tokenizer, path: Path) -> None:
         "kvpress_like: no calibration cached for %s; calibrating on the offline corpus (once, stored in %s)", name, path
     )
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(cache_dir() / "models" / name)
-    result = calibration.run_calibration(model, tokenizer, progress=False)
+    result = calibration.run_calibration(model, tokenizer, progress=True)  # ~10 s: show it moving
     if not (path / FILTER_FILE).exists():  # never replace filters a user already relies on
         save_filters(result.filters, path, **result.info)
     save_query_stats(result.stats, path, **result.stats_info)

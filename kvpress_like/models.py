@@ -7,16 +7,23 @@ first load writes a safetensors copy under the cache directory (``$KVPRESS_LIKE_
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "load_model", "model_identity", "head_dim", "kv_heads"]
+__all__ = [
+    "EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "check_model_name", "load_model", "model_identity", "head_dim",
+    "kv_heads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,7 @@ def _materialize(name: str) -> Path:
     folder, gguf = _gguf_location(name)
     log.warning("kvpress_like: converting %s from GGUF (once; cached in %s)", name, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32")
     model.hf_quantizer = None  # de-quantized weights are plain tensors; drop the GGUF marker to save them
     model.config.__dict__.pop("quantization_config", None)
     model.config._name_or_path = name
@@ -81,15 +88,69 @@ def _materialize(name: str) -> Path:
     return target
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (``HF_HUB_OFFLINE=1``: no)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id, or no huggingface_hub: not cached
+        return False
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` (one line, saying what to do) for a model name that cannot load, before anything heavy.
+
+    Embedded names and existing directories pass. A path-like name that does not exist, a near miss of an
+    embedded name, and a hub id while the hub cannot be reached fail at once, instead of after transformers'
+    retries (about 50 s offline) with an error about repo ids.
+    """
+    embedded = ", ".join(EMBEDDED_MODELS)
+    if name in EMBEDDED_MODELS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model directory {name} has no config.json: give a directory saved by save_pretrained().")
+        return
+    if path.exists():
+        raise ValueError(f"--model {name} is a file; give a model directory, a hub id or an embedded model ({embedded}).")
+    if name.startswith((".", "/", "~")) or os.sep * 2 in name or name.count("/") > 1:
+        raise ValueError(f"model directory {name} does not exist; embedded models: {embedded}.")
+    close = [] if "/" in name else difflib.get_close_matches(name.lower(), EMBEDDED_MODELS, n=1, cutoff=0.6)
+    if close:
+        raise ValueError(f"unknown model {name!r}: did you mean the embedded model {close[0]!r}? (embedded: {embedded})")
+    if not _hub_reachable() and not _in_hub_cache(name):
+        raise ValueError(
+            f"{name!r} is neither an embedded model ({embedded}) nor a local directory, and the Hugging Face hub "
+            "cannot be reached (offline): use an embedded model or a local directory."
+        )
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "float32",
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
     **kwargs,
 ):
     """``(model, tokenizer)`` for an embedded name, a local directory or (online) a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_name(name_or_path)
 
     path = str(_materialize(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path)
