@@ -57,7 +57,8 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     """
     import transformers as tf
 
-    from kvpress_like.methods.qfilters import calibrate, filters_for
+    from kvpress_like import calibrate
+    from kvpress_like.filters import filters_for
     from kvpress_like.models import load_model
 
     if name in ("llama-8b-random", "tiny"):

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
-from kvpress_like.context import press as press_context
+from kvpress_like.integrations.context import press as press_context
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs
 
 from .common import RESULTS_DIR, build_press, environment, markdown_footer, query_free_presses, set_threads, write_result

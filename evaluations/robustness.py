@@ -34,13 +34,9 @@ from transformers.cache_utils import DynamicLayer
 
 from kvpress_like import PressedLayer, QFilterPress, press, uncompressed
 from kvpress_like.integrations.transformers import cache_kwargs
-from kvpress_like.methods.qfilters import (
-    calibration_ids,
-    collect_queries,
-    expected_shape,
-    filters_from_queries,
-    load_filters,
-)
+from kvpress_like.calibration import calibration_ids, filters_from_queries
+from kvpress_like.filters import expected_shape, load_filters
+from kvpress_like.integrations.calibration import collect_queries
 
 __all__ = ["configure", "main", "cosines", "PasskeyRunner", "RowFilterPress"]
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import re
 import types
@@ -65,7 +66,7 @@ from transformers import DynamicCache
 
 from kvpress_like.base import Press
 from kvpress_like.cache import uncompressed
-from kvpress_like.context import press as press_model
+from kvpress_like.integrations.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import EMBEDDED_MODELS, _materialize
 from kvpress_like.registry import list_presses, press_class
@@ -78,10 +79,12 @@ ROLLING_CHUNK = 128
 
 
 def tasks_path() -> Path:
-    """Directory of the offline lm-eval tasks shipped with kvpress_like (pass it to ``--include_path``)."""
-    import kvpress_like.evaluations as evaluations
+    """Directory of the offline lm-eval tasks shipped with kvpress_like (pass it to ``--include_path``).
 
-    return Path(evaluations.__file__).resolve().parent / "tasks"
+    The task files are data installed with ``kvpress_like.evaluations``: located, not imported (integrations
+    sit below evaluations)."""
+    spec = importlib.util.find_spec("kvpress_like.evaluations")
+    return Path(spec.submodule_search_locations[0]).resolve() / "tasks"
 
 
 # -- press options from --model_args -------------------------------------------------------------------

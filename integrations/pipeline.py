@@ -40,7 +40,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, cache_nbytes, uncompressed
-from kvpress_like.context import press as press_model
+from kvpress_like.integrations.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.registry import list_presses, press_class
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvpress_like.masks import align_mask, positions_mask
+
 ATTENTION_NAME = "kvpress_like"
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -193,34 +195,6 @@ def _config_view(config, state: _State):
     return view
 
 
-def align_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor | None:
-    """Fit a causal mask built for another layer's cache length to this layer's keys.
-
-    Under a press, layers hold different numbers of keys, but transformers builds one mask per layer type.
-    Without padding (which press() rejects), every cached key precedes the new queries and the new tokens'
-    keys come last, so the right mask is: all cached keys visible, and the original mask's last ``q``
-    columns for the new keys. sdpa's ``is_causal`` aligns top-left, so a causal mask is materialized
-    whenever there are more keys than queries.
-    """
-    q, kv = query.shape[-2], key.shape[-2]
-    if impl.startswith("flash") or (mask is None and (q == 1 or q == kv)):
-        return mask
-    if mask is not None and mask.shape[-1] == kv:
-        return mask
-    boolean = impl == "sdpa" if mask is None else mask.dtype == torch.bool
-    if mask is None:
-        new = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()[None, None]
-        if not boolean:
-            new = torch.zeros(new.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~new, torch.finfo(query.dtype).min
-            )
-    else:
-        new = mask[..., -q:]
-    visible = torch.ones if boolean else torch.zeros
-    old = visible(*new.shape[:-1], kv - q, dtype=new.dtype, device=new.device)
-    return torch.cat([old, new], dim=-1)
-
-
 class PlainLayerGeometry:
     """What the mask of an uncompressed layer under press() must be, when transformers' cannot say it.
 
@@ -246,27 +220,6 @@ class PlainLayerGeometry:
             real = self.real[:, -kv:].to(key.device)
             positions = ((self.real.long().cumsum(-1) - 1)[:, -kv:].to(key.device)).masked_fill(~real, -1)
         return positions_mask(positions[:, None], positions[:, -q:], self.sliding_window, query, impl)
-
-
-def positions_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int | None, query: torch.Tensor, impl: str):
-    """Attention mask from true positions: ``kpos`` ``(batch, 1 or kv_heads, kv)``, ``qpos`` ``(batch, q)``.
-
-    A key is visible iff it is real (position >= 0), not after the query and, with a window, inside it.
-    Padding queries see every key (their outputs are never used; a fully masked row would give NaN).
-    Returns sdpa's boolean mask or eager's additive one, expanded to the query heads where it is per head.
-    """
-    kp, qp = kpos[:, :, None, :], qpos[:, None, :, None]
-    visible = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        visible &= kp > qp - window
-    visible |= ~visible.any(-1, keepdim=True)
-    if visible.shape[1] > 1:
-        visible = visible.repeat_interleave(query.shape[1] // visible.shape[1], dim=1)
-    if impl == "eager":
-        return torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill(
-            ~visible, torch.finfo(query.dtype).min
-        )
-    return visible
 
 
 def _fit_mask(state: _State, attention_mask, query, key):

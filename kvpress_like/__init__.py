@@ -18,7 +18,7 @@ __version__ = "0.1.0"  # the only place the version is written (pyproject.toml r
 _EXPORTS = {
     "Press": ".base",
     "ScorerPress": ".base",
-    "press": ".context",
+    "press": ".integrations.context",
     "get_press": ".registry",
     "list_presses": ".registry",
     "hookimpl": ".hookspecs",
@@ -30,7 +30,8 @@ _EXPORTS = {
     "KnormPress": ".methods",
     "SnapKVPress": ".methods",
     "StreamingLLMPress": ".methods",
-    "QFiltersCache": ".qfilters_cache",
+    "QFiltersCache": ".methods.qfilters_cache",
+    "calibrate": ".integrations.calibration",
 }
 
 __all__ = list(_EXPORTS)

@@ -22,7 +22,7 @@ tokens that left the window first and never attend past it. Presses whose scores
 position (``position_dependent``) have the live slots re-scored whenever the layer must evict.
 
 Masks: when every slot is valid and the layer attends fully, transformers' causal mask (aligned by
-:func:`kvpress_like.integrations.transformers.align_mask`) is right. Otherwise (padding, empty slots,
+:func:`kvpress_like.masks.align_mask`) is right. Otherwise (padding, empty slots,
 sliding windows) :meth:`PressedLayer.attention_mask` builds the mask from the slots' true positions.
 """
 
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .integrations.transformers import positions_mask
+from .masks import positions_mask
 
 if TYPE_CHECKING:
     from .base import Press
@@ -440,7 +440,7 @@ class PressedLayer(SlotStore):
 
     def attention_mask(self, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor:
         """The mask of the call just made, from the true positions of the keys it returned (see
-        :func:`~kvpress_like.integrations.transformers.positions_mask`); per KV head only for a sliding layer
+        :func:`~kvpress_like.masks.positions_mask`); per KV head only for a sliding layer
         holding old tokens, since heads keep different ones."""
         kpos, qpos = self._attn_positions, self._query_positions
         per_head = self.sliding_window is not None and kpos.shape[-1] > qpos.shape[-1]

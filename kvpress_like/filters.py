@@ -214,10 +214,11 @@ def _weights_fingerprint(model) -> str:
     Tells apart models that share a name and config (two random tiny models, a re-trained checkpoint at
     the same path) while a bfloat16 or float32 load of the same checkpoint hashes the same.
     """
-    from kvpress_like.integrations.transformers import attention_layers
-
-    layers = attention_layers(model)
-    params = list(layers[0].module.parameters()) if layers else []
+    indexed = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    # the first innermost module with a layer index: layer 0's attention (decoder layers wrap it)
+    first = next((m for m in indexed if not any(c is not m and isinstance(getattr(c, "layer_idx", None), int)
+                                                  for c in m.modules())), None)
+    params = [] if first is None else list(first.parameters())
     if not params or params[0].device.type == "meta":
         return "noweights"
     w = params[0].detach().flatten()
@@ -251,14 +252,16 @@ def _calibrate_embedded(model, tokenizer, path: Path) -> None:
     """Calibrate an embedded model on the offline corpus and store what is missing (filters, statistics)."""
     from transformers import AutoTokenizer
 
-    from kvpress_like import calibration
+    from kvpress_like.registry import plugin_manager
 
     name = _model_name(model)
     log.warning(
         "kvpress_like: no calibration cached for %s; calibrating on the offline corpus (once, stored in %s)", name, path
     )
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(cache_dir() / "models" / name)
-    result = calibration.run_calibration(model, tokenizer, progress=True)  # ~10 s: show it moving
+    result = plugin_manager().hook.kvpress_like_calibrate(model=model, tokenizer=tokenizer)
+    if result is None:
+        raise RuntimeError("no calibrator is registered (entry-point group 'kvpress_like'): reinstall kvpress_like")
     if not (path / FILTER_FILE).exists():  # never replace filters a user already relies on
         save_filters(result.filters, path, **result.info)
     save_query_stats(result.stats, path, **result.stats_info)

@@ -1,7 +1,9 @@
-"""pluggy hook specifications: how built-in and third-party packages contribute presses.
+"""pluggy hook specifications: how built-in and third-party packages contribute presses and services.
 
-A plugin is any module or object with functions marked ``@kvpress_like.hookimpl``. Third-party packages
-expose one through the entry-point group ``kvpress_like`` in their ``pyproject.toml``::
+A plugin is any module or object with functions marked ``@kvpress_like.hookimpl``. Built-in presses
+(``kvpress_like.methods``) and the transformers calibrator (``kvpress_like.integrations.calibration``) are
+registered exactly like third-party packages, through the entry-point group ``kvpress_like`` in
+``pyproject.toml``, so the core never imports the layers above it::
 
     [project.entry-points.kvpress_like]
     my_press = "my_package.plugin"
@@ -26,3 +28,10 @@ def kvpress_like_presses() -> dict[str, type]:
     Names are what users type in ``get_press(name)``, the CLI and ``lm_eval --model_args press=name``;
     two plugins providing the same name is an error.
     """
+
+
+@hookspec(firstresult=True)
+def kvpress_like_calibrate(model, tokenizer):
+    """Calibrate ``model`` on the offline corpus: a :class:`kvpress_like.calibration.CalibrationResult`, or
+    ``None`` when this plugin cannot. The filter store calls it the first time an embedded model needs
+    Q-Filters or query statistics."""

@@ -14,13 +14,15 @@ __all__ = ["plugin_manager", "list_presses", "get_press", "press_class"]
 
 @lru_cache(maxsize=1)
 def plugin_manager() -> pluggy.PluginManager:
-    """Created on first use (not at import): built-ins, then entry-point plugins."""
+    """Created on first use (not at import) from the entry-point group, built-ins included (see hookspecs)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    from . import methods
-
-    pm.register(methods, name="kvpress_like.builtin")
     pm.load_setuptools_entrypoints(hookspecs.ENTRY_POINT_GROUP)
+    if not pm.list_name_plugin():
+        raise RuntimeError(
+            "no kvpress_like plugins are registered, not even the built-in presses: the package metadata is missing "
+            "(run from an installed copy: pip install -e .)"
+        )
     return pm
 
 

@@ -21,7 +21,7 @@ import torch
 
 from kvpress_like.base import ScorerPress
 from kvpress_like.filters import load_query_stats, query_stats_for, store_key
-from kvpress_like.integrations.rope import Rotary, rotary
+from kvpress_like.rope import Rotary, rotary
 from kvpress_like.models import head_dim as head_dim_of, kv_heads
 
 __all__ = ["CalibratedPress"]

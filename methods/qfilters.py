@@ -7,13 +7,14 @@ are kept. One vector per layer and KV head is enough: filters have shape
 
 Sign convention. The published ``*_qfilt`` repositories store the *negated* direction ``f = -u`` under the
 key ``q_filters``, and the original method keeps the keys with the largest ``-<k, f>``. kvpress_like keeps
-that convention everywhere (files, :func:`~kvpress_like.calibration.calibrate`'s return value,
+that convention everywhere (files, :func:`~kvpress_like.integrations.calibration.calibrate`'s return value,
 :attr:`QFilterPress.active_filters`), so a published file and a locally calibrated one are
 interchangeable: ``score(k) = -<k, f>``, higher is kept.
 
 This module holds the press only. The filter store (files, store keys, hub lookup) is
-:mod:`kvpress_like.filters`, the calibration algorithm :mod:`kvpress_like.calibration`; their public
-names are re-exported here because this was their historical import path.
+:mod:`kvpress_like.filters`, the calibration algorithm :mod:`kvpress_like.calibration` (run on a model by
+:mod:`kvpress_like.integrations.calibration`); the core's public names are re-exported here because this was
+their historical import path.
 """
 
 from __future__ import annotations
@@ -24,14 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpress_like.base import ScorerPress
-from kvpress_like.calibration import (
-    calibrate,
-    calibration_ids,
-    collect_queries,
-    filters_from_queries,
-    run_calibration,
-    uncompressed_layers,
-)
+from kvpress_like.calibration import calibration_ids, filters_from_queries
 from kvpress_like.filters import (
     FILTER_FILE,
     FILTER_KEY,
@@ -53,19 +47,15 @@ __all__ = [
     "FILTER_KEY",
     "SIGN_CONVENTION",
     "as_filters",
-    "calibrate",
     "calibration_ids",
     "check_filters",
-    "collect_queries",
     "expected_shape",
     "filters_for",
     "filters_from_queries",
     "load_filters",
-    "run_calibration",
     "save_filters",
     "store_key",
     "store_path",
-    "uncompressed_layers",
 ]
 
 

@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import kvpress_like.methods.qfilters as qf
-from kvpress_like import calibration
+from kvpress_like import calibration as core_calibration
+from kvpress_like.integrations import calibration
 from kvpress_like import QFilterPress, press
-from kvpress_like.calibration import read_texts
+from kvpress_like.integrations.calibration import read_texts
 from kvpress_like.data import offline_corpus
 from kvpress_like.models import EMBEDDED_MODELS, load_model
 from tiny import tiny_model
@@ -55,9 +56,9 @@ def test_same_seed_gives_identical_filters():
     model = tiny_model("llama")
     ids = torch.randint(2, 128, (2000,), generator=torch.Generator().manual_seed(1))
     kwargs = dict(num_sequences=3, seq_len=64, samples_per_head=100, progress=False)  # windows and queries are sampled
-    a = qf.calibrate(model, ids, seed=0, **kwargs)
-    b = qf.calibrate(model, ids, seed=0, **kwargs)
-    c = qf.calibrate(model, ids, seed=1, **kwargs)
+    a = calibration.calibrate(model, ids, seed=0, **kwargs)
+    b = calibration.calibrate(model, ids, seed=0, **kwargs)
+    c = calibration.calibrate(model, ids, seed=1, **kwargs)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -76,7 +77,7 @@ def test_sign_convention_on_queries_with_a_known_direction():
             layer.self_attn.q_proj.weight.mul_(0.1)
             layer.self_attn.q_proj.bias.copy_(3 * u.repeat_interleave(groups, dim=0).flatten())
     ids = torch.randint(2, 128, (4, 64), generator=gen)
-    filters = qf.calibrate(model, ids, samples_per_head=256, progress=False)
+    filters = calibration.calibrate(model, ids, samples_per_head=256, progress=False)
     assert (cosine(filters, -directions) > 0.99).all(), cosine(filters, -directions)
 
     p = QFilterPress(ratio=0.5, filters=filters)
@@ -103,11 +104,11 @@ def test_calibration_sees_the_queries_attention_uses(arch):
 
     handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
     ids = torch.randint(2, 128, (1, 24), generator=torch.Generator().manual_seed(0))
-    captured = qf.collect_queries(model, ids, samples_per_head=24, progress=False)  # all 24, in order
+    captured = calibration.collect_queries(model, ids, samples_per_head=24, progress=False)  # all 24, in order
     for h in handles:
         h.remove()
 
-    sliding = qf.uncompressed_layers(model)
+    sliding = calibration.uncompressed_layers(model)
     assert sorted(captured) == [i for i in range(4) if i not in sliding]
     assert sliding == ([0, 2] if arch == "gemma3" else [])
     modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
@@ -123,7 +124,7 @@ def test_calibration_sees_the_queries_attention_uses(arch):
 
 def test_sliding_layers_get_zero_filters_and_are_recorded(tmp_path):
     model = tiny_model("gemma3")
-    result = qf.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
+    result = calibration.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
     filters, info = result.filters, result.info
     assert info["uncompressed_layers"] == [0, 2]
     assert filters[[0, 2]].abs().max() == 0
@@ -141,7 +142,7 @@ def _kept_and_logits(model, p, ids):
 
 def test_saved_directory_loads_back_and_scores_identically(tmp_path):
     model = tiny_model("qwen3")
-    result = qf.run_calibration(model, texts=torch.randint(2, 128, (3, 64)), corpus="random ids", progress=False)
+    result = calibration.run_calibration(model, texts=torch.randint(2, 128, (3, 64)), corpus="random ids", progress=False)
     filters, info = result.filters, result.info
     qf.save_filters(filters, tmp_path / "f", **info)
     config = json.loads((tmp_path / "f" / "config.json").read_text())
@@ -160,7 +161,7 @@ def test_saved_directory_loads_back_and_scores_identically(tmp_path):
 
 
 def test_wrong_shape_or_wrong_model_filters_fail_clearly(tmp_path):
-    filters = qf.calibrate(tiny_model("llama"), torch.randint(2, 128, (1, 32)), progress=False)
+    filters = calibration.calibrate(tiny_model("llama"), torch.randint(2, 128, (1, 32)), progress=False)
     qf.save_filters(filters, tmp_path / "llama")
     for other, want in [
         (tiny_model("llama", num_hidden_layers=2), "[2, 2, 16]"),
@@ -193,7 +194,7 @@ def test_cli_writes_a_loadable_directory_and_the_store(tmp_path, store, monkeypa
     from_cli = qf.load_filters(out)
 
     model, tokenizer = load_model(str(model_dir))
-    again = qf.calibrate(model, [text.read_text()], tokenizer, 4, 64, 128, seed=0, progress=False)
+    again = calibration.calibrate(model, [text.read_text()], tokenizer, 4, 64, 128, seed=0, progress=False)
     assert torch.equal(from_cli, again)  # same seed, another process: the same filters
 
     def no_calibration(*args, **kwargs):
@@ -410,7 +411,7 @@ def test_pre_rope_queries_equal_the_projection_before_rotation(variant):
 def test_pre_rope_direction_rotated_to_p_is_the_post_rope_direction_of_queries_at_p(variant):
     """Queries ~ a fixed vector per head plus noise: the pre-RoPE direction rotated to p must match the
     dominant direction of the post-RoPE queries observed at position p (over many sequences)."""
-    from kvpress_like.integrations.rope import rotary
+    from kvpress_like.rope import rotary
 
     model = _variant(variant) if variant == "qwen2" else _variant(variant, attention_bias=True)
     gen = torch.Generator().manual_seed(0)
@@ -436,7 +437,7 @@ def test_pre_rope_direction_rotated_to_p_is_the_post_rope_direction_of_queries_a
             rot = rotary(model, idx, 16)
             cos, sin = rot.cos_sin(torch.tensor([p]))
             targeted = rot.rotate(stats["direction"][idx], cos, sin)  # (hq, d)
-            observed = calibration._dominant(sample.post_rope[idx][:, at_p])
+            observed = core_calibration._dominant(sample.post_rope[idx][:, at_p])
             assert (cosine(targeted, observed) > 0.98).all(), (p, idx, cosine(targeted, observed))
             untargeted = stats["direction"][idx]
             if p > 20:  # the property can fail: without the rotation the directions differ

@@ -77,7 +77,7 @@ def test_unknown_command_and_stale_help_fall_back_to_argparse(capsys, monkeypatc
 def test_project_deprecation_warnings_are_errors():
     """pyproject's filterwarnings: a FutureWarning/DeprecationWarning attributed to our code fails the suite."""
     for category in (FutureWarning, DeprecationWarning):
-        for module in ("kvpress_like.demo", "kvpress_like.methods.snapkv", "test_core"):
+        for module in ("kvpress_like.cli.demo", "kvpress_like.methods.snapkv", "test_core"):
             with pytest.raises(category):
                 warnings.warn_explicit("deprecated", category, "x.py", 1, module=module)
         with pytest.warns(category):  # other libraries' deprecations only warn

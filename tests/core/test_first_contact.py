@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from kvpress_like import cli
-from kvpress_like.demo import compression_ratio, uncompressed_note
+from kvpress_like.cli.demo import compression_ratio, uncompressed_note
 from kvpress_like.models import check_model_name
 
 CONTEXT = "Ada Lovelace wrote the first published program for Babbage's Analytical Engine in 1843. " * 6

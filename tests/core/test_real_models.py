@@ -8,7 +8,7 @@ import kvpress_like as kp
 from kvpress_like.data import corpus_ids, passkey_sample
 from kvpress_like.integrations.transformers import attention_layers, patched_attention
 from kvpress_like.integrations.transformers import cache_kwargs
-from kvpress_like.methods.qfilters import calibrate
+from kvpress_like import calibrate
 
 pytestmark = pytest.mark.slow
 

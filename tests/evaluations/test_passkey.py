@@ -21,7 +21,7 @@ FILTERS = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
 @pytest.fixture(scope="module")
 def stats_dir(tmp_path_factory):
     """Pre-RoPE query statistics of the tiny model, for the calibrated (position-aware) presses."""
-    from kvpress_like.calibration import run_calibration
+    from kvpress_like.integrations.calibration import run_calibration
     from kvpress_like.filters import save_query_stats
 
     ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(4))

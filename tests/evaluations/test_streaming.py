@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvpress_like.cli import main
-from kvpress_like.methods.qfilters import calibrate, save_filters, store_path
+from kvpress_like import calibrate
+from kvpress_like.filters import save_filters, store_path
 
 
 @pytest.fixture

@@ -52,7 +52,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 def filters_dir(tiny_dir, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvpress_like.methods.qfilters import calibrate, save_filters
+    from kvpress_like import calibrate
+    from kvpress_like.filters import save_filters
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     filters = calibrate(model, tokenizer=AutoTokenizer.from_pretrained(tiny_dir), num_sequences=2, seq_len=128, progress=False)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from kvpress_like import calibration, get_press
+from kvpress_like import get_press
+from kvpress_like.integrations import calibration
 from kvpress_like.filters import save_query_stats
-from kvpress_like.integrations.rope import rotary
+from kvpress_like.rope import rotary
 from kvpress_like.methods import ExpectedAttentionPress
 from tiny import tiny_model
 

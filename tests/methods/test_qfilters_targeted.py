@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from kvpress_like import calibration, get_press, press
+from kvpress_like import get_press, press
+from kvpress_like.integrations import calibration
 from kvpress_like.filters import save_query_stats, store_path
 from kvpress_like.methods import TargetedQFilterPress
 from tiny import tiny_model

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .base import Press
-from .cache import PressedLayer, layer_windows, stays_plain
-from .integrations.transformers import (
+from kvpress_like.base import Press
+from kvpress_like.cache import PressedLayer, layer_windows, stays_plain
+from kvpress_like.integrations.generation import compile_settings, static_generation
+from kvpress_like.integrations.transformers import (
     PlainLayerGeometry,
     attention_layers,
     cache_argument,
@@ -19,9 +20,8 @@ from .integrations.transformers import (
     patched_attention,
     set_cache_layer,
 )
-from .integrations.generation import compile_settings, static_generation
-from .registry import get_press
-from .static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
+from kvpress_like.registry import get_press
+from kvpress_like.static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
 
 __all__ = ["press"]
 

@@ -17,10 +17,11 @@ import os
 
 import torch
 
-from .cache import PressedCache
-from .filters import FILTER_FILE, filters_for, load_filters, store_path
-from .methods.qfilters import QFilterPress
-from .models import EMBEDDED_MODELS
+from kvpress_like.cache import PressedCache
+from kvpress_like.filters import FILTER_FILE, filters_for, load_filters, store_path
+from kvpress_like.models import EMBEDDED_MODELS
+
+from .qfilters import QFilterPress
 
 __all__ = ["QFiltersCache"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -52,7 +52,7 @@ def _fail(message: str) -> int:
 
 def _read_input(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """``(context, error)``: what can be checked before torch is imported (10-15 s), checked first."""
-    from .models import check_model_name
+    from ..models import check_model_name
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         return None, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}"
@@ -93,7 +93,7 @@ def _press_settings(args: argparse.Namespace) -> dict:
     """``--ratio`` and ``--set`` values for the press; unknown names fail here rather than inside generate()."""
     import dataclasses
 
-    from .registry import press_class
+    from ..registry import press_class
 
     fields = {f.name for f in dataclasses.fields(press_class(args.press)) if f.init}
     settings = {"ratio": args.ratio, **{key: _value(value) for key, value in args.settings}}
@@ -111,9 +111,9 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import pipeline
 
-    from .integrations import pipeline as qa
-    from .models import load_model
-    from .registry import list_presses
+    from ..integrations import pipeline as qa
+    from ..models import load_model
+    from ..registry import list_presses
 
     press = None if args.press.lower() == "none" else args.press
     if press is not None and press not in list_presses():
@@ -151,7 +151,7 @@ def prefill_progress(model, desc: str, min_tokens: int = 64) -> Iterator[None]:
     prefill is one call of 30-40 s on CPU: without it the command looks stuck)."""
     from tqdm.auto import tqdm
 
-    from .integrations.transformers import attention_layers
+    from ..integrations.transformers import attention_layers
 
     layers = attention_layers(model)
     bar = None

@@ -22,9 +22,9 @@ from pathlib import Path
 
 #: command -> (module, one-line help)
 COMMANDS = {
-    "demo": ("kvpress_like.demo", "answer a pass-key question with and without Q-Filters on the embedded model"),
-    "calibrate": ("kvpress_like.calibration", "compute Q-Filters for a model and save them (safetensors)"),
-    "ask": ("kvpress_like.ask", "compress a document's KV cache once, then answer many questions on it"),
+    "demo": ("kvpress_like.cli.demo", "answer a pass-key question with and without Q-Filters on the embedded model"),
+    "calibrate": ("kvpress_like.integrations.calibration", "compute Q-Filters for a model and save them (safetensors)"),
+    "ask": ("kvpress_like.cli.ask", "compress a document's KV cache once, then answer many questions on it"),
 }
 #: ``kvpress-like eval <name>`` / ``kvpress-like bench <name>``
 EVALUATIONS = {
@@ -63,7 +63,7 @@ def commands() -> dict[tuple[str, ...], tuple[str, str]]:
 
 def _top_parser() -> argparse.ArgumentParser:
     """The command list only: built from the tables above, imports nothing."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="kvpress-like", description=plain(__doc__.splitlines()[0]))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -14,13 +14,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .cache import PressedLayer, cache_nbytes, layer_windows, uncompressed
-from .context import press
-from .integrations.transformers import cache_kwargs
-from .data import passkey_sample
-from .methods import QFilterPress
-from .filters import filters_for
-from .models import DEFAULT_MODEL, load_model
+from ..cache import PressedLayer, cache_nbytes, layer_windows, uncompressed
+from ..integrations.context import press
+from ..integrations.transformers import cache_kwargs
+from ..data import passkey_sample
+from ..methods import QFilterPress
+from ..filters import filters_for
+from ..models import DEFAULT_MODEL, load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
