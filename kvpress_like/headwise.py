@@ -77,13 +77,18 @@ class HeadwisePressedLayer(PressedLayer):
         index = (self.offsets[..., None] + slot).masked_fill(~valid, 0)
         return index, valid
 
-    def _padded(self) -> tuple:
+    def _padded(self, index: tuple | None = None, parts: str = "kvps") -> tuple:
         """Keys, values, positions (``-1``: padding) and scores (``-inf``: padding, or ``None``) as
-        ``(batch, kv_heads, longest head[, head_dim])``."""
-        index, valid = self._index()
-        pos = self._pos[index].masked_fill(~valid, -1)
-        score = None if self._score is None else self._score[index].masked_fill(~valid, float("-inf"))
-        return self._k[index], self._v[index], pos, score
+        ``(batch, kv_heads, longest head[, head_dim])``; only the ``parts`` asked for (others ``None``), at a
+        precomputed :meth:`_index` when given."""
+        index, valid = self._index() if index is None else index
+        k = self._k[index] if "k" in parts else None
+        v = self._v[index] if "v" in parts else None
+        pos = self._pos[index].masked_fill(~valid, -1) if "p" in parts else None
+        score = None
+        if "s" in parts and self._score is not None:
+            score = self._score[index].masked_fill(~valid, float("-inf"))
+        return k, v, pos, score
 
     @property
     def n_slots(self) -> int:
@@ -163,7 +168,9 @@ class HeadwisePressedLayer(PressedLayer):
         reading = call.reading
         seen = call.reading_int if call.reading_int is not None else reading
         score = self._entry_scores(key_states, value_states, call.positions, reading)
-        old_k, old_v, old_pos, old_score = self._padded()
+        index = self._index()
+        _, _, old_pos, old_score = self._padded(index, "ps")
+        old = lambda: self._padded(index, "kv")[:2]  # noqa: E731  (decoding evictions need no keys: gathered late)
         targets = call.targets
         total = self.lengths.sum(-1)  # (batch,)
         budget = None if targets is None else torch.tensor(targets, device=total.device) * h
@@ -176,7 +183,7 @@ class HeadwisePressedLayer(PressedLayer):
         if plan == "overwrite":  # rows at their budget evict one pair per head before attention; others append
             full = (total + h > budget).view(b, 1, 1)
             live = old_pos
-            scores = current_scores(self.press, self.layer_idx, lambda: old_k, lambda: old_v, live, old_score, reading)
+            scores = current_scores(self.press, self.layer_idx, lambda: old()[0], lambda: old()[1], live, old_score, reading)
             scores = scores.masked_fill(live < 0, float("inf"))  # padding is no pair: never a victim
             victim = self.press.victims(scores, live, seen)  # (batch, kv_heads)
             if bool(full.all()):
@@ -191,6 +198,7 @@ class HeadwisePressedLayer(PressedLayer):
                 evicted = torch.zeros_like(live, dtype=torch.bool).scatter_(-1, victim[..., None], True) & full
                 old_pos = old_pos.masked_fill(evicted, -1)
         if plan != "overwritten":
+            old_k, old_v = old()
             k = torch.cat([old_k, key_states], dim=-2)
             v = torch.cat([old_v, value_states], dim=-2)
             pos = torch.cat([old_pos, call.positions], dim=-1)
@@ -204,7 +212,7 @@ class HeadwisePressedLayer(PressedLayer):
             out = k, v
             self._attn_positions = pos
         else:
-            out_k, out_v, self._attn_positions, _ = self._padded()
+            out_k, out_v, self._attn_positions, _ = self._padded(index if plan == "overwritten" else None, "kvp")
             out = out_k, out_v
         self._query_positions = call.positions[:, 0]
         for observer in self.observers:
