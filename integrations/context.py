@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, layer_windows, stays_plain
+from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.integrations.generation import compile_settings, static_generation
 from kvpress_like.integrations.transformers import (
     PlainLayerGeometry,
@@ -55,7 +56,8 @@ def _adopt(
             return None
         if stays_plain(p, window, q if real is None else int(real[:, -q:].sum(-1).min())):
             return None
-    layers[idx] = PressedLayer.from_dynamic(layer, p, idx, window)
+    layer_class = HeadwisePressedLayer if window is None and is_headwise(p) else PressedLayer  # sliding: uniform
+    layers[idx] = layer_class.from_dynamic(layer, p, idx, window)
     return layers[idx]
 
 

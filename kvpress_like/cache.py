@@ -597,6 +597,9 @@ class PressedCache(Cache):
             raise ValueError(
                 f"{type(press).__name__} scores keys with queries; use `with press(model, ...)` instead of a bare cache."
             )
+        if getattr(press, "headwise", False):
+            raise ValueError(f"{type(press).__name__} keeps a different number of tokens per KV head, whose masks only "
+                             "press() builds; use `with press(model, ...)` instead of a bare cache.")
         if press.skip_layers:
             raise ValueError("skip_layers needs `with press(model, ...)`, which aligns the masks of uncompressed layers.")
         press.validate()
