@@ -171,7 +171,7 @@ def test_wrong_shape_or_wrong_model_filters_fail_clearly(tmp_path):
             pass
         assert "(4, 2, 16)" in str(err.value) and want in str(err.value) and "kvpress-like calibrate" in str(err.value)
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(KeyError, match="not a Q-Filters file"):
+    with pytest.raises(ValueError, match="not a Q-Filters file"):
         QFilterPress(filters=tmp_path / "other.safetensors")
 
 
