@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvpress_like import QFilterPress, calibration, press
+from kvpress_like import QFilterPress, press
+from kvpress_like.integrations import calibration
 from kvpress_like.filters import FILTER_FILE, STATS_FILE, save_filters, save_query_stats
 from kvpress_like.methods import ExpectedAttentionPress, TargetedQFilterPress
 from tiny import tiny_model
