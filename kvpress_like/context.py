@@ -138,6 +138,11 @@ def press(
     call = {"real": None}  # the current call's 2-D mask of real tokens (left padding), set by the model hook
 
     def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError(
+                "press() compresses the KV cache, and this call has use_cache=False: nothing would be compressed. "
+                "Drop use_cache=False, or run the call outside `with press(...)`."
+            )
         call["real"] = real = _real_tokens(kwargs, args)
         if real is not None and static:
             raise ValueError("the static compressed cache has one length for every row: padded batches need static=False.")
