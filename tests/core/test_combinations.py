@@ -1,6 +1,6 @@
 """Every feature composes: one pruning-equals-masking matrix over the cache engine's dimensions.
 
-Dimensions: press kind (position-free K-norm / re-scoring position-targeted Q-Filters with user-passed
+Dimensions: press kind (position-free Q-Filters / re-scoring position-targeted Q-Filters with user-passed
 statistics / query-based SnapKV) x rows (one prompt / a left-padded batch of two) x cache (dynamic / static)
 x size (ratio only / ``max_cache_tokens`` / ``decoding=True``) x ``rescore_every`` (1 / 3) x model (full
 attention / Gemma-3 style alternating sliding-window and full layers) x attention (eager / sdpa).
@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like import PressedLayer, press, uncompressed
-from kvpress_like.filters import save_query_stats
+from kvpress_like.filters import save_filters, save_query_stats
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.targeted_qfilters import TargetedQFilterPress
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, static_budget
@@ -96,7 +96,8 @@ def _reference(model: str):
 
 @pytest.fixture(scope="module")
 def stats_dirs(tmp_path_factory):
-    """User-passed statistics (``stats=``) for every layer, sliding ones included, of both tiny models."""
+    """User-passed statistics (``stats=``) and Q-Filters (``filters=``) for every layer, sliding ones included,
+    of both tiny models: ``{model: statistics file}``, the filters in the same directory."""
     dirs = {}
     for model in MODELS:
         cfg = _model(model, "eager").config
@@ -109,7 +110,10 @@ def stats_dirs(tmp_path_factory):
             covariance=torch.eye(d).expand(*shape, d).clone(),
             count=torch.full((cfg.num_hidden_layers,), 64.0),
         )
-        dirs[model] = save_query_stats(stats, tmp_path_factory.mktemp(f"stats-{model}"))
+        out = tmp_path_factory.mktemp(f"calibration-{model}")
+        # Q-Filters (random: not K-norm, whose scores tie under Gemma-3's key norm) beside the statistics
+        save_filters(torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, d, generator=g), out)
+        dirs[model] = save_query_stats(stats, out)
     return dirs
 
 
@@ -117,7 +121,7 @@ def _press(kind, size, every, stats):
     settings = {"ratio": dict(ratio=0.5), "max_cache_tokens": dict(max_cache_tokens=BUDGET),
                 "decoding": dict(ratio=0.5, decoding=True)}[size]
     if kind == "position-free":
-        return kp.KnormPress(n_sink=1, window=2, rescore_every=every, **settings)
+        return kp.QFilterPress(n_sink=1, window=2, rescore_every=every, filters=stats.parent, **settings)
     if kind == "re-scoring":
         return TargetedQFilterPress(n_sink=1, window=2, rescore_every=every, stats=stats, **settings)
     return kp.SnapKVPress(window_size=3, kernel_size=3, rescore_every=every, **settings)
