@@ -659,6 +659,19 @@ def stays_plain(press: Press, window: int, first_call_tokens: int) -> bool:
     return (stored is None or stored >= window - 1) and (decoding is None or decoding >= window)
 
 
+def _refuse_padding(kwargs: dict) -> None:
+    """A bare cache never sees the attention mask; rows whose position ids differ (left padding, as generate()
+    numbers them) would keep pad tokens as if they were real, so they are refused."""
+    positions = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] > 1:
+        if not bool((positions == positions[:1]).all()):
+            raise ValueError(
+                "a PressedCache/QFiltersCache used without press() cannot see the attention mask, and this batch is "
+                "padded (its rows have different positions): pad tokens would be kept as real ones. Run it inside "
+                "`with press(model, p):` (padded rows compressed one by one), or one prompt at a time."
+            )
+
+
 class PressedCache(Cache):
     """A cache whose attention layers are :class:`PressedLayer` s, usable without :func:`press`.
 
@@ -691,6 +704,9 @@ class PressedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._make_layer(len(self.layers), key_states.shape[-2]))
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PressedLayer) and not layer._in_context:
+            _refuse_padding(kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:

@@ -25,6 +25,10 @@ from .static import StaticPressedCache, StaticPressedLayer, check_static_press, 
 
 __all__ = ["press"]
 
+#: ``id(press) -> model`` while a press() context is open: a press keeps per-model state (filters, statistics)
+#: for the model it was last prepared on, so one instance cannot serve two models at once.
+_OPEN: dict[int, nn.Module] = {}
+
 
 def _adopt(
     cache: Cache, idx: int, p: Press, window: int | None, q: int, real: torch.Tensor | None
@@ -133,6 +137,13 @@ def press(
             f"layers, and every layer of {type(model).__name__} is one: nothing would be compressed. Use a query-free "
             "press (qfilters, knorm, streaming_llm, ...)."
         )
+    owner = _OPEN.get(id(p))
+    if owner is not None and owner is not model:
+        raise ValueError(
+            f"this {type(p).__name__} instance is already open on another model ({type(owner).__name__}); a press holds "
+            "the filters/statistics of one model at a time. Use one press instance per model, e.g. "
+            "press(a, QFilterPress(...)) and press(b, QFilterPress(...))."
+        )
     p.prepare(model)
     compressed = {idx for idx in window_of if p.compresses_layer(idx)}
     call = {"real": None}  # the current call's 2-D mask of real tokens (left padding), set by the model hook
@@ -171,6 +182,9 @@ def press(
 
     generation_config = getattr(model, "generation_config", None)
     with ExitStack() as stack:
+        if owner is None:
+            _OPEN[id(p)] = model
+            stack.callback(_OPEN.pop, id(p), None)
         stack.enter_context(patched_attention(model, layers, None if p.query_free else after_attention))
         for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)

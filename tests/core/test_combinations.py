@@ -255,3 +255,50 @@ def test_combination(kind, rows, cache_kind, size, every, model_kind, impl, stat
             if isinstance(layer, PressedLayer) and isinstance(row_cache.layers[i], PressedLayer):
                 seen = row_cache.layers[i].seen
                 assert _live_sets(layer, layer.rows[r].item())[r] == _live_sets(row_cache.layers[i], seen)[0], (r, i)
+
+
+# -- combinations outside the matrix: refused with a clear error -------------------------------------------
+
+
+def test_one_press_open_on_two_models_at_once_is_refused(tmp_path):
+    """A press holds one model's filters: a second model inside the first one's context is refused, and the
+    first model keeps scoring with its own filters."""
+    from kvpress_like.filters import store_path
+
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    for model, seed in ((a, 1), (b, 2)):
+        cfg = model.config
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+        save_filters(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), store_path(model))
+    p = kp.QFilterPress(ratio=0.5)
+    with press(a, p):
+        own = p.active_filters.clone()
+        with pytest.raises(ValueError, match="already open on another model"):
+            with press(b, p):
+                pass
+        assert torch.equal(p.active_filters, own)
+    with press(b, p):  # once closed, the press may move to another model
+        assert not torch.equal(p.active_filters, own)
+
+
+@pytest.mark.parametrize("bare", ["PressedCache", "QFiltersCache"])
+def test_bare_caches_refuse_a_left_padded_batch(bare):
+    """Without press() a cache never sees the mask: a left-padded generate() is refused, not silently wrong."""
+    model = tiny_model("llama")
+    cfg = model.config
+    filters = torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    make = {"PressedCache": lambda: kp.PressedCache(kp.KnormPress(max_cache_tokens=6), config=cfg),
+            "QFiltersCache": lambda: kp.QFiltersCache(window_length=2, max_length=6, filters=filters, model=model)}[bare]
+    _, ids, mask, _ = _inputs([12, 7])
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="padded"):
+            model.generate(ids, attention_mask=mask, **cache_kwargs(make()), **settings)
+        model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(make()), **settings)  # unpadded: fine
+
+
+def test_generate_without_a_cache_is_refused_under_press():
+    model = tiny_model("llama")
+    with torch.no_grad(), press(model, kp.KnormPress(ratio=0.5)):
+        with pytest.raises(ValueError, match="use_cache=False: nothing would be compressed"):
+            model.generate(torch.randint(3, 100, (1, 12)), max_new_tokens=2, use_cache=False, do_sample=False)
