@@ -17,7 +17,8 @@ call is one :class:`Call`, planned before anything is written:
 Positions are true positions: the layer reports the number of tokens *seen* as its sequence length, so
 transformers gives new tokens their true RoPE positions. Left-padded rows count only their real tokens
 (:meth:`PressedLayer.begin_call` receives which new tokens are real): pad tokens are never kept in place of
-real ones, and each row keeps what the press promises for its own length. Sliding-window layers evict the
+real ones, and each row keeps what the press promises for its own length: every row is planned as it would
+be alone (its own slot count, target and re-scoring clock), so batching never changes a row's result. Sliding-window layers evict the
 tokens that left the window first and never attend past it. Presses whose scores depend on the reading
 position (``position_dependent``) have the live slots re-scored whenever the layer must evict.
 
@@ -680,7 +681,8 @@ class PressedCache(Cache):
     compressed too when the press keeps fewer tokens than their window; without :func:`press` their kept
     tokens must stay inside the window of each new token (true with a budget below the window), or the
     layer refuses the call. Presses that need queries or leave layers uncompressed need :func:`press`,
-    which also builds masks from true positions.
+    which also builds masks from true positions; so do left-padded batches (a bare cache never sees the
+    attention mask: rows whose position ids differ are refused).
     """
 
     def __init__(self, press: Press, config=None):

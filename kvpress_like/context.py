@@ -99,12 +99,13 @@ def press(
     hooks and generation config); caches created inside keep their pressed layers.
 
     The patch is on the model object, so while the context is open it applies to every thread using that
-    model, not only to the one that entered it.
+    model, not only to the one that entered it. One press instance serves one model at a time (it holds that
+    model's filters or statistics); calls with ``use_cache=False`` are refused (nothing would be compressed).
 
     ``static=True`` selects the fast decoding path: ``generate()`` (when given no cache) uses a
     :class:`~kvpress_like.static.StaticPressedCache` of fixed-size slot buffers, prefills eagerly, then runs
     one-token steps that ``torch.compile`` / CUDA graphs capture once (transformers compiles them
-    automatically on GPUs, with ``generation_config.compile_config``). Query-free presses only; the budget
+    automatically on GPUs, with ``generation_config.compile_config``). Query-free presses and unpadded batches only; the budget
     is ``max_cache_tokens`` (or the prompt's kept size for a ratio-only press, see :mod:`kvpress_like.static`).
     ``compile`` (static only): ``None`` follows transformers' rule (compile on accelerators), ``False``
     disables compilation, ``True`` or a ``transformers.CompileConfig`` compiles on every device, CPU included.
