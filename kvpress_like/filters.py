@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from kvpress_like.cache import layer_windows
 from kvpress_like.models import EMBEDDED_MODELS, cache_dir, head_dim, kv_heads, model_identity
 
 __all__ = [
@@ -306,6 +307,9 @@ def store_key(model) -> str:
     if name != "unnamed" and Path(name).is_dir():
         name = str(Path(name).resolve())
     identity = f"{name}|{rest}|w{_weights_fingerprint(model)}"
+    if any(window is not None for window in layer_windows(model.config)):
+        # Stores written before sliding-window layers were calibrated hold zeros there: a new key recalibrates.
+        identity += "|sliding-calibrated"
     model_type, shape = rest.split("|")[:2]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{model_type}_{shape}")
     return f"{readable[-120:]}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"

@@ -96,8 +96,10 @@ class CalibratedPress(ScorerPress):
         if found is None:
             if layer_idx not in self._layers:
                 raise ValueError(
-                    f"{type(self).__name__} has no query statistics for layer {layer_idx}: use it inside "
-                    "`with press(model, ...)` (which finds them) or pass stats=<dir from kvpress-like calibrate>."
+                    f"{type(self).__name__} has no query statistics for layer {layer_idx} (count 0: a layer left out, "
+                    "or a sliding-window layer in statistics calibrated before those were), yet it is being "
+                    "compressed: recalibrate with `kvpress-like calibrate --model ...` and pass stats=<that dir>, or "
+                    "use the press inside `with press(model, ...)`, which finds or computes them."
                 )
             found = self._on[(device, layer_idx)] = tuple(t.to(device) for t in self._layers[layer_idx])
         rows, turned, *rest = found
