@@ -44,6 +44,7 @@ from transformers import DynamicCache
 from kvpress_like import press, uncompressed
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer
+from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.data import passkey_sample
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.registry import list_presses
@@ -132,7 +133,8 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
         idx = layer.layer_idx
         if layer.sliding or not p.compresses_layer(idx):
             continue
-        pressed = PressedLayer.from_dynamic(shared.cache.layers[idx], p, idx)
+        layer_class = HeadwisePressedLayer if is_headwise(p) else PressedLayer  # as press() would adopt it
+        pressed = layer_class.from_dynamic(shared.cache.layers[idx], p, idx)
         if not p.query_free:
             pressed.prune_with_queries(layer.module, shared.queries[idx])
         new.layers[idx] = pressed

@@ -81,7 +81,7 @@ __all__ = [
     "read_texts",
     "run_calibration",
     "sample_queries",
-    "uncompressed_layers",
+    "sliding_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ OFFLINE = {
     "offline:code": "Python standard-library source code",
     "offline:random": "uniformly random token ids",
 }
-def uncompressed_layers(model) -> list[int]:
-    """Layers press() never compresses (sliding-window attention): their filters are zeros."""
+def sliding_layers(model) -> list[int]:
+    """Sliding-window layers. They are calibrated like the others: press() compresses them whenever the press
+    keeps fewer tokens than their window (zero filters there would evict arbitrarily)."""
     from kvpress_like.integrations.transformers import attention_layers
 
     return sorted(layer.layer_idx for layer in attention_layers(model) if layer.sliding)
@@ -116,9 +117,9 @@ def sample_queries(
     from kvpress_like.rope import rotary
     from kvpress_like.integrations.transformers import attention_layers, patched_attention
 
-    layers = [layer for layer in attention_layers(model) if not layer.sliding]
+    layers = attention_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no full-attention layers to calibrate")
+        raise ValueError(f"{type(model).__name__} has no decoder self-attention layers to calibrate")
     if samples_per_head < 1:
         raise ValueError(f"samples_per_head must be positive, got {samples_per_head}")
     head_dim = expected_shape(model)[2]
@@ -232,7 +233,7 @@ def run_calibration(
         seq_len=int(ids.shape[1]),
         samples_per_head=int(min(q.shape[1] for q in sample.post_rope.values())),
         seed=seed,
-        uncompressed_layers=uncompressed_layers(model),
+        sliding_layers=sliding_layers(model),  # calibrated too (before 0.2 they were skipped, zero filters)
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         versions=dict(kvpress_like=__version__, torch=torch.__version__, transformers=transformers.__version__),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -471,8 +472,9 @@ def main(args: argparse.Namespace) -> int:
         f"of {corpus}, {info['samples_per_head']} queries per head: {info['calibration_seconds']:.1f} s "
         f"(model load {load_seconds:.1f} s) -> {out} (with pre-RoPE query statistics)"
     )
-    if info["uncompressed_layers"]:
-        print(f"layers never compressed (sliding window, zero filters): {info['uncompressed_layers']}")
+    if info["sliding_layers"]:
+        print(f"sliding-window layers (calibrated too, compressed when a press keeps fewer tokens than the window): "
+              f"{info['sliding_layers']}")
     if not args.no_store:
         stored = save_filters(filters, store_path(model), **info)
         save_query_stats(result.stats, stored, **result.stats_info)

@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, layer_windows, stays_plain
+from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.integrations.generation import compile_settings, static_generation
 from kvpress_like.integrations.transformers import (
     PlainLayerGeometry,
@@ -24,6 +25,10 @@ from kvpress_like.registry import get_press
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
 
 __all__ = ["press"]
+
+#: ``id(press) -> model`` while a press() context is open: a press keeps per-model state (filters, statistics)
+#: for the model it was last prepared on, so one instance cannot serve two models at once.
+_OPEN: dict[int, nn.Module] = {}
 
 
 def _adopt(
@@ -55,7 +60,8 @@ def _adopt(
             return None
         if stays_plain(p, window, q if real is None else int(real[:, -q:].sum(-1).min())):
             return None
-    layers[idx] = PressedLayer.from_dynamic(layer, p, idx, window)
+    layer_class = HeadwisePressedLayer if window is None and is_headwise(p) else PressedLayer  # sliding: uniform
+    layers[idx] = layer_class.from_dynamic(layer, p, idx, window)
     return layers[idx]
 
 
@@ -95,12 +101,13 @@ def press(
     hooks and generation config); caches created inside keep their pressed layers.
 
     The patch is on the model object, so while the context is open it applies to every thread using that
-    model, not only to the one that entered it.
+    model, not only to the one that entered it. One press instance serves one model at a time (it holds that
+    model's filters or statistics); calls with ``use_cache=False`` are refused (nothing would be compressed).
 
     ``static=True`` selects the fast decoding path: ``generate()`` (when given no cache) uses a
     :class:`~kvpress_like.static.StaticPressedCache` of fixed-size slot buffers, prefills eagerly, then runs
     one-token steps that ``torch.compile`` / CUDA graphs capture once (transformers compiles them
-    automatically on GPUs, with ``generation_config.compile_config``). Query-free presses only; the budget
+    automatically on GPUs, with ``generation_config.compile_config``). Query-free presses and unpadded batches only; the budget
     is ``max_cache_tokens`` (or the prompt's kept size for a ratio-only press, see :mod:`kvpress_like.static`).
     ``compile`` (static only): ``None`` follows transformers' rule (compile on accelerators), ``False``
     disables compilation, ``True`` or a ``transformers.CompileConfig`` compiles on every device, CPU included.
@@ -133,11 +140,23 @@ def press(
             f"layers, and every layer of {type(model).__name__} is one: nothing would be compressed. Use a query-free "
             "press (qfilters, knorm, streaming_llm, ...)."
         )
+    owner = _OPEN.get(id(p))
+    if owner is not None and owner is not model:
+        raise ValueError(
+            f"this {type(p).__name__} instance is already open on another model ({type(owner).__name__}); a press holds "
+            "the filters/statistics of one model at a time. Use one press instance per model, e.g. "
+            "press(a, QFilterPress(...)) and press(b, QFilterPress(...))."
+        )
     p.prepare(model)
     compressed = {idx for idx in window_of if p.compresses_layer(idx)}
     call = {"real": None}  # the current call's 2-D mask of real tokens (left padding), set by the model hook
 
     def check_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("use_cache") is False:
+            raise ValueError(
+                "press() compresses the KV cache, and this call has use_cache=False: nothing would be compressed. "
+                "Drop use_cache=False, or run the call outside `with press(...)`."
+            )
         call["real"] = real = _real_tokens(kwargs, args)
         if real is not None and static:
             raise ValueError("the static compressed cache has one length for every row: padded batches need static=False.")
@@ -166,6 +185,9 @@ def press(
 
     generation_config = getattr(model, "generation_config", None)
     with ExitStack() as stack:
+        if owner is None:
+            _OPEN[id(p)] = model
+            stack.callback(_OPEN.pop, id(p), None)
         stack.enter_context(patched_attention(model, layers, None if p.query_free else after_attention))
         for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)

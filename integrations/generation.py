@@ -66,9 +66,15 @@ def static_generation(model: nn.Module, make_cache: Callable[[int, int], object]
         if (model_kwargs.get(keyword) is not None or generation_config.use_cache is False
                 or generation_config.cache_implementation is not None):
             return prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):  # the model then sees a 4-D mask only
+            raise ValueError(
+                "press(..., static=True) got a padded batch: the static compressed cache has one length for every "
+                "row. Use static=False (padded batches are compressed row by row) or run the prompts one at a time."
+            )
         prompt = model_kwargs.get("position_ids")
         if prompt is None:
-            prompt = model_kwargs.get("attention_mask")
+            prompt = mask
         prompt_tokens = prompt.shape[-1] if prompt is not None else max_cache_length
         model_kwargs[keyword] = make_cache(prompt_tokens, max_cache_length)
 

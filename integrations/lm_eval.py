@@ -8,7 +8,8 @@ Installing kvpress_like makes the stock CLI find ``qfilters-hf`` (see :mod:`kvpr
 
 Model arguments. ``press=<name>`` picks a registered press (:func:`kvpress_like.list_presses`; third-party
 plugins included); every field of that press is a model argument: ``ratio``, ``max_cache_tokens``, ``window``,
-``n_sink``, ``skip_layers`` (``[0,1]`` or ``0;1``), ``decoding``, ``prefill_chunk_size``, ``filters=<path>``
+``n_sink``, ``skip_layers`` (``[0,1]``, ``0;1`` or ``0``; lm-eval splits ``--model_args`` on commas, and the
+pieces of a bracketed list are joined back), ``decoding``, ``prefill_chunk_size``, ``filters=<path>``
 (Q-Filters), ``window_size``/``kernel_size`` (SnapKV), ... Everything else goes to ``HFLM`` (``pretrained``,
 ``dtype``, ``device``, ``batch_size``, ``parallelize``, ...). ``pretrained`` also accepts the embedded models
 (``smollm2-135m``, ``gemma3-270m``). Without ``press`` the model is exactly lm-eval's ``hf``.
@@ -109,7 +110,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if any(typing.get_origin(a) is tuple for a in args):
         items = [value] if isinstance(value, int) else value
         if isinstance(items, str):
-            items = [s for s in re.split(r"[;:|+\s]+", items.strip("[]() ")) if s]
+            items = [s for s in re.split(r"[,;:|+\s]+", items.strip("[]() ")) if s]
         try:
             return tuple(int(v) for v in items)
         except (TypeError, ValueError):
@@ -128,6 +129,26 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, got {value!r}.") from None
     return str(value) if isinstance(value, (int, float)) else value
+
+
+def _rejoin_lists(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Undo lm-eval's comma split of a bracketed list: ``skip_layers=[0,1]`` reaches the model as
+    ``skip_layers='[0'`` plus a key ``'1]'`` with an empty value; join such pieces back into ``'[0,1]'``."""
+    out: dict[str, Any] = {}
+    open_key = None
+    for key, value in kwargs.items():
+        if open_key is not None and value == "" and "[" not in key:
+            out[open_key] += f",{key}"
+            open_key = None if key.strip().endswith("]") else open_key
+            continue
+        if open_key is not None:
+            break
+        out[key] = value
+        if isinstance(value, str) and value.lstrip().startswith("[") and "]" not in value:
+            open_key = key
+    if open_key is not None:
+        raise ValueError(f"{open_key}={out[open_key]} has no closing ']'; write a list as {open_key}=[0,1] or {open_key}=0;1.")
+    return out
 
 
 def build_press(name: str, **options: Any) -> Press:
@@ -152,6 +173,7 @@ class QFiltersHFLM(HFLM):
     """lm-eval's Hugging Face model with a kvpress_like press on its KV cache (see the module docstring)."""
 
     def __init__(self, pretrained: Any = None, press: str | None = None, **kwargs: Any) -> None:
+        kwargs = _rejoin_lists(kwargs)
         every_option = set().union(*press_options().values())
         options = {key: kwargs.pop(key) for key in list(kwargs) if key in every_option}
         for key in kwargs:  # anything else goes to from_pretrained, where a typo would vanish silently
@@ -178,8 +200,9 @@ class QFiltersHFLM(HFLM):
         if self.backend != "causal":
             raise ValueError(f"{MODEL_NAME} compresses decoder-only models; {pretrained} is {self.backend}.")
         self._enable_cpu_data_parallel()
-        if self._press is not None:
-            self._press.prepare(self.model)  # fail now (wrong filters, missing layers), not mid-evaluation
+        if self._press is not None:  # fail now (layers that do not exist, wrong filters), not mid-evaluation
+            self._press.validate(num_layers=self.model.config.get_text_config().num_hidden_layers)
+            self._press.prepare(self.model)
 
     def _enable_cpu_data_parallel(self) -> None:
         """HFLM shards requests across ``accelerate launch`` processes only on GPUs; do it on CPU too."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import time
 from collections import defaultdict
@@ -41,17 +42,32 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, cache_nbytes, uncompressed
 from kvpress_like.integrations.context import press as press_model
+from kvpress_like.filters import expected_shape
 from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.models import model_identity
 from kvpress_like.registry import list_presses, press_class
 
-__all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "benchmark", "TASK", "KVPRESS_TASK"]
+__all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "benchmark", "TASK", "KVPRESS_TASK"]
 
 TASK = "kvpress-qa"
 #: NVIDIA kvpress's task name, registered as an alias when free.
 KVPRESS_TASK = "kv-press-text-generation"
 #: Attribute under which a cache made by the pipeline remembers its context's token ids (``(1, n)``).
 PROMPT_ATTR = "kvpress_like_prompt_ids"
+#: Attribute under which it remembers the context text, so later questions tokenize as one prompt with it.
+CONTEXT_ATTR = "kvpress_like_context"
+#: Attribute under which it remembers the model that made it (:func:`model_key`): only that model continues it.
+MODEL_ATTR = "kvpress_like_model"
 _SLOT = "\u2063kvpress-like-context\u2063"  # placeholder that splits the chat template around the user text
+
+
+def model_key(model) -> tuple[str, str]:
+    """``(model_identity, weights fingerprint)``: name, architecture and shapes, plus a hash of a strided sample
+    of every parameter (16 values each), so models sharing a config but not their weights differ."""
+    params = [p for p in model.parameters() if p.device.type != "meta" and p.numel()]  # offloaded ones: on meta
+    samples = [p.detach().reshape(-1)[:: max(1, p.numel() // 16)][:16].float().cpu() for p in params]
+    raw = torch.cat(samples).numpy().tobytes() if samples else b""
+    return model_identity(model), hashlib.sha1(raw).hexdigest()[:16]
 
 
 def cache_press(cache: Cache) -> Press | None:
@@ -72,6 +88,12 @@ def fork(cache: Cache, rows: int = 1) -> Cache:
     if rows > 1:
         copied.batch_repeat_interleave(rows)
     return copied
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _press_fields(cls: type) -> set[str]:
@@ -128,7 +150,14 @@ class KVPressQAPipeline(Pipeline):
     * ``question_batch_size`` (8): questions answered together, left-padded to the longest (sorted by length;
       a query-dependent press such as SnapKV only batches questions of equal token length).
     * ``return_cache`` (False): also return the compressed context cache (never modified by answering).
-    * anything else (``max_new_tokens``, default 50; ``do_sample``, ...) goes to ``generate()``.
+    * anything else (``max_new_tokens``, default 50; ``do_sample``, ``num_beams``, ...) goes to ``generate()``.
+      With ``num_return_sequences=k`` each answer is a list of ``k`` strings. ``return_dict_in_generate``
+      is accepted (answers are still returned); ``output_scores`` and the like are refused: run
+      ``generate()`` on a returned cache for them.
+
+    A returned cache remembers the model that made it (:func:`model_key`: identity and a weights
+    fingerprint) and its context text; passed to a pipeline on another model it is refused, and later
+    questions are tokenized with the context as one prompt (see :meth:`encode`).
 
     Returns ``{"answer": str}`` for ``question=`` or ``{"answers": [str, ...]}`` for ``questions=``, plus
     ``kv_bytes`` (the compressed context cache), ``peak_kv_bytes`` (that cache plus the copies of one batch of
@@ -202,12 +231,17 @@ class KVPressQAPipeline(Pipeline):
         return preprocess, forward, {}
 
     # -- prompt -------------------------------------------------------------------------------------
-    def encode(self, context: str | None, questions: list[str], answer_prefix: str = "") -> tuple:
+    def encode(self, context: str | None, questions: list[str], answer_prefix: str = "", cached: torch.Tensor | None = None) -> tuple:
         """``(context_ids (1, n) or None, [question_ids (1, m), ...])``: the prompt, split where the context ends.
 
         With a chat template, the context opens the user turn and each question follows it (after a blank
         line), then the assistant header and ``answer_prefix``. Without one: context, blank line, question,
-        newline, ``answer_prefix``.
+        newline, ``answer_prefix``. Each whole prompt is tokenized at once and the context's ids are the
+        longest prefix that every whole prompt and the context alone share, so context ids plus question ids
+        are exactly the whole prompt's ids (a context ending in a newline or a space merges with the blank
+        line after it; those last tokens then travel with the questions). ``cached``: the ids of a cache made
+        from ``context`` earlier; the questions then continue them, exactly where the whole prompt starts with
+        them, else after the rest of the context tokenized alone (the same text, as the cache was split).
         """
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
@@ -218,15 +252,30 @@ class KVPressQAPipeline(Pipeline):
         else:
             context_text, specials = context, True
             question_texts = [f"\n\n{q}\n{answer_prefix}" for q in questions]
-        context_ids = None
-        if context_text is not None:
-            context_ids = torch.tensor([tok(context_text, add_special_tokens=specials)["input_ids"]])
-        question_ids = [torch.tensor([tok(text, add_special_tokens=False)["input_ids"]]) for text in question_texts]
-        return context_ids, question_ids
+        alone = [tok(text, add_special_tokens=False)["input_ids"] for text in question_texts]
+        if context_text is None:  # a question on its own (a cache made outside the pipeline)
+            return (cached, [torch.tensor([ids]) for ids in alone])
+        context_alone = tok(context_text, add_special_tokens=specials)["input_ids"]
+        whole = [tok(context_text + text, add_special_tokens=specials)["input_ids"] for text in question_texts]
+        if cached is None:
+            cached = torch.tensor([context_alone[: min(_shared_prefix(context_alone, ids) for ids in whole)]])
+        prefix = cached[0].tolist()
+        cut = len(prefix)
+        if context_alone[:cut] != prefix:
+            raise ValueError(
+                "this cache's context tokenizes differently with this pipeline's tokenizer: it was made with another "
+                "tokenizer. Pass the context again to compress it here."
+            )
+        question_ids = [w[cut:] if w[:cut] == prefix else context_alone[cut:] + a for w, a in zip(whole, alone)]
+        return cached, [torch.tensor([ids]) for ids in question_ids]
 
     def preprocess(self, inputs: dict, answer_prefix: str = "") -> dict:
-        context_ids, question_ids = self.encode(inputs["context"], inputs["questions"], answer_prefix)
-        return {"context_ids": context_ids, "question_ids": question_ids, "cache": inputs["cache"]}
+        cache, context = inputs["cache"], inputs["context"]
+        cached = None
+        if cache is not None:  # continue a cache: its context text and ids, when the pipeline made it
+            context, cached = getattr(cache, CONTEXT_ATTR, None), getattr(cache, PROMPT_ATTR, None)
+        context_ids, question_ids = self.encode(context, inputs["questions"], answer_prefix, cached)
+        return {"context": context, "context_ids": context_ids, "question_ids": question_ids, "cache": cache}
 
     # -- compress once, ask many ----------------------------------------------------------------------
     def _forward(
@@ -247,8 +296,10 @@ class KVPressQAPipeline(Pipeline):
                     f"this cache was compressed by {type(made_by).__name__ if made_by else 'no press'}; "
                     "omit press= when continuing it (the cache keeps its own press)."
                 )
+            self._check_cache_model(cache)
             press, context_ids = made_by, self._prompt_of(cache)
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        sequences = self._sequences_per_question(generate_kwargs)
         with ExitStack() as stack:
             if press is not None:
                 stack.enter_context(press_model(self.model, press))
@@ -257,6 +308,8 @@ class KVPressQAPipeline(Pipeline):
                 cache = DynamicCache(config=self.model.config)
                 self._prefill(context_ids, cache, press)
                 setattr(cache, PROMPT_ATTR, context_ids)
+                setattr(cache, CONTEXT_ATTR, inputs["context"])
+                setattr(cache, MODEL_ATTR, model_key(self.model))
                 prefill_seconds = time.perf_counter() - start
             kv_bytes = cache_nbytes(cache)
             questions = inputs["question_ids"]
@@ -275,7 +328,7 @@ class KVPressQAPipeline(Pipeline):
                 in_place = b == len(batches) - 1 and not (return_cache or inputs["cache"] is not None)
                 start = time.perf_counter()
                 tokens, batch_bytes = self._answer(
-                    cache, context_ids, [questions[i] for i in part], compress_questions, generate_kwargs, in_place
+                    cache, context_ids, [questions[i] for i in part], compress_questions, generate_kwargs, in_place, sequences
                 )
                 elapsed = (time.perf_counter() - start) / len(part)
                 peak = max(peak, batch_bytes if in_place else kv_bytes + batch_bytes)
@@ -283,6 +336,7 @@ class KVPressQAPipeline(Pipeline):
                     answers[i], seconds[i] = tokens[row], elapsed
         out = {
             "answer_ids": answers,
+            "sequences_per_question": sequences,
             "kv_bytes": kv_bytes,
             "peak_kv_bytes": peak,
             "context_tokens": context_ids.shape[1],
@@ -308,12 +362,48 @@ class KVPressQAPipeline(Pipeline):
             ids = torch.full((1, cache.get_seq_length()), pad, dtype=torch.long)
         return ids.to(self.device)
 
+    def _sequences_per_question(self, generate_kwargs: dict) -> tuple[int, int]:
+        """``(num_return_sequences, rows generate() gives each question)``: beams and returned sequences expand
+        each question's row inside generate(), so its cache must be expanded the same way beforehand."""
+        params = self._get_set_generation_params(generate_kwargs)
+        extra = [key for key in ("output_scores", "output_logits", "output_attentions", "output_hidden_states") if params.get(key)]
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)}: the kvpress-qa pipeline returns answers only; for scores, run generate() on "
+                "the cache yourself (return_cache=True gives it, kvpress_like.integrations.pipeline.fork copies it)."
+            )
+        returned = int(params.get("num_return_sequences") or 1)
+        return returned, max(int(params.get("num_beams") or 1), returned)
+
+    def _check_cache_model(self, cache: Cache) -> None:
+        """Refuse a cache made by another model: its keys would be read by other weights (a crash when the
+        shapes differ, silently wrong answers when they do not)."""
+        made_for = getattr(cache, MODEL_ATTR, None)
+        here = model_key(self.model)
+        if made_for is not None and made_for != here:
+            why = "another model" if made_for[0] != here[0] else "a model with other weights"
+            raise ValueError(
+                f"this cache was made by {why} ({made_for[0]}) than this pipeline's ({here[0]}): a cache can only be "
+                "continued on the model that made it. Pass the context again to compress it for this model."
+            )
+        layers, heads, dim = expected_shape(self.model)
+        shapes = {tuple(layer.keys.shape[1::2]) for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()}
+        if len(cache.layers) != layers or shapes - {(heads, dim)}:
+            raise ValueError(
+                f"this cache ({len(cache.layers)} layers, KV heads x head_dim {sorted(shapes)}) does not fit this "
+                f"pipeline's model ({layers} layers, {heads} x {dim}): it was made by another model. Pass the context "
+                "again to compress it for this model."
+            )
+
     def _answer(
-        self, cache, context_ids, questions: list[torch.Tensor], compress_questions: bool, generate_kwargs: dict, in_place: bool
+        self, cache, context_ids, questions: list[torch.Tensor], compress_questions: bool, generate_kwargs: dict,
+        in_place: bool, sequences: tuple[int, int] = (1, 1),
     ):
         """Generated token ids of a batch of questions, each on its own copy of ``cache`` (``in_place``: on
         ``cache`` itself, repeated along the batch), left-padded to the longest (the pads sit between the
-        cached context and the question, which press() accepts); and the KV bytes the batch ends with."""
+        cached context and the question, which press() accepts); and the KV bytes the batch ends with.
+        ``sequences``: ``(returned, expanded)`` rows per question (beams, num_return_sequences); each
+        question's answer is then a list of its ``returned`` sequences."""
         rows, width, n = len(questions), max(q.shape[1] for q in questions), context_ids.shape[1]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.stack([torch.nn.functional.pad(q[0], (width - q.shape[1], 0), value=pad) for q in questions])
@@ -335,14 +425,22 @@ class KVPressQAPipeline(Pipeline):
                 padded = {"attention_mask": mask[:, :-1], "position_ids": positions[:, n:-1]}
             with nullcontext() if compress_questions else uncompressed(own):
                 self.model(ids[:, :-1], use_cache=True, logits_to_keep=1, **padded, **cache_kwargs(own))
+        returned, expanded = sequences
+        if expanded > 1:  # generate() expands the prompt per beam / sequence, and leaves the cache to its caller
+            own.batch_repeat_interleave(expanded)
         prompt = torch.cat([context_ids.expand(rows, -1), ids], dim=1)
         out = self.model.generate(prompt, attention_mask=mask, **cache_kwargs(own), **generate_kwargs)
-        return out[:, prompt.shape[1] :], cache_nbytes(own)
+        out = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate=True
+        tokens = out[:, prompt.shape[1] :].reshape(rows, returned, -1)
+        return [row[0] if returned == 1 else list(row) for row in tokens], cache_nbytes(own)
 
     def postprocess(self, outputs: dict) -> dict:
-        outputs["answers"] = [
-            self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs.pop("answer_ids")
-        ]
+        def text(ids: torch.Tensor) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+        answers = outputs.pop("answer_ids")
+        returned, _ = outputs.pop("sequences_per_question")
+        outputs["answers"] = [text(a) if returned == 1 else [text(one) for one in a] for a in answers]
         return outputs
 
 

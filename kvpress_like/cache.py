@@ -17,7 +17,8 @@ call is one :class:`Call`, planned before anything is written:
 Positions are true positions: the layer reports the number of tokens *seen* as its sequence length, so
 transformers gives new tokens their true RoPE positions. Left-padded rows count only their real tokens
 (:meth:`PressedLayer.begin_call` receives which new tokens are real): pad tokens are never kept in place of
-real ones, and each row keeps what the press promises for its own length. Sliding-window layers evict the
+real ones, and each row keeps what the press promises for its own length: every row is planned as it would
+be alone (its own slot count, target and re-scoring clock), so batching never changes a row's result. Sliding-window layers evict the
 tokens that left the window first and never attend past it. Presses whose scores depend on the reading
 position (``position_dependent``) have the live slots re-scored whenever the layer must evict.
 
@@ -111,6 +112,16 @@ class Call:
     reading: torch.Tensor  # (batch, 1, 1) position of the next query after this call
     targets: list[int] | None  # per row; None: no limit
     reading_int: int | None  # ``reading`` as an int when every row agrees (no padding): cheaper to compare
+    #: Padded batches: per row, what the row run alone would do (:data:`APPEND` / :data:`OVERWRITE` / :data:`PRUNE`)
+    #: and how many of the new tokens are real; ``None`` without padding.
+    row_plans: torch.Tensor | None = None
+    row_new: torch.Tensor | None = None
+
+
+#: Per-row plans of a padded call (``Call.row_plans``).
+APPEND, OVERWRITE, PRUNE = 0, 1, 2
+#: ``_rescored_rows`` of a row never scored yet: its first eviction re-scores.
+NEVER = -(1 << 62)
 
 
 class SlotStore(CacheLayerMixin):
@@ -236,6 +247,9 @@ class PressedLayer(SlotStore):
         self._attn_positions: torch.Tensor | None = None  # (batch, kv_heads, kv) keys the last call attended to
         self._query_positions: torch.Tensor | None = None  # (batch, q) its new tokens' positions (-1: padding)
         self._rescored_at: int | None = None  # reading position of the last stored re-scoring (rescore_every > 1)
+        # Padded batches (see _plan_call): per row, the slots it would hold and its last re-scoring, run alone.
+        self.row_slots: torch.Tensor | None = None
+        self._rescored_rows: torch.Tensor | None = None
 
     @property
     def n_slots(self) -> int:
@@ -284,9 +298,16 @@ class PressedLayer(SlotStore):
         return targets
 
     def _plan_call(self, q: int, batch: int, heads: int, device) -> Call:
+        """Plan a call. Padded batches plan each row as it would be planned alone (its own slot count
+        :attr:`row_slots`, target and real tokens), so batching never changes a row's result; the batch then
+        takes the ``prune`` path when some row prunes, the ``overwrite`` path for other decoding steps."""
         valid = self._valid
         if valid is not None and self.rows is None and not bool(valid.all()):
             self.rows = torch.full((batch,), self.seen, dtype=torch.long, device=device)
+            self.row_slots = torch.full((batch,), self.n, dtype=torch.long, device=device)
+            self._rescored_rows = torch.full(
+                (batch,), NEVER if self._rescored_at is None else self._rescored_at, dtype=torch.long, device=device
+            )
         if self.rows is None:
             positions = torch.arange(self.seen, self.seen + q, device=device).expand(batch, heads, q)
             reading_int = self.seen + q
@@ -297,17 +318,37 @@ class PressedLayer(SlotStore):
             real = torch.ones(batch, q, dtype=torch.bool, device=device) if valid is None else valid.to(device)
             positions = (self.rows[:, None] + real.long().cumsum(-1) - 1).masked_fill(~real, -1)
             positions = positions[:, None, :].expand(batch, heads, q)
-            reading = (self.rows + real.long().sum(-1)).view(batch, 1, 1)
+            new = real.long().sum(-1)
+            reading = (self.rows + new).view(batch, 1, 1)
             targets = self._row_targets(reading, q == 1)
+            return self._plan_rows(q, positions, reading, targets, new)
         if not self.press.query_free or targets is None:
             plan = "append"
-        elif q == 1 and self.n > 0 and (self.rows is not None or all(t == self.n for t in targets)):
+        elif q == 1 and self.n > 0 and all(t == self.n for t in targets):
             plan = "overwrite"
         elif all(self.n + q <= t for t in targets):
             plan = "append"
         else:
             plan = "prune"
-        return Call(plan, q, positions, reading, targets, reading_int if self.rows is None else None)
+        return Call(plan, q, positions, reading, targets, reading_int)
+
+    def _plan_rows(self, q: int, positions, reading, targets: list[int] | None, new: torch.Tensor) -> Call:
+        """A padded call: each row's plan is the one above with the row's own slot count (a row with no real
+        new token does nothing, as no call at all)."""
+        slots = self.row_slots
+        if not self.press.query_free or targets is None:
+            plans = torch.full_like(new, APPEND)
+        else:
+            t = torch.tensor(targets, device=new.device)
+            overwrite = (new == 1) & (slots > 0) & (slots == t)
+            plans = torch.where(overwrite, OVERWRITE, torch.where((slots + new <= t) | (new == 0), APPEND, PRUNE))
+        if bool((plans == PRUNE).any()):
+            plan = "prune"
+        elif q == 1 and self.n > 0 and targets is not None and self.press.query_free:
+            plan = "overwrite"  # rows that append fill an empty slot
+        else:
+            plan = "append"
+        return Call(plan, q, positions, reading, targets, None, plans, new)
 
     # -- transformers CacheLayerMixin API ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -334,27 +375,39 @@ class PressedLayer(SlotStore):
             out = self.keys, self.values
             self._attn_positions = None if fast else self.positions  # only our own masks read them
         elif call.plan == "overwrite":
-            if self.rows is not None:  # rows under their target fill an empty slot; full rows never do
-                targets = torch.tensor(call.targets, device=key_states.device).view(b, 1, 1)
-                live = self._make_room(targets, seen - 1)
+            if self.rows is not None:
+                slot = self._padded_victims(call, reading)
             else:
                 live = self._live_positions(self.positions, seen - 1)
-            scores = self._eviction_scores(live, reading, seen, empty=not fast)
-            if self.rows is not None:
-                scores = scores.masked_fill(((live >= 0).sum(-1, keepdim=True) >= targets) & (live < 0), float("inf"))
-            slot = press.victims(scores, live, seen)
+                slot = press.victims(self._eviction_scores(live, reading, seen, empty=not fast), live, seen)
             self._write_slot(slot, key_states, value_states, call.positions, score)
             out = self.keys, self.values
             self._attn_positions = None if fast else self.positions
         else:
+            hidden = self._padded_victims(call, reading, hide=True) if call.row_plans is not None and q == 1 else None
+            stale = self.scores
             full_k, full_v, full_pos, live, full_score = self._candidates(
                 self.n, key_states, value_states, call.positions, score, reading,
                 lambda positions: self._live_positions(positions, reading),
             )
-            self._store(full_k, full_v, full_pos, full_score, self._select(full_score, live, seen, call.targets))
+            if hidden is not None:  # evicted before attention, as the row alone would overwrite it
+                full_pos, live = full_pos.masked_fill(hidden, -1), live.masked_fill(hidden, -1)
+                full_score = full_score.masked_fill(hidden, float("-inf"))
+            keep, widths = self._select(full_score, live, seen, call.targets)
+            if call.row_plans is not None:
+                pruned = call.row_plans == PRUNE
+                if stale is not None and self.press.position_dependent:  # rows that do not prune keep stale scores
+                    stale = torch.cat([stale, score], dim=-1)
+                    full_score = torch.where(pruned.view(b, 1, 1), full_score, stale.masked_fill(live < 0, float("-inf")))
+                self._rescored_rows = torch.where(pruned, call.reading.view(b), self._rescored_rows)
+                kept = torch.minimum(torch.tensor(widths, device=pruned.device), self.row_slots + call.row_new)
+                self.row_slots = torch.where(pruned, kept, self.row_slots + call.row_new)
+            self._store(full_k, full_v, full_pos, full_score, keep)
             self._rescored_at = seen if isinstance(seen, int) else None  # the kept scores are fresh at ``seen``
             out = full_k, full_v
             self._attn_positions = full_pos
+        if call.row_plans is not None and call.plan != "prune":
+            self.row_slots = self.row_slots + torch.where(call.row_plans == APPEND, call.row_new, 0)
         self._query_positions = None if fast else call.positions[:, 0]
         if not in_context:
             self._check_outside_context(call)
@@ -362,11 +415,21 @@ class PressedLayer(SlotStore):
             observer(self, call.plan, q)
         return out
 
-    def _eviction_scores(self, live: torch.Tensor, reading: torch.Tensor, seen, empty: bool) -> torch.Tensor:
+    def _eviction_scores(self, live: torch.Tensor, reading: torch.Tensor, seen, empty: bool, rows=None) -> torch.Tensor:
         """Scores of the live slots for a decoding eviction. With ``rescore_every > 1`` (a position-dependent
         press: validated) the stored ones until that many steps have passed since the last re-scoring, whose
-        result is stored (padded batches re-score at every step)."""
+        result is stored. Padded batches keep that count per row; only ``rows`` (those that evict, as they
+        would alone) may re-score."""
         every = self.press.rescore_every
+        if every > 1 and self.rows is not None:
+            due = rows & (reading.view(-1) - self._rescored_rows >= every)
+            if bool(due.any()):
+                fresh = current_scores(
+                    self.press, self.layer_idx, lambda: self.keys, lambda: self.values, live, self.scores, reading, empty
+                )
+                self.scores.copy_(torch.where(due.view(-1, 1, 1), fresh, self.scores))
+                self._rescored_rows = torch.where(due, reading.view(-1), self._rescored_rows)
+            return stored_scores(self.scores, live, empty)
         if every > 1 and isinstance(seen, int) and self._rescored_at is not None and seen - self._rescored_at < every:
             return stored_scores(self.scores, live, empty)
         scores = current_scores(
@@ -377,18 +440,32 @@ class PressedLayer(SlotStore):
             self._rescored_at = seen if isinstance(seen, int) else None
         return scores
 
-    def _make_room(self, targets: torch.Tensor, query_position) -> torch.Tensor:
-        """Padded decoding: add one empty slot when a row under its ``(batch, 1, 1)`` target has none left to
-        fill; returns the live positions (for the query at ``query_position``) of the slots after that."""
-        live = self._live_positions(self.positions, query_position)
+    def _padded_victims(self, call: Call, reading: torch.Tensor, hide: bool = False) -> torch.Tensor:
+        """A padded decoding step, row by row as each row alone would take it: a row that overwrites evicts its
+        lowest-scored live slot when it holds its target of live tokens (else an empty one, as its dead slots
+        would be), other rows take an empty slot (one is appended when a row has none).
+
+        Returns the slot ``(batch, kv_heads)`` the new token goes to; with ``hide`` (the step prunes other
+        rows), a ``(batch, kv_heads, n + 1)`` mask of the live slots evicted before attention instead."""
+        b = reading.shape[0]
+        overwrite = call.row_plans == OVERWRITE
+        targets = torch.tensor(call.targets, device=reading.device).view(b, 1, 1)
+        live = self._live_positions(self.positions, reading - 1)
         count = (live >= 0).sum(-1, keepdim=True)  # (batch, heads, 1)
-        if bool(((count < targets) & (count == self.n)).any()):
-            b, h = count.shape[:2]
+        evict = overwrite.view(b, 1, 1) & (count >= targets)
+        if not hide and bool((~evict & (count == self.n)).any()):
+            h = count.shape[1]
             self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
                          self._pos.new_full((b, h, 1), -1),
                          None if self._score is None else self._score.new_full((b, h, 1), float("-inf")))
-            live = self._live_positions(self.positions, query_position)
-        return live
+            live = self._live_positions(self.positions, reading - 1)
+        scores = self._eviction_scores(live, reading, reading, empty=True, rows=overwrite)
+        scores = scores.masked_fill(evict & (live < 0), float("inf")).masked_fill(~evict & (live >= 0), float("inf"))
+        slot = self.press.victims(scores, live, reading)
+        if not hide:
+            return slot
+        hidden = torch.zeros(*live.shape[:2], live.shape[-1] + 1, dtype=torch.bool, device=live.device)
+        return hidden.scatter_(-1, slot[..., None], True) & evict
 
     def _live_positions(self, positions: torch.Tensor, reading: torch.Tensor) -> torch.Tensor:
         """Positions with the tokens the query at ``reading`` can no longer see (sliding window) marked empty."""
@@ -396,20 +473,22 @@ class PressedLayer(SlotStore):
             return positions
         return positions.masked_fill(positions <= reading - self.sliding_window, -1)
 
-    def _select(self, scores, positions, reading, targets: list[int]) -> torch.Tensor:
-        """Kept indices; rows with different targets (padded batches) are selected one by one."""
+    def _select(self, scores, positions, reading, targets: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Kept indices and, per row, how many were selected; rows with different targets (padded batches) are
+        selected one by one."""
         if len(set(targets)) == 1 and self.rows is None:
-            return self.press.select(scores, positions, reading, targets[0])
+            keep = self.press.select(scores, positions, reading, targets[0])
+            return keep, [keep.shape[-1]] * keep.shape[0]
         rows = [
             self.press.select(scores[r : r + 1], positions[r : r + 1], reading[r : r + 1], t)
             for r, t in enumerate(targets)
         ]
-        width = max(keep.shape[-1] for keep in rows)
+        widths = [keep.shape[-1] for keep in rows]
         # Rows keeping fewer tokens are completed with the index of an empty slot appended by _store.
         empty = scores.shape[-1]
         return torch.cat(
-            [torch.nn.functional.pad(keep, (0, width - keep.shape[-1]), value=empty) for keep in rows], dim=0
-        )
+            [torch.nn.functional.pad(keep, (0, max(widths) - keep.shape[-1]), value=empty) for keep in rows], dim=0
+        ), widths
 
     def prune_with_queries(self, module: torch.nn.Module, queries: torch.Tensor) -> None:
         """Prune after attention for presses whose scores need the latest queries (e.g. SnapKV)."""
@@ -533,13 +612,13 @@ class PressedLayer(SlotStore):
         self.n = m
 
     def _map_buffers(self, fn) -> None:
-        for name in ("_k", "_v", "_pos", "_score", "rows"):
+        for name in ("_k", "_v", "_pos", "_score", "rows", "row_slots", "_rescored_rows"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
 
     def reset(self) -> None:
-        self._k = self._v = self._pos = self._score = self.rows = None
+        self._k = self._v = self._pos = self._score = self.rows = self.row_slots = self._rescored_rows = None
         self.n = self.seen = 0
         self._rescored_at = None
         self.is_initialized = False
@@ -581,6 +660,19 @@ def stays_plain(press: Press, window: int, first_call_tokens: int) -> bool:
     return (stored is None or stored >= window - 1) and (decoding is None or decoding >= window)
 
 
+def _refuse_padding(kwargs: dict) -> None:
+    """A bare cache never sees the attention mask; rows whose position ids differ (left padding, as generate()
+    numbers them) would keep pad tokens as if they were real, so they are refused."""
+    positions = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] > 1:
+        if not bool((positions == positions[:1]).all()):
+            raise ValueError(
+                "a PressedCache/QFiltersCache used without press() cannot see the attention mask, and this batch is "
+                "padded (its rows have different positions): pad tokens would be kept as real ones. Run it inside "
+                "`with press(model, p):` (padded rows compressed one by one), or one prompt at a time."
+            )
+
+
 class PressedCache(Cache):
     """A cache whose attention layers are :class:`PressedLayer` s, usable without :func:`press`.
 
@@ -589,7 +681,8 @@ class PressedCache(Cache):
     compressed too when the press keeps fewer tokens than their window; without :func:`press` their kept
     tokens must stay inside the window of each new token (true with a budget below the window), or the
     layer refuses the call. Presses that need queries or leave layers uncompressed need :func:`press`,
-    which also builds masks from true positions.
+    which also builds masks from true positions; so do left-padded batches (a bare cache never sees the
+    attention mask: rows whose position ids differ are refused).
     """
 
     def __init__(self, press: Press, config=None):
@@ -597,6 +690,9 @@ class PressedCache(Cache):
             raise ValueError(
                 f"{type(press).__name__} scores keys with queries; use `with press(model, ...)` instead of a bare cache."
             )
+        if getattr(press, "headwise", False):
+            raise ValueError(f"{type(press).__name__} keeps a different number of tokens per KV head, whose masks only "
+                             "press() builds; use `with press(model, ...)` instead of a bare cache.")
         if press.skip_layers:
             raise ValueError("skip_layers needs `with press(model, ...)`, which aligns the masks of uncompressed layers.")
         press.validate()
@@ -613,6 +709,9 @@ class PressedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._make_layer(len(self.layers), key_states.shape[-2]))
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PressedLayer) and not layer._in_context:
+            _refuse_padding(kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
@@ -640,6 +739,11 @@ def uncompressed(cache: Cache) -> Iterator[Cache]:
     Inside this block every :class:`PressedLayer` only appends (budgets may be exceeded; sliding layers
     still drop what leaves their window); on exit compression resumes.
     """
+    if any(isinstance(layer, SlotStore) and not isinstance(layer, PressedLayer) for layer in cache.layers):
+        raise ValueError(
+            "uncompressed() needs a dynamic pressed cache: a static compressed cache has a fixed number of slots, "
+            "so tokens added beyond its budget must evict. Use press(..., static=False) to append uncompressed tokens."
+        )
     layers = [layer for layer in cache.layers if isinstance(layer, PressedLayer)]
     for layer in layers:
         layer.compressing = False

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from kvpress_like.cache import layer_windows
 from kvpress_like.models import EMBEDDED_MODELS, cache_dir, head_dim, kv_heads, model_identity
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "SIGN_CONVENTION",
     "as_filters",
     "check_filters",
+    "check_query_stats",
     "expected_shape",
     "filters_dir",
     "filters_for",
@@ -162,7 +164,11 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], d
 
 
 def load_filters(path: str | os.PathLike) -> torch.Tensor:
-    """Load ``q_filters`` from a safetensors file or a directory holding one (the published format)."""
+    """Load ``q_filters`` from a safetensors file or a directory holding one (the published format).
+
+    The tensor must be real and ``[num_layers, num_kv_heads, head_dim]``, and agree with the ``config.json``
+    beside it when there is one; a clear ``ValueError`` naming the file says otherwise.
+    """
     path = Path(path)
     if path.is_dir():
         files = [path / FILTER_FILE] if (path / FILTER_FILE).exists() else sorted(path.glob("*.safetensors"))
@@ -171,12 +177,28 @@ def load_filters(path: str | os.PathLike) -> torch.Tensor:
             raise FileNotFoundError(f"no .safetensors file with Q-Filters in {path}")
         path = files[0]
     tensors, _ = _read_safetensors(path, "Q-Filters")
+    redo = "Make one with `kvpress-like calibrate --model ... --out <dir>`."
     if FILTER_KEY not in tensors:
-        raise KeyError(
-            f"{path} has no {FILTER_KEY!r} tensor (keys: {sorted(tensors)}): it is not a Q-Filters file. "
-            "Make one with `kvpress-like calibrate --model ... --out <dir>`."
+        raise ValueError(f"{path} has no {FILTER_KEY!r} tensor (keys: {sorted(tensors)}): it is not a Q-Filters file. {redo}")
+    filters = tensors[FILTER_KEY]
+    if filters.dim() != 3 or not filters.is_floating_point():
+        raise ValueError(
+            f"Q-Filters file {path}: {FILTER_KEY!r} must be a real tensor [num_layers, num_kv_heads, head_dim], "
+            f"got shape {tuple(filters.shape)} and dtype {filters.dtype}. {redo}"
         )
-    return tensors[FILTER_KEY]
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            info = json.loads(config.read_text())
+            declared = tuple(int(info[key]) for key in ("num_layers", "num_kv_heads", "kv_head_dim"))
+        except (ValueError, KeyError, TypeError):
+            declared = None  # a config of another format (a model's config.json): nothing to compare
+        if declared is not None and declared != tuple(filters.shape):
+            raise ValueError(
+                f"Q-Filters file {path} holds shape {tuple(filters.shape)} but {config} declares "
+                f"[num_layers, num_kv_heads, kv_head_dim] = {list(declared)}: the files do not belong together. {redo}"
+            )
+    return filters
 
 
 def save_query_stats(stats: dict[str, torch.Tensor], path: str | os.PathLike, **metadata) -> Path:
@@ -194,18 +216,69 @@ def save_query_stats(stats: dict[str, torch.Tensor], path: str | os.PathLike, **
     return path / STATS_FILE
 
 
+def _bad_stats(path, problem: str) -> ValueError:
+    return ValueError(
+        f"query statistics {path} {problem}: the file is damaged or not made by kvpress_like. Recalibrate with "
+        "`kvpress-like calibrate --model ... --out <dir>` (or delete it from the filter store to recalibrate)."
+    )
+
+
 def load_query_stats(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, metadata)`` of a statistics file (or the directory holding ``query_stats.safetensors``)."""
+    """``(tensors, metadata)`` of a statistics file (or the directory holding ``query_stats.safetensors``).
+
+    Every tensor is checked (present, real, finite, shapes consistent with ``mean`` ``[L, hq, d]``) and the
+    header decoded and checked (JSON values, ``scaling`` a mapping of layer to a positive number): one
+    ``ValueError`` names the file and the problem. :func:`check_query_stats` then checks the shapes
+    against a model.
+    """
     path = Path(path)
     path = path / STATS_FILE if path.is_dir() else path
     tensors, header = _read_safetensors(path, "query statistics")
-    missing = [key for key in STATS_KEYS if key not in tensors]
+    missing = [key for key in (*STATS_KEYS, "count") if key not in tensors]
     if missing:
-        raise KeyError(f"{path} lacks {missing} (keys: {sorted(tensors)}): it is not a query statistics file")
+        raise _bad_stats(path, f"lacks {missing} (keys: {sorted(tensors)})")
+    for key, value in tensors.items():
+        if not (value.is_floating_point() or (key == "count" and value.dtype in (torch.int32, torch.int64))):
+            raise _bad_stats(path, f"has {key!r} of dtype {value.dtype}; it must be floating point")
+    mean = tensors["mean"]
+    if mean.dim() != 3:
+        raise _bad_stats(path, f"has 'mean' of shape {tuple(mean.shape)}; it must be [num_layers, num_q_heads, head_dim]")
+    layers, heads, dim = mean.shape
+    want = {"direction": (layers, heads, dim), "covariance": (layers, heads, dim, dim), "count": (layers,)}
+    for key, shape in want.items():
+        if tuple(tensors[key].shape) != shape:
+            raise _bad_stats(path, f"has {key!r} of shape {tuple(tensors[key].shape)}; with 'mean' {tuple(mean.shape)} it must be {shape}")
     bad = [key for key, value in tensors.items() if not torch.isfinite(value).all()]
     if bad:
-        raise ValueError(f"query statistics {path} contain NaN/Inf in {bad}: recompute them with `kvpress-like calibrate`")
-    return tensors, {key: json.loads(value) for key, value in header.items()}
+        raise _bad_stats(path, f"contains NaN/Inf in {bad}")
+    if (tensors["count"] < 0).any():
+        raise _bad_stats(path, "has negative sample counts in 'count'")
+    meta = {}
+    for key, value in header.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise _bad_stats(path, f"has header metadata {key!r} that is not JSON ({value[:40]!r})") from None
+    scaling = meta.get("scaling", {})
+    if not isinstance(scaling, dict) or not all(
+        isinstance(k, str) and k.isdigit() and int(k) < layers and isinstance(v, (int, float)) and not isinstance(v, bool)
+        and 0 < v < float("inf")
+        for k, v in scaling.items()
+    ):
+        raise _bad_stats(path, f"has header 'scaling' {str(scaling)[:60]}; it must map layer indices below {layers} to positive numbers")
+    return tensors, meta
+
+
+def check_query_stats(tensors: dict[str, torch.Tensor], model, source) -> None:
+    """Refuse statistics made for another model: ``mean`` must be ``[num_layers, num_q_heads, head_dim]``."""
+    cfg = model.config.get_text_config()
+    want = (cfg.num_hidden_layers, cfg.num_attention_heads, head_dim(cfg))
+    if tuple(tensors["mean"].shape) != want:
+        raise ValueError(
+            f"query statistics {source} of shape {tuple(tensors['mean'].shape)} do not fit {type(model).__name__}, which "
+            f"needs [num_layers, num_q_heads, head_dim] = {list(want)}: they were made for another model. "
+            "Calibrate this one with `kvpress-like calibrate --model ...`."
+        )
 
 
 def _weights_fingerprint(model) -> str:
@@ -234,6 +307,9 @@ def store_key(model) -> str:
     if name != "unnamed" and Path(name).is_dir():
         name = str(Path(name).resolve())
     identity = f"{name}|{rest}|w{_weights_fingerprint(model)}"
+    if any(window is not None for window in layer_windows(model.config)):
+        # Stores written before sliding-window layers were calibrated hold zeros there: a new key recalibrates.
+        identity += "|sliding-calibrated"
     model_type, shape = rest.split("|")[:2]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}_{model_type}_{shape}")
     return f"{readable[-120:]}-{hashlib.sha1(identity.encode()).hexdigest()[:12]}"

@@ -64,6 +64,9 @@ def check_static_press(press: Press) -> None:
             f"{name} scores keys with queries, after attention; the static cache evicts inside the cache and needs "
             "a query-free press (QFilterPress, KnormPress, StreamingLLMPress). Use static=False."
         )
+    if getattr(press, "headwise", False):
+        raise ValueError(f"{name} keeps a different number of tokens per KV head; the static cache has one fixed length "
+                         "for every head. Use static=False.")
     if press.skip_layers:
         raise ValueError("skip_layers leaves layers uncompressed, which a fixed-size static cache cannot hold; "
                          "drop skip_layers or use static=False.")

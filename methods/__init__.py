@@ -2,6 +2,7 @@
 
 from kvpress_like.hookspecs import hookimpl
 
+from .adaptive import AdaptivePress
 from .expected_attention import ExpectedAttentionPress
 from .knorm import KnormPress
 from .qfilters import QFilterPress
@@ -10,6 +11,7 @@ from .streaming_llm import StreamingLLMPress
 from .targeted_qfilters import TargetedQFilterPress
 
 __all__ = [
+    "AdaptivePress",
     "ExpectedAttentionPress",
     "KnormPress",
     "QFilterPress",
@@ -21,5 +23,5 @@ __all__ = [
 
 @hookimpl
 def kvpress_like_presses() -> dict[str, type]:
-    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress)
+    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress, AdaptivePress)
     return {cls.name: cls for cls in builtin}

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from kvpress_like.base import ScorerPress
-from kvpress_like.filters import load_query_stats, query_stats_for, store_key
+from kvpress_like.filters import STATS_FILE, check_query_stats, filters_dir, load_query_stats, query_stats_for, store_key
 from kvpress_like.rope import Rotary, rotary
 from kvpress_like.models import head_dim as head_dim_of, kv_heads
 
@@ -53,21 +53,15 @@ class CalibratedPress(ScorerPress):
 
     def prepare(self, model) -> None:
         if self._explicit is not None:
-            tensors, meta = self._explicit
+            (tensors, meta), source = self._explicit, self.stats
         else:
             key = store_key(model)
             if key not in self._found:
                 self._found[key] = query_stats_for(model)
-            tensors, meta = self._found[key]
+            (tensors, meta), source = self._found[key], filters_dir() / key / STATS_FILE
+        check_query_stats(tensors, model, source)
         cfg = model.config.get_text_config()
         head_dim = head_dim_of(cfg)
-        want = (cfg.num_hidden_layers, cfg.num_attention_heads, head_dim)
-        if tuple(tensors["mean"].shape) != want:
-            raise ValueError(
-                f"query statistics of shape {tuple(tensors['mean'].shape)} do not fit {type(model).__name__}, which "
-                f"needs [num_layers, num_q_heads, head_dim] = {list(want)}: they were made for another model. "
-                "Calibrate this one with `kvpress-like calibrate --model ...`."
-            )
         n_kv = kv_heads(cfg)
         calibrated = [int(i) for i in (tensors["count"] > 0).nonzero().flatten()]
         scaling = meta.get("scaling", {})
@@ -102,8 +96,10 @@ class CalibratedPress(ScorerPress):
         if found is None:
             if layer_idx not in self._layers:
                 raise ValueError(
-                    f"{type(self).__name__} has no query statistics for layer {layer_idx}: use it inside "
-                    "`with press(model, ...)` (which finds them) or pass stats=<dir from kvpress-like calibrate>."
+                    f"{type(self).__name__} has no query statistics for layer {layer_idx} (count 0: a layer left out, "
+                    "or a sliding-window layer in statistics calibrated before those were), yet it is being "
+                    "compressed: recalibrate with `kvpress-like calibrate --model ...` and pass stats=<that dir>, or "
+                    "use the press inside `with press(model, ...)`, which finds or computes them."
                 )
             found = self._on[(device, layer_idx)] = tuple(t.to(device) for t in self._layers[layer_idx])
         rows, turned, *rest = found

@@ -104,4 +104,10 @@ class QFilterPress(ScorerPress):
         f = self._on.get(where)
         if f is None:
             f = self._on[where] = self._active[layer_idx].to(keys.device, torch.float32)
+            if not bool(f.any()):
+                raise ValueError(
+                    f"QFilterPress: layer {layer_idx} has all-zero Q-Filters (files calibrated before sliding-window "
+                    "layers were, or a layer left out), yet it is being compressed: scores would be arbitrary. "
+                    "Recalibrate with `kvpress-like calibrate --model ...`, or keep the layer uncompressed."
+                )
         return -torch.einsum("bhnd,hd->bhn", keys.float(), f)

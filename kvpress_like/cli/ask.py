@@ -162,7 +162,7 @@ def prefill_progress(model, desc: str, min_tokens: int = 64) -> Iterator[None]:
         if hidden is None or hidden.shape[1] < min_tokens or (bar is not None and bar.n >= len(layers)):
             return
         if bar is None:
-            bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+            bar = tqdm(total=len(layers), desc=desc, unit="layer")
         bar.update(1)
 
     handles = [layer.module.register_forward_pre_hook(advance, with_kwargs=True) for layer in layers]

@@ -108,9 +108,8 @@ def test_calibration_sees_the_queries_attention_uses(arch):
     for h in handles:
         h.remove()
 
-    sliding = calibration.uncompressed_layers(model)
-    assert sorted(captured) == [i for i in range(4) if i not in sliding]
-    assert sliding == ([0, 2] if arch == "gemma3" else [])
+    assert sorted(captured) == [0, 1, 2, 3]  # sliding-window layers are calibrated too
+    assert calibration.sliding_layers(model) == ([0, 2] if arch == "gemma3" else [])
     modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
     for idx, queries in captured.items():
         attn = model.model.layers[idx].self_attn
@@ -122,15 +121,33 @@ def test_calibration_sees_the_queries_attention_uses(arch):
         assert not torch.allclose(queries, raw.transpose(1, 2)[0].detach(), atol=1e-2)
 
 
-def test_sliding_layers_get_zero_filters_and_are_recorded(tmp_path):
-    model = tiny_model("gemma3")
+def test_sliding_layers_are_calibrated_and_zero_filters_are_refused_where_compressed(tmp_path):
+    model = tiny_model("gemma3")  # layers 0 and 2 slide (window 8)
     result = calibration.run_calibration(model, texts=torch.randint(2, 128, (2, 64)), progress=False)
     filters, info = result.filters, result.info
-    assert info["uncompressed_layers"] == [0, 2]
-    assert filters[[0, 2]].abs().max() == 0
-    assert (filters[[1, 3]].norm(dim=-1) > 0.5).all()
+    assert info["sliding_layers"] == [0, 2]
+    assert (filters.norm(dim=-1) > 0.5).all()  # every layer, sliding ones included
+    assert (result.stats["count"] > 0).all()
     qf.save_filters(filters, tmp_path, **info)
-    assert json.loads((tmp_path / "config.json").read_text())["uncompressed_layers"] == [0, 2]
+    assert json.loads((tmp_path / "config.json").read_text())["sliding_layers"] == [0, 2]
+    # Filters from before sliding layers were calibrated (zeros there): a budget below the window compresses
+    # those layers, which must not happen with arbitrary scores.
+    old = filters.clone()
+    old[[0, 2]] = 0
+    ids = torch.randint(2, 128, (1, 20))
+    with pytest.raises(ValueError, match="layer 0 has all-zero Q-Filters .* Recalibrate with `kvpress-like calibrate"):
+        with torch.no_grad(), press(model, qf.QFilterPress(max_cache_tokens=6, filters=old)):
+            model(ids)
+    with torch.no_grad(), press(model, qf.QFilterPress(max_cache_tokens=12, filters=old)):
+        model(ids)  # a budget above the window leaves the sliding layers plain: their zeros are never read
+
+
+def test_store_key_changes_for_models_with_sliding_layers_only():
+    """Stores written before sliding layers were calibrated are not reused for those models (new key)."""
+    gemma, llama = tiny_model("gemma3"), tiny_model("llama")
+    assert qf.store_key(gemma) != qf.store_key(gemma.__class__(gemma.config.__class__(**{
+        **gemma.config.to_dict(), "layer_types": ["full_attention"] * 4, "sliding_window": None})))
+    assert qf.store_key(llama) == qf.store_key(tiny_model("llama"))
 
 
 def _kept_and_logits(model, p, ids):
@@ -171,7 +188,7 @@ def test_wrong_shape_or_wrong_model_filters_fail_clearly(tmp_path):
             pass
         assert "(4, 2, 16)" in str(err.value) and want in str(err.value) and "kvpress-like calibrate" in str(err.value)
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(KeyError, match="not a Q-Filters file"):
+    with pytest.raises(ValueError, match="not a Q-Filters file"):
         QFilterPress(filters=tmp_path / "other.safetensors")
 
 
@@ -185,10 +202,10 @@ def test_cli_writes_a_loadable_directory_and_the_store(tmp_path, store, monkeypa
            "--seq-len", "64", "--samples", "128", "--out", str(out), "--quiet"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "[0, 2]" in run.stdout  # the sliding layers are reported
+    assert "sliding-window layers (calibrated too" in run.stdout and "[0, 2]" in run.stdout
 
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == str(model_dir) and config["uncompressed_layers"] == [0, 2]
+    assert config["model"] == str(model_dir) and config["sliding_layers"] == [0, 2]
     assert config["corpus"].startswith("file ") and config["samples_per_head"] == 128 and config["seed"] == 0
     assert config["calibration_seconds"] > 0 and config["sign_convention"] == qf.SIGN_CONVENTION
     from_cli = qf.load_filters(out)

@@ -34,7 +34,7 @@ def _press(name: str, stats_dir, **settings):
     cls = press_class(name)
     if name == "qfilters":
         settings["filters"] = FILTERS
-    elif "stats" in {f.name for f in dataclasses.fields(cls)}:
+    elif dataclasses.is_dataclass(cls) and "stats" in {f.name for f in dataclasses.fields(cls)}:
         settings["stats"] = stats_dir
     return cls(**settings)
 

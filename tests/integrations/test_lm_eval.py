@@ -164,6 +164,23 @@ def test_model_args_are_coerced_to_press_fields(lm_eval):
     assert build_press("knorm", skip_layers=[2]).skip_layers == (2,)
 
 
+@pytest.mark.parametrize("skip", ["[0,1]", "0;1", "[ 0 , 1 ]"])
+def test_documented_skip_layers_syntax_survives_lm_evals_comma_split(lm_eval, tiny_dir, skip):
+    from kvpress_like.integrations.lm_eval import QFiltersHFLM
+
+    lm = QFiltersHFLM.create_from_arg_string(f"pretrained={tiny_dir},press=knorm,skip_layers={skip},ratio=0.5", {"device": "cpu"})
+    assert lm._press.skip_layers == (0, 1) and lm._press.ratio == 0.5
+
+
+def test_skip_layers_are_checked_against_the_model_at_construction(lm_eval, tiny_dir):
+    from kvpress_like.integrations.lm_eval import QFiltersHFLM
+
+    with pytest.raises(ValueError, match=r"layer 9 does not exist \(layer indices are 0..3\)"):
+        QFiltersHFLM.create_from_arg_string(f"pretrained={tiny_dir},press=knorm,skip_layers=9", {"device": "cpu"})
+    with pytest.raises(ValueError, match=r"skip_layers=\[0,1 has no closing '\]'; write a list as skip_layers=\[0,1\] or skip_layers=0;1"):
+        QFiltersHFLM.create_from_arg_string(f"pretrained={tiny_dir},press=knorm,skip_layers=[0,1", {"device": "cpu"})
+
+
 # -- semantics --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["qfilters", "snapkv"])
 def test_loglikelihood_scores_continuation_against_pruned_context(lm_eval, tiny_dir, filters_dir, name):

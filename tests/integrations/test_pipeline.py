@@ -65,6 +65,80 @@ def test_prompt_is_the_chat_template_split_where_the_context_ends(pipe):
         assert text == pipe.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + "Answer:"
 
 
+def _whole_prompt_ids(tokenizer, context: str, question: str, answer_prefix: str = "") -> list[int]:
+    chat = [{"role": "user", "content": f"{context}\n\n{question}"}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) + answer_prefix
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("end", ["\n", "\n\n", " ", "Pyth"], ids=["newline", "blank-line", "space", "mid-word"])
+def test_context_and_question_ids_are_the_whole_prompt_tokenized_at_once(pipe, end):
+    """SmolLM2's tokenizer merges a context's final newline or space with the blank line after it: the ids of
+    context + question must still be the chat prompt's, for fresh contexts and for a returned cache."""
+    context = CONTEXT[:400] + end
+    questions = ["Who?", "What is this text about?"]
+    context_ids, question_ids = pipe.encode(context, questions, answer_prefix="Answer:")
+    for q, ids in zip(questions, question_ids, strict=True):
+        assert torch.cat([context_ids, ids], dim=1)[0].tolist() == _whole_prompt_ids(pipe.tokenizer, context, q, "Answer:")
+    out = pipe(context, question=questions[0], return_cache=True, press=KnormPress(ratio=0.5), max_new_tokens=1)
+    later = pipe.preprocess({"context": None, "questions": ["Why is it so?"], "cache": out["cache"]})
+    ids = torch.cat([later["context_ids"], later["question_ids"][0]], dim=1)[0].tolist()
+    assert ids == _whole_prompt_ids(pipe.tokenizer, context, "Why is it so?")
+    assert out["context_tokens"] == later["context_ids"].shape[1] == context_ids.shape[1]
+
+
+def test_full_cache_answer_equals_generate_on_the_whole_prompt(pipe):
+    context = CONTEXT[:600] + "\n"  # as `ask --context` reads a file
+    ids = torch.tensor([_whole_prompt_ids(pipe.tokenizer, context, "Who?")])
+    with torch.no_grad():
+        direct = pipe.model.generate(ids, attention_mask=torch.ones_like(ids), **GREEDY)[0, ids.shape[1] :]
+    assert pipe(context, question="Who?", **GREEDY)["answer"] == pipe.tokenizer.decode(direct, skip_special_tokens=True).strip()
+
+
+def test_beams_and_several_sequences_per_question(pipe):
+    questions = ["Who?", "What is this text about, in a few words?"]
+    context = CONTEXT[:600]
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    full = pipe(context, questions=questions, **beams)["answers"]
+    assert [len(a) for a in full] == [2, 2] and all(isinstance(t, str) for a in full for t in a)
+    for q, answers in zip(questions, full, strict=True):  # a full cache answers as generate() on the prompt
+        ids = torch.tensor([_whole_prompt_ids(pipe.tokenizer, context, q)])
+        with torch.no_grad():
+            direct = pipe.model.generate(ids, attention_mask=torch.ones_like(ids), **beams)[:, ids.shape[1] :]
+        assert answers == [pipe.tokenizer.decode(d, skip_special_tokens=True).strip() for d in direct]
+    for kind in ({"num_beams": 2}, {"num_return_sequences": 2, "num_beams": 2}):
+        settings = dict(max_new_tokens=4, do_sample=False, **kind)
+        batched = pipe(context, questions=questions, press=KnormPress(ratio=0.5), **settings)["answers"]
+        alone = pipe(context, questions=questions, press=KnormPress(ratio=0.5), question_batch_size=1, **settings)["answers"]
+        assert batched == alone
+    dict_out = pipe(context, questions=questions, return_dict_in_generate=True, **GREEDY)["answers"]
+    assert dict_out == pipe(context, questions=questions, **GREEDY)["answers"]
+    with pytest.raises(ValueError, match="output_scores: the kvpress-qa pipeline returns answers only"):
+        pipe(context, question="Who?", return_dict_in_generate=True, output_scores=True, **GREEDY)
+
+
+def test_a_cache_is_refused_on_another_model(pipe):
+    """Two tiny models of one config and different seeds (same shapes, other weights), and one with fewer layers."""
+    from tiny import tiny_model
+
+    smol = dict(vocab_size=49152, max_position_embeddings=4096, attn_implementation="sdpa")
+    made_by, same_config, fewer_layers = (
+        pipeline("kvpress-qa", model=model, tokenizer=pipe.tokenizer, device="cpu")
+        for model in (tiny_model("llama", seed=0, **smol), tiny_model("llama", seed=1, **smol),
+                      tiny_model("llama", seed=0, num_hidden_layers=2, **smol))
+    )
+    out = made_by(CONTEXT[:600], question="Who?", press=KnormPress(ratio=0.5), return_cache=True, **GREEDY)
+    for other, why in [(same_config, "a model with other weights"), (fewer_layers, "another model")]:
+        with pytest.raises(ValueError, match=f"this cache was made by {why} .*Pass the context again"):
+            other(cache=out["cache"], question="Why?", **GREEDY)
+    assert isinstance(made_by(cache=out["cache"], question="Why?", **GREEDY)["answer"], str)  # its own model continues it
+    outside = DynamicCache(config=made_by.model.config)  # made without the pipeline: the shapes are still checked
+    with torch.no_grad():
+        made_by.model(torch.tensor([[1, 2, 3]]), **cache_kwargs(outside))
+    with pytest.raises(ValueError, match=r"this cache \(4 layers.* does not fit this pipeline's model \(2 layers"):
+        fewer_layers(cache=outside, question="Why?", **GREEDY)
+
+
 def test_returned_cache_answers_later_questions_like_asking_at_once(pipe):
     questions = ["What is this text about?", "Which keyword is described first, and why?"]
     p = StreamingLLMPress(ratio=0.8)

@@ -1,0 +1,174 @@
+"""AdaKV-style head-wise budgets (Feng et al., 2024, arXiv 2407.11550) over any query-free scorer press.
+
+Heads differ: some attend to a few distant tokens, others to a recent window, so giving every KV head of a
+layer the same number of slots wastes budget. :class:`AdaptivePress` wraps a *base* press and, per layer and
+batch row, gives the layer's whole budget (``target x kv_heads`` pairs, the base press's ``target_size``)
+to the highest-scoring (head, token) pairs across heads, with a per-head floor. Only the base press's
+``score()`` is used, so a third-party scorer plugin gets head-wise budgets unchanged.
+
+Comparable scores. Raw scores of different heads live on different scales (a key norm, a projection on a
+head's own filter), so they cannot compete directly. With ``normalization="softmax"`` (the default) each
+(row, head)'s scores over its live candidates become ``softmax(scores / temperature)``: a distribution per
+head, like the attention weights AdaKV allocates by. A head whose scores are peaked gives a few tokens most
+of its mass and cedes the rest of its share to flatter heads, which is AdaKV's rule; a flat head spreads its
+mass and keeps more tokens. Q-Filters and K-norm scores are attention-logit-like (a dot product or norm of a
+post-RoPE key), so the default temperature is ``sqrt(head_dim)``, the scale attention itself divides logits
+by. ``normalization="none"`` compares raw scores, for presses whose scores are already comparable
+probabilities.
+
+Memory: under :func:`kvpress_like.press` the full-attention layers become
+:class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store exactly the kept pairs (see that module).
+Sliding-window layers stay uniform (the base press's rule, as without the wrapper).
+
+Layer budgets (PyramidKV, Cai et al., 2024): ``pyramid=s`` scales layer ``l`` of ``n`` by
+``1 + s (1 - 2 l / (n - 1))``, budgets decreasing linearly from the first layer to the last with the same
+total as uniform layers (``s=0``: uniform; ``s=0.5``: from 1.5x down to 0.5x).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from kvpress_like.base import Press, _is_int
+
+NORMALIZATIONS = ("softmax", "none")
+
+
+class AdaptivePress(Press):
+    """Share each layer's budget across its KV heads by score (AdaKV), around any query-free ``base`` press.
+
+    Args:
+        base: the scorer press (an instance, or a registered name built with ``settings``). Its ``ratio`` /
+            ``max_cache_tokens`` set each layer's budget (``target x kv_heads`` pairs); its ``n_sink`` /
+            ``window`` tokens are kept in every head; ``skip_layers``, ``decoding`` and
+            ``prefill_chunk_size`` are read from it.
+        floor: each head keeps at least this fraction of the uniform share (``floor x target`` pairs, and at
+            least one), as AdaKV's safeguard (kvpress uses 0.2). ``1.0`` is the uniform budget.
+        normalization: ``"softmax"`` (per-head distributions, see module docstring) or ``"none"``.
+        temperature: softmax temperature (``None``: ``sqrt(head_dim)``).
+        pyramid: PyramidKV slope of per-layer budgets in ``[0, 1)`` (0: the same budget in every layer).
+        **settings: settings of ``base`` when it is given by name, e.g. ``AdaptivePress("qfilters", ratio=0.75)``.
+    """
+
+    name = "adakv"
+    #: press() stores full-attention layers of this press head-wise (:mod:`kvpress_like.headwise`).
+    headwise: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        base: Press | str = "knorm",
+        floor: float = 0.2,
+        normalization: str = "softmax",
+        temperature: float | None = None,
+        pyramid: float = 0.0,
+        **settings,
+    ):
+        if isinstance(base, str):
+            from kvpress_like.registry import get_press
+
+            base = get_press(base, **settings)
+        elif settings:
+            raise TypeError(f"settings {sorted(settings)} go to the base press; pass them to {type(base).__name__}(...).")
+        if not isinstance(base, Press):
+            raise TypeError(f"AdaptivePress needs a kvpress_like Press (or a registered name) as base, got {type(base).__name__}.")
+        if getattr(base, "headwise", False):
+            raise ValueError("AdaptivePress cannot wrap another head-wise press; wrap the scorer press itself.")
+        if not base.query_free:
+            raise ValueError(
+                f"AdaptivePress allocates budgets inside the cache from key scores; {type(base).__name__} scores keys "
+                "with queries after attention. Wrap a query-free press (qfilters, knorm, expected_attention, ...)."
+            )
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"floor must be a fraction of the uniform share in [0, 1], got {floor!r}.")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}.")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0):
+            raise ValueError(f"temperature must be a positive number or None, got {temperature!r}.")
+        if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0 <= pyramid < 1:
+            raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
+        self.base, self.floor, self.normalization = base, float(floor), normalization
+        self.temperature, self.pyramid = temperature, float(pyramid)
+        self.position_dependent = base.position_dependent
+        self._num_layers: int | None = None
+        self.validate()
+
+    def __repr__(self) -> str:
+        return (f"AdaptivePress(base={self.base!r}, floor={self.floor}, normalization={self.normalization!r}, "
+                f"temperature={self.temperature}, pyramid={self.pyramid})")
+
+    # -- the base press's settings, read through -------------------------------------------------------
+    skip_layers = property(lambda self: self.base.skip_layers)
+    max_cache_tokens = property(lambda self: self.base.max_cache_tokens)
+    decoding = property(lambda self: self.base.decoding)
+    prefill_chunk_size = property(lambda self: self.base.prefill_chunk_size)
+    rescore_every = property(lambda self: self.base.rescore_every)
+
+    def validate(self, num_layers: int | None = None) -> None:
+        self.base.validate(num_layers)
+        if self.base.rescore_every > 1:
+            raise ValueError(
+                f"AdaptivePress re-scores position-dependent presses at every eviction; give {type(self.base).__name__} "
+                "rescore_every=1."
+            )
+
+    def prepare(self, model) -> None:
+        self.base.prepare(model)
+        self._num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+
+    def compresses_layer(self, layer_idx: int) -> bool:
+        return self.base.compresses_layer(layer_idx)
+
+    # -- uniform behaviour (sliding-window layers, which stay uniform) ---------------------------------
+    def target_size(self, seen: int, decoding: bool) -> int | None:
+        return self.base.target_size(seen, decoding)
+
+    def score(self, layer_idx, keys, values, positions, reading_position) -> torch.Tensor:
+        return self.base.score(layer_idx, keys, values, positions, reading_position)
+
+    def select(self, scores, positions, seen, n_keep: int) -> torch.Tensor:
+        return self.base.select(scores, positions, seen, n_keep)
+
+    def victims(self, scores, positions, seen) -> torch.Tensor:
+        return self.base.victims(scores, positions, seen)
+
+    # -- head-wise budgets -------------------------------------------------------------------------------
+    def layer_target(self, layer_idx: int, seen: int, decoding: bool) -> int | None:
+        """Pairs per KV head on average that layer ``layer_idx`` may keep (the base target, PyramidKV-scaled)."""
+        target = self.base.target_size(seen, decoding)
+        n = self._num_layers
+        if target is None or not self.pyramid or n is None or n < 2:
+            return target
+        scaled = round(target * (1 + self.pyramid * (1 - 2 * layer_idx / (n - 1))))
+        return max(1, min(scaled, seen))
+
+    def protected(self, positions: torch.Tensor, seen) -> torch.Tensor:
+        """The base press's sinks and window (nothing for presses without them)."""
+        rule = getattr(self.base, "protected", None)
+        return torch.zeros_like(positions, dtype=torch.bool) if rule is None else rule(positions, seen)
+
+    def comparable(self, scores: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """Scores ``(batch, heads, n)`` (``-inf``: empty) made comparable across heads (module docstring)."""
+        if self.normalization == "none":
+            return scores
+        temperature = self.temperature or math.sqrt(head_dim)
+        probs = (scores / temperature).softmax(dim=-1)
+        return probs.masked_fill(scores == float("-inf"), float("-inf"))
+
+    def allocate(self, scores: torch.Tensor, positions: torch.Tensor, seen, target: int, head_dim: int) -> torch.Tensor:
+        """Which of one row's candidates ``(1, heads, n)`` to keep: a boolean mask of ``target x heads`` pairs
+        (fewer when fewer are live), every head keeping its protected tokens and its floor's best ones."""
+        live = scores > float("-inf")
+        heads = scores.shape[1]
+        value = self.comparable(scores.float(), head_dim)
+        value = value.masked_fill(self.protected(positions, seen) & live, float("inf"))
+        per_head = max(1, math.floor(self.floor * target + 1e-9))
+        rank = value.argsort(dim=-1, descending=True).argsort(dim=-1)
+        value = value.masked_fill((rank < per_head) & live, float("inf"))
+        n_keep = min(target * heads, int(live.sum()))
+        flat = value.flatten(1)
+        kept = flat.topk(n_keep, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, kept, True)
+        return keep.view_as(scores)

@@ -1,0 +1,218 @@
+"""AdaptivePress (AdaKV head-wise budgets) stored head-wise: pruning == masking per head, floors, bytes, plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from helpers import pressed_and_reference
+from kvpress_like import KnormPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
+from kvpress_like.headwise import HeadwisePressedLayer
+from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.methods.adaptive import AdaptivePress
+from tiny import tiny_model
+
+ARCHS = ["llama", "qwen3", "gemma3", "gpt_neox"]
+
+
+def ids_for(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def headwise_layers(cache) -> list[HeadwisePressedLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, HeadwisePressedLayer)]
+
+
+def run(model, p, calls, cache=None):
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    with torch.no_grad(), press(model, p):
+        logits = [model(ids, **cache_kwargs(cache)).logits for ids in calls]
+    return logits, cache
+
+
+# -- pruning == masking with per-head kept sets ----------------------------------------------------------------
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_cache_tokens=10, window=2, n_sink=1),  # prefill, chunk re-allocation, in-place decoding evictions
+        dict(ratio=0.5, decoding=True, window=2, n_sink=1),  # decoding appends to every head or evicts per head
+    ],
+    ids=["budget", "ratio-decoding"],
+)
+def test_pruning_equals_masking_per_head(arch, attn, settings):
+    model = tiny_model(arch, seed=1, attn_implementation=attn)
+    reference = tiny_model(arch, seed=1)
+    ids = ids_for(2, 32, seed=5)
+    calls = [ids[:, :12], ids[:, 12:20]] + [ids[:, i : i + 1] for i in range(20, 32)]
+    p = AdaptivePress(KnormPress(**settings), floor=0.2)
+    pressed, expected, cache = pressed_and_reference(model, reference, p, calls)
+    for i, (a, b) in enumerate(zip(pressed, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
+    layers = headwise_layers(cache)
+    assert layers, "no layer was stored head-wise"
+    heads = layers[0].lengths.shape[1]
+    target = 10 if "max_cache_tokens" in settings else 32 - 32 // 2
+    for layer in layers:
+        # each row keeps exactly its layer budget, shared unevenly
+        assert layer.lengths.sum(-1).tolist() == [target * heads] * 2
+    assert any(len(set(layer.lengths.flatten().tolist())) > 1 for layer in layers), "heads were not ragged"
+
+
+def test_decoding_enters_every_head_and_keeps_the_allocation():
+    model = tiny_model("llama", seed=2, attn_implementation="sdpa")
+    p = AdaptivePress(KnormPress(max_cache_tokens=8, n_sink=1, window=2))
+    ids = ids_for(1, 30, seed=3)
+    _, cache = run(model, p, [ids[:, :20]])
+    allocated = [layer.lengths.clone() for layer in headwise_layers(cache)]
+    _, cache = run(model, p, [ids[:, i : i + 1] for i in range(20, 30)], cache)
+    for layer, lengths in zip(headwise_layers(cache), allocated):
+        assert torch.equal(layer.lengths, lengths)
+        pos = layer.positions
+        assert bool((pos.max(-1).values == 29).all()), "the last token did not enter every head"
+        assert bool(((pos == 0).any(-1)).all()), "a sink was evicted"
+
+
+# -- padded batches: allocated row by row ------------------------------------------------------------------------
+@pytest.mark.parametrize("settings", [dict(max_cache_tokens=9, window=2, n_sink=1), dict(ratio=0.5, decoding=True)])
+def test_left_padded_batch_equals_rows_run_alone(settings):
+    model = tiny_model("llama", seed=3, attn_implementation="sdpa")
+    # Q-Filters with random filters: K-norm scores tie exactly on repeated tokens (RoPE keeps norms), and rows
+    # alone vs batched may break a tie differently
+    filters = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
+    p = AdaptivePress(QFilterPress(filters=filters, **settings))
+    prompts = [ids_for(1, n, seed=n)[0] for n in (24, 17, 11)]
+    ids = torch.zeros(3, 24, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, prompt in enumerate(prompts):
+        ids[r, 24 - len(prompt):], mask[r, 24 - len(prompt):] = prompt, 1
+    generation = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad(), press(model, p):
+        cache = DynamicCache(config=model.config)
+        batched = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **generation)
+        for r, prompt in enumerate(prompts):
+            alone_cache = DynamicCache(config=model.config)
+            alone = model.generate(prompt[None], **cache_kwargs(alone_cache), **generation)
+            for step, (b, a) in enumerate(zip(batched.logits, alone.logits)):
+                torch.testing.assert_close(b[r], a[0], atol=2e-5, rtol=1e-4, msg=f"row {r} step {step}")
+            for padded_layer, layer in zip(headwise_layers(cache), headwise_layers(alone_cache)):
+                assert torch.equal(padded_layer.lengths[r], layer.lengths[0])
+
+
+# -- floors, uniform limit, bytes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("floor", [0.0, 0.5, 0.9])
+def test_per_head_floor_is_honoured(floor):
+    model = tiny_model("gpt_neox", seed=4)  # 4 KV heads
+    target = 20
+    p = AdaptivePress(KnormPress(max_cache_tokens=target), floor=floor)
+    _, cache = run(model, p, [ids_for(2, 48, seed=6)])
+    lengths = torch.stack([layer.lengths for layer in headwise_layers(cache)])
+    assert int(lengths.min()) >= max(1, int(floor * target))
+    assert bool((lengths.sum(-1) == target * lengths.shape[-1]).all())
+    if floor == 0.0:
+        assert int(lengths.max()) > target, "nothing was reallocated without a floor"
+
+
+def test_floor_one_is_the_uniform_press():
+    model = tiny_model("llama", seed=5)
+    base = KnormPress(ratio=0.6, n_sink=1, window=2)
+    ids = ids_for(2, 30, seed=7)
+    _, uniform = run(model, base, [ids])
+    _, adaptive = run(model, AdaptivePress(base, floor=1.0), [ids])
+    for u, a in zip(uniform.layers, adaptive.layers):
+        assert isinstance(a, HeadwisePressedLayer) and type(u) is PressedLayer
+        torch.testing.assert_close(a.positions, u.positions, rtol=0, atol=0)
+        torch.testing.assert_close(a.keys, u.keys, rtol=0, atol=0)
+
+
+def test_cache_nbytes_counts_exactly_the_kept_pairs():
+    model = tiny_model("gemma3", seed=6)  # sliding layers stay uniform PressedLayers, full layers head-wise
+    p = AdaptivePress(KnormPress(max_cache_tokens=6))
+    _, cache = run(model, p, [ids_for(2, 40, seed=8)] + [ids_for(2, 1, seed=i) for i in range(3)])
+    head_dim, itemsize = 16, 4
+    expected = 0
+    for layer in cache.layers:
+        if isinstance(layer, HeadwisePressedLayer):
+            kept = int(layer.lengths.sum())
+            assert layer.kept_pairs == kept == 2 * 2 * 6  # rows x kv heads x budget
+            assert layer.bookkeeping_nbytes() == kept * (8 + 4) + 2 * 2 * 8 * 2
+        else:
+            kept = layer.keys.shape[0] * layer.keys.shape[1] * layer._k.shape[2]  # allocated slots
+        expected += kept * 2 * head_dim * itemsize
+    assert cache_nbytes(cache) == expected
+    assert any(isinstance(layer, HeadwisePressedLayer) for layer in cache.layers)
+    assert any(type(layer) is PressedLayer for layer in cache.layers)
+
+
+# -- a third-party scorer gets head-wise budgets by wrapping ---------------------------------------------------
+@dataclass
+class PeakedFirstHead(ScorerPress):
+    """A plugin-style scorer: KV head 0's scores are one spike, head 1's are flat ramps."""
+
+    name = "test_peaked_first_head"
+
+    def score(self, layer_idx, keys, values, positions, reading_position):
+        scores = positions.float() / 100.0  # flat: one softmax share per token
+        spike = torch.where(positions == 3, 1000.0, 0.0)  # one token takes all of head 0's mass
+        return torch.cat([spike[:, :1], scores[:, 1:]], dim=1)
+
+
+def test_a_plugin_scorer_gets_headwise_budgets_unchanged():
+    model = tiny_model("llama", seed=7)  # 2 KV heads
+    target, floor = 10, 0.2
+    plugin = PeakedFirstHead(max_cache_tokens=target)
+    ids = ids_for(1, 30, seed=1)
+    p = AdaptivePress(plugin, floor=floor)
+    _, cache = run(model, p, [ids])
+    for layer in headwise_layers(cache):
+        assert layer.lengths.tolist() == [[int(floor * target), 2 * target - int(floor * target)]]
+        assert 3 in layer.positions[0, 0].tolist()
+    pressed, expected, _ = pressed_and_reference(model, tiny_model("llama", seed=7), p, [ids, ids_for(1, 1, seed=2)])
+    for a, b in zip(pressed, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_registered_by_name_with_base_settings():
+    p = get_press("adakv", base="knorm", ratio=0.5, floor=0.3)
+    assert isinstance(p, AdaptivePress) and isinstance(p.base, KnormPress)
+    assert p.base.ratio == 0.5 and p.floor == 0.3 and p.target_size(10, False) == 5
+
+
+def test_pyramid_layer_budgets_decrease_and_keep_the_total():
+    model = tiny_model("gpt_neox", seed=8)  # 4 full-attention layers
+    p = AdaptivePress(KnormPress(max_cache_tokens=12), pyramid=0.5)
+    _, cache = run(model, p, [ids_for(1, 40, seed=3)])
+    totals = [int(layer.lengths.sum()) for layer in headwise_layers(cache)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+    assert abs(sum(totals) - 4 * 12 * 4) <= 4 * 4  # the same total as uniform layers, up to rounding per layer
+
+
+# -- refusals ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: AdaptivePress(SnapKVPress(ratio=0.5)), ValueError, "query-free"),
+        (lambda: AdaptivePress(KnormPress(), floor=1.5), ValueError, "floor"),
+        (lambda: AdaptivePress(KnormPress(), normalization="zscore"), ValueError, "normalization"),
+        (lambda: AdaptivePress(KnormPress(), ratio=0.5), TypeError, "base press"),
+        (lambda: AdaptivePress(AdaptivePress()), ValueError, "another head-wise"),
+        (lambda: PressedCache(AdaptivePress(KnormPress(ratio=0.5))), ValueError, "press\\(\\)"),
+    ],
+)
+def test_bad_settings_are_refused_clearly(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_static_cache_and_beam_search_are_refused():
+    model = tiny_model("llama")
+    p = AdaptivePress(KnormPress(max_cache_tokens=8))
+    with pytest.raises(ValueError, match="static=False"), press(model, p, static=True):
+        pass
+    ids = ids_for(1, 12)
+    with torch.no_grad(), press(model, p), pytest.raises(NotImplementedError, match="num_beams=1"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2, max_new_tokens=3, pad_token_id=0)
