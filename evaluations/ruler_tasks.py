@@ -40,7 +40,7 @@ TASKS: dict[str, tuple[str, dict]] = {
     "qa": ("qa", dict(sentences_per_doc=6)),
 }
 #: generation budget per family (tokens); decoding stops earlier once every answer is in the output
-MAX_NEW_TOKENS = {"niah": 16, "niah_many": 48, "vt": 32, "cwe": 56, "fwe": 24, "qa": 12}
+MAX_NEW_TOKENS = {"niah": 16, "niah_many": 48, "vt": 32, "cwe": 48, "fwe": 24, "qa": 12}
 
 
 @dataclass
@@ -186,8 +186,12 @@ def _vt(rng: random.Random, n: int, hops: int) -> tuple:
 
 def _cwe(rng: random.Random, n: int, common: int, length: int) -> tuple:
     nouns, _ = _words()
-    words = rng.sample(nouns, common)
+    words: list[str] = []
     clash = lambda w: any(w in c or c in w for c in words[:common])  # noqa: E731 (no answer inside another word)
+    while len(words) < common:
+        w = rng.choice(nouns)
+        if not clash(w):
+            words.append(w)
     words += [w for w in rng.sample(nouns, common + n + 200) if w not in words and not clash(w)][:n]
     frequent = max(10, 10 * length // 1024)  # each common word; the n rare ones appear 3 times
     items = [w for w in words[:common] for _ in range(frequent)] + [w for w in words[common:] for _ in range(3)]
