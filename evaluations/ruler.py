@@ -122,14 +122,15 @@ def _answer_cell(model, tokenizer, pre, cell: list, feed: torch.Tensor, sample: 
     return said
 
 
-def _load_checkpoint(path: Path | None, settings: dict) -> list[dict]:
-    """Rows of an interrupted run of the same grid (resume); a checkpoint of other settings is refused."""
+def _load_checkpoint(path: Path | None, settings: dict) -> dict:
+    """Rows, prefill times and elapsed time of an interrupted run of the same grid (resume); a checkpoint of
+    other settings is refused."""
     if path is None or not path.exists():
-        return []
+        return dict(rows=[], prefill_s=[], elapsed_s=0.0)
     saved = json.loads(path.read_text())
     if saved["settings"] != json.loads(json.dumps(settings)):
         raise SystemExit(f"{path} is a checkpoint of other settings; delete it or pass the same options to resume")
-    return saved["rows"]
+    return saved
 
 
 def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Path | None = None) -> dict:
@@ -137,9 +138,9 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
     are rewritten there after every prompt, and prompts already there are skipped (resume)."""
     presses = {(m, float(f)): build_press(m, ratio=factor_to_ratio(f)) for m in grid.methods for f in grid.factors}
     settings = asdict(grid)
-    rows = _load_checkpoint(checkpoint, settings)
+    saved, began = _load_checkpoint(checkpoint, settings), time.time()
+    rows, prefill_s, resumed = saved["rows"], saved["prefill_s"], len(saved["prefill_s"])
     done = {(r["seed"], r["length"], r["task"]) for r in rows}
-    prefill_s: list[float] = []
     prompts = prompt_order(grid)
     if grid.shard is not None:
         prompts = prompts[grid.shard[0] :: grid.shard[1]]
@@ -159,8 +160,10 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
                 rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
         del pre
         if checkpoint is not None:
-            checkpoint.write_text(json.dumps(dict(settings=settings, rows=rows)))
-    return dict(settings=settings, rows=rows, prefill_s=prefill_s)
+            elapsed = saved["elapsed_s"] + time.time() - began
+            checkpoint.write_text(json.dumps(dict(settings=settings, rows=rows, prefill_s=prefill_s, elapsed_s=elapsed)))
+    return dict(settings=settings, rows=rows, prefill_s=prefill_s, resumed_prompts=resumed,
+                elapsed_s=saved["elapsed_s"] + time.time() - began)
 
 
 # -- statistics -------------------------------------------------------------------------------------------
@@ -342,6 +345,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each, sharing the prompts")
     parser.add_argument("--shard", default=None, help="I/N: run only prompts I, I+N, ... (what each --jobs worker does)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="with --jobs: write the result from the workers' checkpoints so far (a stopped run, labelled partial)")
     parser.add_argument("--name", default=None, help="basename of the result files (default ruler / ruler.quick); "
                                                      "rerunning the same command resumes from <name>.checkpoint.json")
 
@@ -376,17 +381,18 @@ def main(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     grid = _grid(args, shard)
+    if args.summarize and args.jobs < 2:
+        raise SystemExit("--summarize merges the checkpoints of a --jobs N run: pass the same --jobs N")
     if args.jobs > 1:
         if shard is not None:
             raise SystemExit("--jobs and --shard do not combine: --jobs starts the shards itself")
         return _run_jobs(args, name, grid)
     model, tokenizer = load_model(args.model)
     env = environment()
-    start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / f"{name}.checkpoint.json"
     result = run_grid(model, tokenizer, grid, checkpoint=checkpoint)
-    result.update(model=args.model, environment=env, elapsed_s=time.time() - start)
+    result.update(model=args.model, environment=env)
     checkpoint.unlink(missing_ok=True)
     return _write(args.out, name, result, figures=shard is None)
 
@@ -402,22 +408,30 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     forwarded += ["--quick"] if args.quick else []
     names = [f"{name}.shard{i}of{args.jobs}" for i in range(args.jobs)]
     start, children = time.time(), []
-    for i, shard_name in enumerate(names):
-        cmd = [sys.executable, "-m", "kvpress_like.cli", "eval", "ruler", *forwarded, "--shard", f"{i}/{args.jobs}", "--name", shard_name]
-        children.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL))
-    failed = [n for n, child in zip(names, children) if child.wait() != 0]
-    if failed:
-        raise SystemExit(f"ruler workers failed: {', '.join(failed)} (rerun the same command to resume from their checkpoints)")
-    parts = [json.loads((args.out / f"{n}.json").read_text()) for n in names]
+    if not args.summarize:
+        for i, shard_name in enumerate(names):
+            cmd = [sys.executable, "-m", "kvpress_like.cli", "eval", "ruler", *forwarded, "--shard", f"{i}/{args.jobs}", "--name", shard_name]
+            children.append(subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL))
+        failed = [n for n, child in zip(names, children) if child.wait() != 0]
+        if failed:
+            raise SystemExit(f"ruler workers failed: {', '.join(failed)} (rerun the same command to resume from their checkpoints)")
+    parts = []
+    for n in names:  # a finished shard's result, else (--summarize) its checkpoint
+        path = next((p for p in (args.out / f"{n}.json", args.out / f"{n}.checkpoint.json") if p.exists()), None)
+        if path is None:
+            raise SystemExit(f"no result or checkpoint of {n} in {args.out}: run the command without --summarize first")
+        parts.append(json.loads(path.read_text()))
     result = dict(
         settings=dict(asdict(grid)), rows=[r for p in parts for r in p["rows"]],
         prefill_s=[x for p in parts for x in p["prefill_s"]], model=args.model,
-        environment=dict(environment(), torch_threads=1, jobs=args.jobs), elapsed_s=time.time() - start,
+        environment=dict(environment(), torch_threads=1, jobs=args.jobs),
+        elapsed_s=max(p["elapsed_s"] for p in parts) if args.summarize else time.time() - start,
     )
     code = _write(args.out, name, result)
-    for n in names:
-        for suffix in (".json", ".md"):
-            (args.out / f"{n}{suffix}").unlink(missing_ok=True)
+    if not args.summarize:
+        for n in names:
+            for suffix in (".json", ".md"):
+                (args.out / f"{n}{suffix}").unlink(missing_ok=True)
     return code
 
 

@@ -92,15 +92,15 @@ def _corpus_words() -> frozenset[str]:
 def _words() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(nouns, adjectives) from wonderwords: lowercase, 3-10 letters, absent from the prose corpus, so an
     answer made of them can only come from its needle."""
-    from wonderwords import RandomWord
+    from importlib.resources import files
 
-    rw, seen = RandomWord(), _corpus_words()
+    seen = _corpus_words()
 
-    def pick(part: str) -> tuple[str, ...]:
-        words = rw.filter(include_parts_of_speech=[part])
+    def pick(name: str) -> tuple[str, ...]:  # wonderwords' own lists (its RandomWord builds a slow trie)
+        words = files("wonderwords.assets").joinpath(name).read_text(encoding="utf-8").splitlines()
         return tuple(sorted({w for w in words if w.isalpha() and w.islower() and 3 <= len(w) <= 10 and w not in seen}))
 
-    return pick("noun"), pick("adjective")
+    return pick("nounlist.txt"), pick("adjectivelist.txt")
 
 
 def _distinct(rng: random.Random, draw, n: int, taken: set) -> list:
