@@ -12,9 +12,9 @@ ask after, as ``kvpress-like ask`` does). Query-dependent presses (SnapKV) see t
 not the question's. The presses of one ratio answer in one batch when their caches stack.
 
 Reported per (length, ratio, press): each task's mean score and the mean over tasks, with 95% intervals
-(Wilson for 0/1 tasks, bootstrap otherwise; the mean's bootstrap resamples prompts within each task), and
-the paired difference to no press on the same prompts (bootstrap over prompts; for 0/1 tasks also McNemar's
-exact p). "worse" only when the interval excludes zero (and p < 0.05 where McNemar applies).
+(Wilson on the summed score of a task, and of all prompts for the mean over tasks), and the
+paired difference to no press on the same prompts (bootstrap over prompts, and an exact sign test over the
+prompts where the two differ, McNemar's test for 0/1 tasks). "worse" only when both say so.
 """
 
 from __future__ import annotations
@@ -173,17 +173,11 @@ def _scores(rows: list[dict], length: int, method: str, factor: float, task: str
             if r["length"] == length and r["method"] == method and r["factor"] == f and r["task"] == task}
 
 
-def _binary(x: list[float]) -> bool:
-    return all(v in (0.0, 1.0) for v in x)
-
-
 def interval(x: list[float]) -> dict:
-    """Mean of one task's scores with its 95% interval: Wilson for 0/1 scores, else a bootstrap of the mean."""
-    if _binary(x):
-        lo, hi = stats.wilson(int(sum(x)), len(x))
-    else:
-        b = stats.paired_bootstrap(x, [0.0] * len(x))
-        lo, hi = b["lo"], b["hi"]
+    """Mean of one task's scores with its Wilson 95% interval on the summed score (a score in [0, 1] has at
+    most the variance of a 0/1 one of the same mean, so this stays valid, and honest at small n, unlike a
+    bootstrap, which collapses to a point when every prompt scores the same)."""
+    lo, hi = stats.wilson(sum(x), len(x))
     return dict(n=len(x), mean=sum(x) / len(x), lo=lo, hi=hi)
 
 
@@ -200,13 +194,12 @@ def stratified_mean(groups: list[list[float]], n_boot: int = 10000, seed: int = 
 
 
 def paired_task(a: list[float], b: list[float]) -> dict:
-    """Paired difference ``a - b`` on the same prompts (bootstrap; McNemar's exact p as well for 0/1 scores)."""
+    """Paired difference ``a - b`` on the same prompts: bootstrap interval, and an exact sign test on the
+    prompts where they differ (McNemar's test for 0/1 scores); a verdict needs both (p < 0.05)."""
     out = stats.paired_bootstrap(a, b)
-    if _binary(a) and _binary(b):
-        out.update(stats.mcnemar_exact(a, b))
-        out["verdict"] = stats.verdict(out["lo"], out["hi"]) if out["p"] < 0.05 else "no difference shown"
-    else:
-        out["verdict"] = stats.verdict(out["lo"], out["hi"])
+    out.update(only_a=sum(x > y for x, y in zip(a, b)), only_b=sum(x < y for x, y in zip(a, b)))
+    out["p"] = stats.mcnemar_p(out["only_a"], out["only_b"])
+    out["verdict"] = stats.verdict(out["lo"], out["hi"]) if out["p"] < 0.05 else "no difference shown"
     return out
 
 
@@ -235,11 +228,16 @@ def summarize(result: dict) -> dict:
                         vs[t] = paired_task(x, y)
                 if len(groups) != len(tasks):
                     continue  # a partial run: this method has not answered every task yet
-                per["mean"] = stratified_mean(groups)
+                mean = sum(sum(x) / len(x) for x in groups) / len(groups)
+                total = sum(len(x) for x in groups)  # Wilson on all prompts pooled (the task means' mean at equal n)
+                per["mean"] = dict(n=total, mean=mean, **dict(zip(("lo", "hi"), stats.wilson(mean * total, total))))
                 cell["methods"][method] = per
                 if method != "no_press":
                     d = stratified_mean(diffs)
-                    vs["mean"] = dict(diff=d["mean"], lo=d["lo"], hi=d["hi"], n=d["n"], verdict=stats.verdict(d["lo"], d["hi"]))
+                    flat = [v for x in diffs for v in x]
+                    p = stats.mcnemar_p(sum(v > 0 for v in flat), sum(v < 0 for v in flat))  # sign test over prompts
+                    verdict = stats.verdict(d["lo"], d["hi"]) if p < 0.05 else "no difference shown"
+                    vs["mean"] = dict(diff=d["mean"], lo=d["lo"], hi=d["hi"], n=d["n"], p=p, verdict=verdict)
                     cell["vs_no_press"][method] = vs
             cells.append(cell)
     return dict(cells=cells)
@@ -269,9 +267,9 @@ def markdown(result: dict) -> str:
         + (f", {result['environment']['jobs']} worker processes" if result["environment"].get("jobs") else "")
         + "). Each press keeps its registry defaults.",
         "",
-        "Cells: RULER string-match score in % (fraction of expected strings in the greedy output) with its 95% interval "
-        "(Wilson for 0/1 tasks, bootstrap otherwise; `mean` is the mean over tasks, bootstrap within tasks). "
-        "`vs no press`: paired difference of the mean in points with its bootstrap 95% interval; **worse** when it excludes zero.",
+        "Cells: RULER string-match score in % (fraction of expected strings in the greedy output) with its Wilson 95% interval "
+        "(on the summed score); `mean` is the mean over tasks, with the Wilson interval of all its prompts pooled. `vs no press`: paired difference of the mean in points with its bootstrap 95% interval and an exact "
+        "sign test over prompts (the bootstrap resamples prompts within each task); **worse** / **beats** only when the interval excludes zero and p < 0.05.",
     ]
     for length in s["lengths"]:
         rows = [c for c in cells if c["length"] == length]
@@ -287,7 +285,7 @@ def markdown(result: dict) -> str:
                     continue
                 fmt = lambda m: f"{_pct(m['mean'])} [{_pct(m['lo'])}, {_pct(m['hi'])}]"  # noqa: E731
                 vs = c["vs_no_press"].get(method, {}).get("mean")
-                cmp = "-" if vs is None else (f"{100 * vs['diff']:+.0f} [{100 * vs['lo']:+.0f}, {100 * vs['hi']:+.0f}]"
+                cmp = "-" if vs is None else (f"{100 * vs['diff']:+.0f} [{100 * vs['lo']:+.0f}, {100 * vs['hi']:+.0f}], p={vs['p']:.2g}"
                                               + (f" **{vs['verdict']}**" if vs["verdict"] != "no difference shown" else ""))
                 factor = "x1" if method == "no_press" else f"x{c['factor']:g}"
                 md.append(f"| {factor} | {method} | **{fmt(per['mean'])}** | {cmp} | " + " | ".join(fmt(per[t]) for t in tasks) + " |")
@@ -346,7 +344,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", default=None, help="I/N: run only prompts I, I+N, ... (what each --jobs worker does)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
     parser.add_argument("--summarize", action="store_true",
-                        help="with --jobs: write the result from the workers' checkpoints so far (a stopped run, labelled partial)")
+                        help="with --jobs: write the result from the workers' checkpoints so far (a stopped run, labelled "
+                             "partial), or re-render <name>.json when no worker files are left")
     parser.add_argument("--name", default=None, help="basename of the result files (default ruler / ruler.quick); "
                                                      "rerunning the same command resumes from <name>.checkpoint.json")
 
@@ -418,6 +417,8 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     parts = []
     for n in names:  # a finished shard's result, else (--summarize) its checkpoint
         path = next((p for p in (args.out / f"{n}.json", args.out / f"{n}.checkpoint.json") if p.exists()), None)
+        if path is None and args.summarize and (args.out / f"{name}.json").exists() and not parts:
+            return _write(args.out, name, json.loads((args.out / f"{name}.json").read_text()))  # re-render a result
         if path is None:
             raise SystemExit(f"no result or checkpoint of {n} in {args.out}: run the command without --summarize first")
         parts.append(json.loads(path.read_text()))
