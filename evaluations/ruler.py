@@ -308,11 +308,11 @@ def figure(result: dict):
         base = mine[0]["methods"]["no_press"]["mean"]
         ax.axhline(100 * base["mean"], color="black", lw=1, label="no press")
         ax.axhspan(100 * base["lo"], 100 * base["hi"], color="black", alpha=0.08)
-        for method in s["methods"]:
+        for k, method in enumerate(s["methods"]):
             pts = [(c["factor"], c["methods"][method]["mean"]) for c in mine if method in c["methods"]]
             if not pts:
                 continue
-            x = [f for f, _ in pts]
+            x = [f * 1.03 ** (k - len(s["methods"]) / 2) for f, _ in pts]  # side by side, not on top of each other
             y = [100 * m["mean"] for _, m in pts]
             err = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
