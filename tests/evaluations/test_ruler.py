@@ -1,0 +1,184 @@
+"""Offline RULER-style benchmark: deterministic prompts, checkable answers, the scoring rule, the runner and
+the lm-eval tasks."""
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from kvpress_like.evaluations import ruler
+from kvpress_like.evaluations.ruler_tasks import NEEDLE, TASKS, ruler_sample, score
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from kvpress_like.models import _materialize
+
+    return AutoTokenizer.from_pretrained(str(_materialize("smollm2-135m")))
+
+
+@pytest.fixture(scope="module")
+def samples(tok):
+    return {t: ruler_sample(tok, t, 1024, seed=3) for t in TASKS}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_generators_are_deterministic_for_a_seed(tok, samples, task):
+    again = ruler_sample(tok, task, 1024, seed=3)
+    assert (again.context_ids, again.question_ids, again.answers) == (samples[task].context_ids, samples[task].question_ids, samples[task].answers)
+    other = ruler_sample(tok, task, 1024, seed=4)
+    assert other.context_ids != again.context_ids and other.answers != again.answers
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_prompts_fill_the_length_and_end_with_the_answer_prefix(tok, samples, task):
+    s = samples[task]
+    assert 0.85 * 1024 <= s.tokens <= 1024
+    text = tok.decode(s.context_ids + s.question_ids)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n" + s.answer_prefix)
+    assert s.question in tok.decode(s.question_ids) and s.question not in tok.decode(s.context_ids)
+    context = tok.decode(s.context_ids)
+    assert all(a in context for a in s.answers)  # the tokenized context still holds every answer
+
+
+def _word(text: str, word: str) -> int:
+    return len(re.findall(rf"\b{re.escape(word)}\b", text))
+
+
+@pytest.mark.parametrize("task", [t for t, (family, _) in TASKS.items() if family == "niah"])
+def test_needle_answers_are_stated_once_in_their_needle(samples, task):
+    s = samples[task]
+    for value in s.answers:
+        assert _word(s.context, value) == 1
+        (key,) = re.findall(rf"special magic numbers for ([a-z]+-[a-z]+) is: {value}\.", s.context)
+        assert key in s.question and key in s.answer_prefix
+    distractors = re.findall(r"special magic numbers for ([a-z]+-[a-z]+) is:", s.context)
+    assert len(distractors) == len(set(distractors)) or TASKS[task][1].get("values", 1) > 1
+    if task == "niah_multikey_needles":
+        assert len(distractors) > 20  # the haystack itself is made of key-like needles
+    if task == "niah_single_noise":
+        assert s.context.count(NEEDLE.split("{")[0]) == 1 and "The grass is green." in s.context
+
+
+def test_variable_tracking_chain_resolves_to_the_answers(samples):
+    s = samples["vt"]
+    value = re.search(r"assigned the value (\d+)", s.question).group(1)
+    assign = dict(re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", s.context))
+    resolve = lambda v: resolve(assign[v[4:]]) if v.startswith("VAR ") else v  # noqa: E731
+    assert sorted(v for v in assign if resolve(assign[v]) == value) == sorted(s.answers)
+
+
+def test_common_words_are_the_most_frequent(samples):
+    s = samples["cwe"]
+    counts = Counter(re.findall(r"\d+\. ([a-z]+)", s.context))
+    top = {w for w, _ in counts.most_common(len(s.answers))}
+    assert top == set(s.answers) and min(counts[a] for a in s.answers) > max(c for w, c in counts.items() if w not in top)
+
+
+def test_frequent_words_have_an_unambiguous_top_three(samples):
+    s = samples["fwe"]
+    counts = Counter(s.context.split(". ", 1)[1].split())
+    ranked = [c for _, c in counts.most_common()]
+    assert [w for w, _ in counts.most_common(3)] == s.answers and ranked[2] > ranked[3]
+
+
+def test_document_qa_fact_is_stated_once_and_asked(samples):
+    s = samples["qa"]
+    (place,) = s.answers
+    thing = re.search(r"Where is the (\w+ \w+) kept\?", s.question).group(1)
+    assert _word(s.context, place) == 1 and f"The {thing} is kept in the {place}." in s.context
+    assert len(re.findall(r"is kept in the \w+\.", s.context)) == s.context.count("Document ") > 1
+
+
+def test_string_match_scoring():
+    assert score("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert score("1234567", ["1234567", "7654321"]) == 0.5
+    assert score("Answer: the GARDEN", ["garden"]) == 1.0
+    assert score("", ["x"]) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        score("x", [])
+
+
+def test_unknown_task_and_too_short_length_say_what_to_do(tok):
+    with pytest.raises(ValueError, match="tasks: niah_single_noise"):
+        ruler_sample(tok, "niah", 1024, 0)
+    with pytest.raises(ValueError, match="too short"):
+        ruler_sample(tok, "qa", 64, 0)
+
+
+def test_intervals_and_paired_summary():
+    assert ruler.interval([1, 0, 1, 1])["lo"] == pytest.approx(ruler.stats.wilson(3, 4)[0])
+    frac = ruler.interval([0.5, 0.5, 0.5])  # every prompt alike: still an interval, as wide as for 0/1 scores
+    assert frac["mean"] == 0.5 and (frac["lo"], frac["hi"]) == pytest.approx(ruler.stats.wilson(1.5, 3))
+    assert frac["hi"] - frac["lo"] > 0.5
+    m = ruler.stratified_mean([[1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    assert m["mean"] == pytest.approx(0.75) and m["n"] == 6
+    settings = dict(lengths=[8], factors=[2.0], tasks=["a", "b"], methods=["m"], samples=3)
+    rows = [dict(seed=i, length=8, task=t, method=meth, factor=f, score=sc)
+            for t in ("a", "b") for i in range(3)
+            for meth, f, sc in (("no_press", 1.0, 1.0), ("m", 2.0, float(i == 0)))]
+    (cell,) = ruler.summarize(dict(settings=settings, rows=rows))["cells"]
+    assert cell["methods"]["no_press"]["mean"]["mean"] == 1.0
+    assert cell["vs_no_press"]["m"]["mean"]["diff"] == pytest.approx(-2 / 3)
+    assert cell["vs_no_press"]["m"]["a"]["only_b"] == 2  # McNemar counts for 0/1 tasks
+    assert cell["vs_no_press"]["m"]["mean"]["p"] == pytest.approx(ruler.stats.mcnemar_p(0, 4))  # sign test, 4 of 6 worse
+    assert cell["vs_no_press"]["m"]["mean"]["verdict"] == "no difference shown"  # p = 0.125: too few prompts
+
+
+def _tiny():
+    from tiny import tiny_model
+
+    return tiny_model("llama", seed=0, attn_implementation="sdpa", vocab_size=49152, max_position_embeddings=4096).eval()
+
+
+def test_resume_and_shards_give_the_rows_of_one_run(tok, tmp_path):
+    model = _tiny()
+    grid = ruler.Grid(lengths=(512,), factors=(2.0, 4.0), samples=2, tasks=("niah_single_noise", "vt"),
+                      methods=("knorm", "streaming_llm"))
+    whole = ruler.run_grid(model, tok, grid, progress=False)["rows"]
+    assert len(whole) == 4 * (1 + 2 * 2)
+    key = lambda r: (r["seed"], r["task"], r["method"], r["factor"])  # noqa: E731
+    checkpoint = tmp_path / "ck.json"
+    first = ruler.run_grid(model, tok, ruler.Grid(**{**grid.__dict__, "shard": (0, 2)}), progress=False)
+    checkpoint.write_text(json.dumps(dict(first, settings=ruler.asdict(grid))))
+    resumed = ruler.run_grid(model, tok, grid, progress=False, checkpoint=checkpoint)
+    assert resumed["resumed_prompts"] == 2 and len(resumed["prefill_s"]) == 4  # ran only the prompts it lacked
+    assert sorted(map(key, resumed["rows"])) == sorted(map(key, whole))
+    assert {key(r): r["output"] for r in resumed["rows"]} == {key(r): r["output"] for r in whole}
+    checkpoint.write_text(json.dumps(dict(first, settings=dict(ruler.asdict(grid), samples=9))))
+    with pytest.raises(SystemExit, match="other settings"):
+        ruler.run_grid(model, tok, grid, progress=False, checkpoint=checkpoint)
+
+
+@pytest.mark.slow
+def test_no_press_oracle_answers_short_prompts(smollm):
+    """The real embedded SmolLM2, uncompressed, finds one needle in prose and all four values of a key (the
+    prompts are solvable and the question is fed after the context correctly)."""
+    model, tokenizer = smollm
+    grid = ruler.Grid(lengths=(768,), factors=(2.0,), samples=1, tasks=("niah_single_prose", "niah_multivalue"), methods=("streaming_llm",))
+    rows = ruler.run_grid(model, tokenizer, grid, progress=False)["rows"]
+    oracle = [r for r in rows if r["method"] == "no_press"]
+    assert [r["score"] for r in oracle] == [1.0, 1.0], [r["output"] for r in oracle]
+
+
+def test_lm_eval_tasks_load_offline(tok, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from kvpress_like.integrations.lm_eval import tasks_path
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(tasks_path()), metadata={"pretrained": "smollm2-135m", "samples": 1, "seed": 3})
+    assert {"kvpress_ruler", "kvpress_ruler_2k", "kvpress_ruler_4k", "kvpress_ruler_qa_4k"} <= set(manager.all_tasks)
+    loaded = manager.load(["kvpress_ruler_2k"])
+    assert len(loaded["tasks"]) == len(TASKS) and "kvpress_ruler_2k" in loaded["groups"]
+    task = loaded["tasks"]["kvpress_ruler_vt_2k"]
+    (doc,) = task.test_docs()
+    s = ruler_sample(tok, "vt", 2048, 3)
+    assert doc["answers"] == s.answers and doc["prompt"] == tok.decode(s.context_ids + s.question_ids)
+    assert task.config.generation_kwargs["max_gen_toks"] == s.max_new_tokens
+    assert task.process_results(doc, [" " + ", ".join(s.answers[:2])]) == {"score": 0.4}
