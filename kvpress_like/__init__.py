@@ -28,6 +28,7 @@ _EXPORTS = {
     "uncompressed": ".cache",
     "QFilterPress": ".methods",
     "KnormPress": ".methods",
+    "KeyDiffPress": ".methods",
     "SnapKVPress": ".methods",
     "StreamingLLMPress": ".methods",
     "QFiltersCache": ".qfilters_cache",

@@ -3,6 +3,7 @@
 from kvpress_like.hookspecs import hookimpl
 
 from .expected_attention import ExpectedAttentionPress
+from .keydiff import KeyDiffPress
 from .knorm import KnormPress
 from .qfilters import QFilterPress
 from .snapkv import SnapKVPress
@@ -11,6 +12,7 @@ from .targeted_qfilters import TargetedQFilterPress
 
 __all__ = [
     "ExpectedAttentionPress",
+    "KeyDiffPress",
     "KnormPress",
     "QFilterPress",
     "SnapKVPress",
@@ -21,5 +23,6 @@ __all__ = [
 
 @hookimpl
 def kvpress_like_presses() -> dict[str, type]:
-    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress)
+    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress,
+               KeyDiffPress)
     return {cls.name: cls for cls in builtin}
