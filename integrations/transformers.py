@@ -281,6 +281,7 @@ def _fit_mask(state: _State, attention_mask, query, key):
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     state: _State = module.config._state
     decode = getattr(state.layer, "decode_attention", None) if query.shape[-2] == 1 else None
+    decode = getattr(state.layer, "own_attention", decode)  # a layer that computes every call's attention
     out = None if decode is None else decode(module, query, key, value, **kwargs)
     if out is not None:  # e.g. the static cache: maskless GQA attention over its slots
         if state.callback is not None:

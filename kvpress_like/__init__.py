@@ -29,6 +29,7 @@ _EXPORTS = {
     "QFilterPress": ".methods",
     "KnormPress": ".methods",
     "KeyDiffPress": ".methods",
+    "KVzipPress": ".methods",
     "SnapKVPress": ".methods",
     "StreamingLLMPress": ".methods",
     "QFiltersCache": ".qfilters_cache",

@@ -5,6 +5,7 @@ from kvpress_like.hookspecs import hookimpl
 from .expected_attention import ExpectedAttentionPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .kvzip import KVzipPress
 from .qfilters import QFilterPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
@@ -14,6 +15,7 @@ __all__ = [
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KnormPress",
+    "KVzipPress",
     "QFilterPress",
     "SnapKVPress",
     "StreamingLLMPress",
@@ -24,5 +26,5 @@ __all__ = [
 @hookimpl
 def kvpress_like_presses() -> dict[str, type]:
     builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress,
-               KeyDiffPress)
+               KeyDiffPress, KVzipPress)
     return {cls.name: cls for cls in builtin}
