@@ -155,6 +155,21 @@ class KVzipPress(ScorerPress):
         if self._replaying or self._pending is None:
             return
         (ids, cache), self._pending, self._deferring = self._pending, None, False
+        self.compress(model, cache, ids)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Pressed layers filled or taken over (:meth:`PressedLayer.from_dynamic`) inside this block keep every
+        token; :meth:`compress` then scores and prunes them (an evaluation's shared full prefill)."""
+        before, self._deferring = self._deferring, True
+        try:
+            yield
+        finally:
+            self._deferring = before
+
+    def compress(self, model, cache: Cache, ids: torch.Tensor) -> None:
+        """Score the last ``ids.shape[1]`` tokens of ``cache`` (whose ids are ``ids``) by reconstruction and
+        prune every pressed layer to its target; inside ``press(model, self)``. Earlier tokens keep their scores."""
         layers = [layer for layer in cache.layers if isinstance(layer, PressedLayer)]
         if not layers:
             return
