@@ -356,7 +356,8 @@ def set_cache_layer(module: nn.Module, layer) -> None:
     """Tell a patched module's attention function which cache layer the current call uses.
 
     A layer with a ``decode_attention(module, query, key, value, **kwargs)`` method computes single-query
-    attention itself (returning ``None`` to decline); other layers get the model's implementation.
+    attention itself (returning ``None`` to decline), one with ``own_attention`` (same signature) every call's
+    (KVzip's read-only scoring view); other layers get the model's implementation.
     """
     module.config._state.layer = layer
 
