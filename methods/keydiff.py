@@ -33,6 +33,5 @@ class KeyDiffPress(ScorerPress):
     def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               reading_position: torch.Tensor) -> torch.Tensor:
         unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        live = (positions >= 0).unsqueeze(-1)
-        anchor = (unit * live).sum(-2, keepdim=True) / live.sum(-2, keepdim=True).clamp(min=1)
-        return -(unit * torch.nn.functional.normalize(anchor, dim=-1)).sum(-1)
+        anchor = torch.einsum("bhn,bhnd->bhd", (positions >= 0).to(unit.dtype), unit)  # the mean, up to its length
+        return -torch.einsum("bhnd,bhd->bhn", unit, torch.nn.functional.normalize(anchor, dim=-1))

@@ -134,8 +134,8 @@ class KVzipPress(ScorerPress):
         self._deferring, self._pending = False, None
         cache = cache_argument(kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        tokens = (ids if isinstance(ids, torch.Tensor) else embeds).shape[1]
+        given = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        tokens = given.shape[1] if isinstance(given, torch.Tensor) else 0
         if cache is None or tokens < 2 or (self.ratio == 0 and self.max_cache_tokens is None):
             return
         if any(isinstance(layer, PressedLayer) and not layer.compressing for layer in cache.layers):
