@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     model, tokenizer = load_model(args.model)
     ids = corpus_ids(tokenizer, "prose")[: args.tokens][None]
-    env = environment(command="kvpress-like bench kvzip " + " ".join(sys.argv[1:]))
+    env = environment()
     r = kvzip_cost(model, ids, args.ratio, args.chunk_size, args.repeats)
     med = statistics.median
     lines = [

@@ -62,7 +62,7 @@ class KVzipPress(ScorerPress):
     name = "kvzip"
     prompt: str = "\n\nRepeat the previous context exactly.\n"
     prompt_ids: tuple[int, ...] | None = None
-    chunk_size: int = 1024
+    chunk_size: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -228,22 +228,26 @@ class _ScoringView(PressedLayer):
         hkv, total = key.shape[1], key.shape[2]
         n, g = total - q, hq // hkv
         scale = scaling if scaling is not None else getattr(module, "scaling", d**-0.5)
-        logits = (query.float().reshape(b, hkv, g * q, d) @ key.float().transpose(-1, -2)).view(b, hkv, g, q, total)
-        logits = logits * scale
+        scaled = query.float() * scale  # scaling the queries is cheaper than scaling q x total logits
+        logits = (scaled.reshape(b, hkv, g * q, d) @ key.float().transpose(-1, -2)).view(b, hkv, g, q, total)
         softcap = kwargs.get("softcap")
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
+        # Masks are applied in place and only where needed: the chunk's own causal block always, cached slots
+        # only when some are empty (padding rows are refused) or outside a sliding window.
         qpos = torch.arange(q, device=query.device)
-        visible_own = qpos[None, :] <= qpos[:, None]  # (q, q) causal among the chunk's tokens
-        kpos = self.source.positions[:, :, None, :]  # (b, hkv, 1, n)
-        visible_old = (kpos >= 0).expand(b, hkv, q, n)
+        hidden_own = qpos[None, :] > qpos[:, None]  # (q, q) the chunk's later tokens
+        kpos = self.source.positions[:, :, None, None, :]  # (b, hkv, 1, 1, n)
+        hidden_old = kpos < 0
         window = self.sliding_window
         if window is not None:
-            reading = self.source.seen + qpos[None, None, :, None]
-            visible_old = visible_old & (kpos > reading - window)
-            visible_own = visible_own & (qpos[None, :] > qpos[:, None] - window)
-        visible = torch.cat([visible_old, visible_own.expand(b, hkv, q, q)], dim=-1)[:, :, None]
-        weights = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            reading = self.source.seen + qpos[:, None]  # (q, 1)
+            hidden_old = hidden_old | (kpos <= reading - window)
+            hidden_own = hidden_own | (qpos[None, :] <= qpos[:, None] - window)
+        logits[..., n:].masked_fill_(hidden_own, float("-inf"))
+        if bool(hidden_old.any()):
+            logits[..., :n].masked_fill_(hidden_old, float("-inf"))
+        weights = logits.softmax(dim=-1)
         out = weights.view(b, hkv, g * q, total) @ value.float()
         got = weights[:, :, :, self.n_prompt :, :n].amax(dim=(2, 3))
         idx = self.layer_idx
