@@ -34,6 +34,7 @@ import copy
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from kvpress_like.cache import PressedLayer
 from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.data import passkey_sample
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
+from kvpress_like.methods import KVzipPress
 from kvpress_like.registry import list_presses
 
 from . import stats
@@ -87,6 +89,7 @@ class Prefill:
     cache: DynamicCache
     queries: dict[int, torch.Tensor]
     logits: torch.Tensor
+    ids: torch.Tensor | None = None  # every cached token's id (KVzip re-reads them)
 
 
 def _copy_cache(cache: DynamicCache) -> DynamicCache:
@@ -115,7 +118,7 @@ def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previou
     cache = DynamicCache(config=model.config) if previous is None else _copy_cache(previous.cache)
     with patched_attention(model, full, keep):
         logits = model(ids.to(model.device), **cache_kwargs(cache), logits_to_keep=1).logits[:, -1]
-    return Prefill(cache, queries, logits)
+    return Prefill(cache, queries, logits, ids if previous is None or previous.ids is None else torch.cat([previous.ids, ids], 1))
 
 
 def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
@@ -129,15 +132,21 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     new = _copy_cache(shared.cache)
     if p is None:
         return new
-    for layer in attention_layers(model):
-        idx = layer.layer_idx
-        if layer.sliding or not p.compresses_layer(idx):
-            continue
-        layer_class = HeadwisePressedLayer if is_headwise(p) else PressedLayer  # as press() would adopt it
-        pressed = layer_class.from_dynamic(shared.cache.layers[idx], p, idx)
-        if not p.query_free:
-            pressed.prune_with_queries(layer.module, shared.queries[idx])
-        new.layers[idx] = pressed
+    kvzip = isinstance(p, KVzipPress)  # scores with a reconstruction pass once every layer holds the prompt
+    if kvzip and shared.ids is None:
+        raise ValueError("KVzipPress re-reads the prompt: the shared prefill must record its ids (Prefill.ids).")
+    with p.deferred() if kvzip else nullcontext():
+        for layer in attention_layers(model):
+            idx = layer.layer_idx
+            if layer.sliding or not p.compresses_layer(idx):
+                continue
+            layer_class = HeadwisePressedLayer if is_headwise(p) else PressedLayer  # as press() would adopt it
+            pressed = layer_class.from_dynamic(shared.cache.layers[idx], p, idx)
+            if not p.query_free:
+                pressed.prune_with_queries(layer.module, shared.queries[idx])
+            new.layers[idx] = pressed
+    if kvzip:
+        p.compress(model, new, shared.ids.to(model.device))
     return new
 
 

@@ -194,6 +194,7 @@ def press(
             stack.callback(handle.remove)
         handle = model.register_forward_pre_hook(check_call, with_kwargs=True)
         stack.callback(handle.remove)
+        stack.enter_context(p.attach(model))
         chunk = p.prefill_chunk_size
         if chunk is not None and generation_config is not None:
             stack.callback(setattr, generation_config, "prefill_chunk_size", generation_config.prefill_chunk_size)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvpress_like.cache_api import CACHE_KEYWORDS, cache_argument, cache_keyword, cache_kwargs  # noqa: F401 (re-exported)
 from kvpress_like.masks import align_mask, positions_mask
 
 ATTENTION_NAME = "kvpress_like"
@@ -43,8 +44,6 @@ class AttentionLayer:
     sliding: bool
 
 
-#: keywords under which an attention module's forward takes its layer's cache
-CACHE_KEYWORDS = ("cache", "past_key_values", "layer_past")
 #: inputs that only cross-attention takes (its keys come from another sequence, not from a growing cache)
 CROSS_INPUTS = ("cross_attention_states", "encoder_hidden_states")
 
@@ -240,6 +239,7 @@ def _fit_mask(state: _State, attention_mask, query, key):
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     state: _State = module.config._state
     decode = getattr(state.layer, "decode_attention", None) if query.shape[-2] == 1 else None
+    decode = getattr(state.layer, "own_attention", decode)  # a layer that computes every call's attention
     out = None if decode is None else decode(module, query, key, value, **kwargs)
     if out is not None:  # e.g. the static cache: maskless GQA attention over its slots
         if state.callback is not None:
@@ -314,7 +314,8 @@ def set_cache_layer(module: nn.Module, layer) -> None:
     """Tell a patched module's attention function which cache layer the current call uses.
 
     A layer with a ``decode_attention(module, query, key, value, **kwargs)`` method computes single-query
-    attention itself (returning ``None`` to decline); other layers get the model's implementation.
+    attention itself (returning ``None`` to decline), one with ``own_attention`` (same signature) every call's
+    (KVzip's read-only scoring view); other layers get the model's implementation.
     """
     module.config._state.layer = layer
 
@@ -322,25 +323,3 @@ def set_cache_layer(module: nn.Module, layer) -> None:
 def cache_layer(module: nn.Module):
     """The cache layer :func:`set_cache_layer` gave a patched module for its current call (or None)."""
     return module.config._state.layer
-
-
-def cache_argument(kwargs: dict):
-    """The cache passed to an attention module (one of :data:`CACHE_KEYWORDS`), or None."""
-    return next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
-
-
-@functools.cache
-def cache_keyword() -> str:
-    """Keyword under which models' ``forward()`` and ``generate()`` take a cache in the installed transformers.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns (FutureWarning) on the old name.
-    """
-    import transformers
-    from packaging.version import Version
-
-    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
-
-
-def cache_kwargs(cache) -> dict:
-    """``{keyword: cache}`` for ``model(**inputs, **cache_kwargs(cache))`` or ``model.generate(...)``."""
-    return {cache_keyword(): cache}

@@ -28,6 +28,8 @@ _EXPORTS = {
     "uncompressed": ".cache",
     "QFilterPress": ".methods",
     "KnormPress": ".methods",
+    "KeyDiffPress": ".methods",
+    "KVzipPress": ".methods",
     "SnapKVPress": ".methods",
     "StreamingLLMPress": ".methods",
     "QFiltersCache": ".methods.qfilters_cache",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -95,6 +96,11 @@ class Press(ABC):
     def prepare(self, model) -> None:
         """Called by :func:`kvpress_like.press` on entry: check the model fits (raise ``ValueError``), load
         per-model data such as Q-Filters."""
+
+    def attach(self, model) -> AbstractContextManager:
+        """Entered by :func:`kvpress_like.press` after :meth:`prepare`, exited with it: for presses that act
+        around whole model calls (KVzip's reconstruction pass after each prefill). The default does nothing."""
+        return nullcontext()
 
     def compresses_layer(self, layer_idx: int) -> bool:
         """Whether the full-attention layer ``layer_idx`` is compressed at all."""

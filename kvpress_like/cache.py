@@ -506,6 +506,18 @@ class PressedLayer(SlotStore):
         keep = self.press.select(scores, self.positions, self.seen, target)
         self._store(self.keys, self.values, self.positions, None, keep)
 
+    def prune_by(self, scores: torch.Tensor) -> None:
+        """Evict down to the press's target now, ranking the slots by ``scores`` ``(batch, kv_heads, slots)``
+        (higher kept), which also become their stored scores: for presses that score after a call (KVzip)."""
+        reading = self.seen if self.rows is None else self.rows.view(-1, 1, 1)
+        live = self._live_positions(self.positions, reading)
+        scores = scores.float().masked_fill(live < 0, float("-inf"))
+        if self._score is not None:
+            self._score[:, :, : self.n] = scores
+        targets = self._row_targets(reading, decoding=False)
+        if targets is not None and any(self.n > t for t in targets):
+            self._store(self.keys, self.values, self.positions, scores, self._select(scores, live, reading, targets))
+
     # -- masks ---------------------------------------------------------------------------------------
     def wants_own_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> bool:
         """Whether transformers' causal mask cannot describe what the last call's keys may see."""

@@ -4,7 +4,9 @@ from kvpress_like.hookspecs import hookimpl
 
 from .adaptive import AdaptivePress
 from .expected_attention import ExpectedAttentionPress
+from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .kvzip import KVzipPress
 from .qfilters import QFilterPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
@@ -13,7 +15,9 @@ from .targeted_qfilters import TargetedQFilterPress
 __all__ = [
     "AdaptivePress",
     "ExpectedAttentionPress",
+    "KeyDiffPress",
     "KnormPress",
+    "KVzipPress",
     "QFilterPress",
     "SnapKVPress",
     "StreamingLLMPress",
@@ -23,5 +27,6 @@ __all__ = [
 
 @hookimpl
 def kvpress_like_presses() -> dict[str, type]:
-    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress, AdaptivePress)
+    builtin = (QFilterPress, KnormPress, SnapKVPress, StreamingLLMPress, TargetedQFilterPress, ExpectedAttentionPress,
+               AdaptivePress, KeyDiffPress, KVzipPress)
     return {cls.name: cls for cls in builtin}

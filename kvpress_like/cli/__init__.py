@@ -42,6 +42,7 @@ BENCHMARKS = {
     "gpu-decode": ("kvpress_like.evaluations.gpu_decode", "static compressed cache + torch.compile decode on GPU"),
     "throughput": ("kvpress_like.evaluations.throughput", "decode tokens/s, full vs compressed, batch x context, vs the byte bound"),
     "kvpress": ("kvpress_like.evaluations.kvpress_compare", "side by side with NVIDIA kvpress (separate venv)"),
+    "kvzip": ("kvpress_like.evaluations.kvzip_cost", "KVzip reconstruction pass vs a plain prefill (time ratio)"),
 }
 GROUPS = {"eval": EVALUATIONS, "bench": BENCHMARKS}
 

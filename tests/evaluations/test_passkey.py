@@ -34,6 +34,8 @@ def _press(name: str, stats_dir, **settings):
     cls = press_class(name)
     if name == "qfilters":
         settings["filters"] = FILTERS
+    elif name == "kvzip":  # the byte model has no tokenizer for the repeat prompt
+        settings["prompt_ids"] = tuple(b"\n\nRepeat the previous context exactly.\n")
     elif dataclasses.is_dataclass(cls) and "stats" in {f.name for f in dataclasses.fields(cls)}:
         settings["stats"] = stats_dir
     return cls(**settings)

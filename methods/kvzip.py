@@ -1,0 +1,268 @@
+"""KVzip (Kim et al., 2025, arXiv 2505.23416): keep what the model needs to reconstruct its context.
+
+Query-agnostic scores, made for compress once, ask many. After a multi-token call (a prefill, a prefill
+chunk, a chat's next turn) has gone into the cache *uncompressed*, the model re-reads that call's tokens,
+teacher-forced, after a repeat prompt: ``prompt + tokens`` at the positions following the context. A
+cached pair's score is the largest attention weight it receives from any re-read token's query of any
+query head of its KV-head group, the softmax running over the cached keys and the reconstruction's own
+causal keys (as in the paper). Each layer then keeps its ``target`` best pairs per KV head (sinks and
+window protected, as every :class:`~kvpress_like.base.ScorerPress`).
+
+The reconstruction runs in chunks of ``chunk_size`` tokens, each ``prompt + chunk`` attending to the whole
+cache and to itself (never to another chunk's tokens, which are not cached), so its peak memory is the
+chunk's attention weights, ``query heads x (prompt + chunk) x (cached + prompt + chunk)`` floats per layer,
+and only a per-key running maximum is kept. Its tokens never enter the user's cache: each layer is read
+through a view (:class:`_ScoringView`) that returns the cached keys plus the chunk's and stores nothing.
+Its cost is one more forward pass over the call's tokens with explicit attention weights, which
+``evaluations/kvzip_cost.py`` measures against a plain prefill.
+
+Rules beyond the paper (which scores one context and does not evict while decoding):
+
+* tokens that entered the cache in an earlier call keep the scores their own call's reconstruction gave;
+* tokens decoded one at a time (and question tokens added under :func:`kvpress_like.uncompressed`) are
+  not reconstructed: they score ``2 + position``, above any attention weight, so a decoding budget evicts
+  the least-needed context first and then the oldest decoded tokens (StreamingLLM among them);
+* sliding-window layers keep what their window keeps (their window bounds them already).
+
+It needs :func:`kvpress_like.press` (the reconstruction is a model call), the tokens' ids (not
+``inputs_embeds``) and rows that are not padded; the static cache is refused.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from copy import copy
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvpress_like.base import ScorerPress
+from kvpress_like.cache import PressedLayer
+from kvpress_like.cache_api import cache_argument, cache_kwargs
+from kvpress_like.static import StaticPressedCache
+
+__all__ = ["KVzipPress", "reconstruction_scores"]
+
+#: Score of a token no reconstruction has scored (decoded tokens): above every attention weight, older lower.
+UNSCORED_OFFSET = 2.0
+
+
+@dataclass
+class KVzipPress(ScorerPress):
+    """Keep the pairs that receive the most attention when the model repeats its context.
+
+    Args:
+        prompt: the repeat instruction the re-read tokens follow (tokenized with the model's tokenizer).
+        prompt_ids: its token ids, for a model whose tokenizer cannot be found from its ``name_or_path``.
+        chunk_size: re-read tokens per reconstruction chunk (bounds the pass's memory).
+    """
+
+    name = "kvzip"
+    prompt: str = "\n\nRepeat the previous context exactly.\n"
+    prompt_ids: tuple[int, ...] | None = None
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"KVzipPress(chunk_size=...) must be a positive integer, got {self.chunk_size!r}.")
+        if self.prompt_ids is not None:
+            if isinstance(self.prompt_ids, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.prompt_ids
+            ):
+                raise ValueError(f"KVzipPress(prompt_ids=...) must be a sequence of token ids, got {self.prompt_ids!r}.")
+            self.prompt_ids = tuple(self.prompt_ids)
+        self._ids: tuple[int, ...] | None = self.prompt_ids
+        self._attached = 0
+        self._deferring = False  # a multi-token call is going in uncompressed; it is scored after the call
+        self._replaying = False  # the reconstruction pass is running
+        self._pending: tuple[torch.Tensor, Cache] | None = None
+
+    # -- the press contract ------------------------------------------------------------------------------
+    def prepare(self, model) -> None:
+        if self._ids is not None:
+            return
+        from transformers import AutoTokenizer
+
+        from kvpress_like.models import EMBEDDED_MODELS, _materialize
+
+        name = str(getattr(model.config, "_name_or_path", "") or "")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(_materialize(name)) if name in EMBEDDED_MODELS else name)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"KVzipPress needs its repeat prompt's token ids and found no tokenizer for {name or 'this model'!r} "
+                f"({type(err).__name__}); pass KVzipPress(prompt_ids=tokenizer(prompt, add_special_tokens=False)"
+                ".input_ids)."
+            ) from None
+        self._ids = tuple(tokenizer(self.prompt, add_special_tokens=False)["input_ids"])
+
+    def target_size(self, seen: int, decoding: bool) -> int | None:
+        return None if self._deferring else super().target_size(seen, decoding)
+
+    def score(self, layer_idx, keys, values, positions, reading_position) -> torch.Tensor:
+        """Entry scores, for tokens no reconstruction scores (decoded tokens); a call's reconstruction
+        replaces them for the tokens it re-read."""
+        if not self._attached:
+            raise ValueError(
+                "KVzipPress scores with a reconstruction pass of the model: use it as `with press(model, "
+                "KVzipPress(...))`, not in a bare PressedCache."
+            )
+        return UNSCORED_OFFSET + positions.float()
+
+    @contextmanager
+    def attach(self, model) -> Iterator[None]:
+        handles = [
+            model.register_forward_pre_hook(self._before_call, with_kwargs=True),
+            model.register_forward_hook(self._after_call, with_kwargs=True),
+        ]
+        self._attached += 1
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._attached -= 1
+            self._deferring, self._pending = False, None
+
+    # -- around each model call ----------------------------------------------------------------------------
+    def _before_call(self, model, args: tuple, kwargs: dict) -> None:
+        if self._replaying:
+            return
+        self._deferring, self._pending = False, None
+        cache = cache_argument(kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        given = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        tokens = given.shape[1] if isinstance(given, torch.Tensor) else 0
+        if cache is None or tokens < 2 or (self.ratio == 0 and self.max_cache_tokens is None):
+            return
+        if any(isinstance(layer, PressedLayer) and not layer.compressing for layer in cache.layers):
+            return  # inside uncompressed(cache): nothing is evicted, nothing to score
+        if isinstance(cache, StaticPressedCache):
+            raise ValueError("KVzipPress scores after each prefill with a reconstruction pass, which the static cache "
+                             "does not run; use press(model, KVzipPress(...)) with static=False.")
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError("KVzipPress re-reads the context's token ids; call the model with input_ids, not inputs_embeds.")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError("KVzipPress re-reads each prompt after a repeat instruction and does not re-read padded "
+                             "batches; run padded prompts one at a time.")
+        self._deferring, self._pending = True, (ids, cache)
+
+    def _after_call(self, model, args: tuple, kwargs: dict, output) -> None:
+        if self._replaying or self._pending is None:
+            return
+        (ids, cache), self._pending, self._deferring = self._pending, None, False
+        self.compress(model, cache, ids)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Pressed layers filled or taken over (:meth:`PressedLayer.from_dynamic`) inside this block keep every
+        token; :meth:`compress` then scores and prunes them (an evaluation's shared full prefill)."""
+        before, self._deferring = self._deferring, True
+        try:
+            yield
+        finally:
+            self._deferring = before
+
+    def compress(self, model, cache: Cache, ids: torch.Tensor) -> None:
+        """Score the last ``ids.shape[1]`` tokens of ``cache`` (whose ids are ``ids``) by reconstruction and
+        prune every pressed layer to its target; inside ``press(model, self)``. Earlier tokens keep their scores."""
+        layers = [layer for layer in cache.layers if isinstance(layer, PressedLayer)]
+        if not layers:
+            return
+        scores = reconstruction_scores(model, cache, ids, self)
+        q = ids.shape[1]
+        for layer in layers:
+            new = layer.positions >= layer.seen - q
+            layer.prune_by(torch.where(new, scores[layer.layer_idx], layer.scores))
+
+
+def reconstruction_scores(model, cache: Cache, ids: torch.Tensor, p: KVzipPress) -> dict[int, torch.Tensor]:
+    """Per pressed layer of ``cache``: ``(batch, kv_heads, slots)`` maximum attention each cached pair gets
+    while the model re-reads ``ids`` (the last ``ids.shape[1]`` tokens of the cache) after ``p``'s prompt, in
+    chunks of ``p.chunk_size`` (see the module docstring). ``cache`` is read, never written."""
+    if p._ids is None:
+        raise ValueError("KVzipPress has no prompt ids yet: call prepare(model) (press() does) first.")
+    best: dict[int, torch.Tensor] = {}
+    batch, start = ids.shape[0], cache.get_seq_length()
+    prompt = torch.tensor(p._ids, dtype=ids.dtype, device=ids.device).expand(batch, -1)
+    replaying, p._replaying = p._replaying, True
+    try:
+        with torch.no_grad():
+            for lo in range(0, ids.shape[1], p.chunk_size):
+                chunk = torch.cat([prompt, ids[:, lo : lo + p.chunk_size]], dim=1)
+                positions = torch.arange(start, start + chunk.shape[1], device=ids.device).expand(batch, -1)
+                replay = _ReplayCache(cache, prompt.shape[1], best)
+                model(chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(replay))
+    finally:
+        p._replaying = replaying
+    return best
+
+
+class _ScoringView(PressedLayer):
+    """A pressed layer read for the reconstruction: its keys plus the chunk's, nothing stored; computes the
+    chunk's attention itself (``own_attention``) to record each cached key's largest weight."""
+
+    def __init__(self, source: PressedLayer, n_prompt: int, best: dict[int, torch.Tensor]):
+        super().__init__(source.press, source.layer_idx, source.sliding_window)
+        self.source, self.n_prompt, self.best = source, n_prompt, best
+        self.is_initialized = True
+
+    def begin_call(self, valid) -> None:
+        pass
+
+    def get_seq_length(self) -> int:
+        return self.source.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.source.n + query_length, self.source.seen - self.source.n
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.source.keys, key_states], dim=-2), torch.cat([self.source.values, value_states], dim=-2)
+
+    def own_attention(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+        b, hq, q, d = query.shape
+        hkv, total = key.shape[1], key.shape[2]
+        n, g = total - q, hq // hkv
+        scale = scaling if scaling is not None else getattr(module, "scaling", d**-0.5)
+        scaled = query.float() * scale  # scaling the queries is cheaper than scaling q x total logits
+        logits = (scaled.reshape(b, hkv, g * q, d) @ key.float().transpose(-1, -2)).view(b, hkv, g, q, total)
+        softcap = kwargs.get("softcap")
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        # Masks are applied in place and only where needed: the chunk's own causal block always, cached slots
+        # only when some are empty (padding rows are refused) or outside a sliding window.
+        qpos = torch.arange(q, device=query.device)
+        hidden_own = qpos[None, :] > qpos[:, None]  # (q, q) the chunk's later tokens
+        kpos = self.source.positions[:, :, None, None, :]  # (b, hkv, 1, 1, n)
+        hidden_old = kpos < 0
+        window = self.sliding_window
+        if window is not None:
+            reading = self.source.seen + qpos[:, None]  # (q, 1)
+            hidden_old = hidden_old | (kpos <= reading - window)
+            hidden_own = hidden_own | (qpos[None, :] <= qpos[:, None] - window)
+        logits[..., n:].masked_fill_(hidden_own, float("-inf"))
+        if bool(hidden_old.any()):
+            logits[..., :n].masked_fill_(hidden_old, float("-inf"))
+        weights = logits.softmax(dim=-1)
+        out = weights.view(b, hkv, g * q, total) @ value.float()
+        got = weights[:, :, :, self.n_prompt :, :n].amax(dim=(2, 3))
+        idx = self.layer_idx
+        self.best[idx] = got if idx not in self.best else torch.maximum(self.best[idx], got)
+        return out.view(b, hq, q, -1).transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+class _ReplayCache(Cache):
+    """The user's cache as the reconstruction sees it: pressed layers through :class:`_ScoringView`, plain
+    ones (skipped, or sliding layers bounded by their window) as shallow copies whose updates rebind new
+    tensors, leaving the originals as they were."""
+
+    def __init__(self, source: Cache, n_prompt: int, best: dict[int, torch.Tensor]):
+        layers = [
+            _ScoringView(layer, n_prompt, best) if isinstance(layer, PressedLayer) else copy(layer)
+            for layer in source.layers
+        ]
+        super().__init__(layers=layers)

@@ -1,0 +1,182 @@
+"""KVzip: reconstruction scores computed by hand, pruning equals masking, and a pass that leaves no trace."""
+
+import pytest
+import torch
+from helpers import pressed_and_reference
+from transformers import DynamicCache
+
+from kvpress_like import KVzipPress, PressedCache, PressedLayer, get_press, press
+from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.methods.kvzip import reconstruction_scores
+from tiny import tiny_model
+
+PROMPT = (5, 6, 7)
+
+
+def _ids(batch, length, seed=0):
+    return torch.randint(8, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _by_hand(model, ids, chunk):
+    """Max attention weight per (layer, KV head, context token), from plain eager forwards of
+    ``context + prompt + chunk`` (no press, no cache), over the chunk's rows, the group's heads and the chunks."""
+    n, hkv = ids.shape[1], model.config.num_key_value_heads
+    best = {}
+    for lo in range(0, n, chunk):
+        part = ids[:, lo : lo + chunk]
+        seq = torch.cat([ids, torch.tensor([PROMPT]).expand(ids.shape[0], -1), part], dim=1)
+        with torch.no_grad():
+            attentions = model(seq, output_attentions=True, use_cache=False).attentions
+        for layer, att in enumerate(attentions):  # (batch, query heads, tokens, tokens)
+            rows = att[:, :, n + len(PROMPT) :, :n]
+            got = rows.reshape(ids.shape[0], hkv, -1, n).amax(2)
+            best[layer] = got if layer not in best else torch.maximum(best[layer], got)
+    return best
+
+
+@pytest.mark.parametrize("chunk", [64, 24, 7], ids=["one-chunk", "exact-chunk", "chunks-of-7"])
+def test_scores_are_the_largest_reconstruction_attention_computed_by_hand(chunk):
+    """Chunks re-read independently (the paper's chunked scoring): each sees the cache and itself only, so
+    chunks of 7 give the maximum over three separate forwards, and a chunk as long as the context the
+    unchunked scores."""
+    model = tiny_model("llama", attn_implementation="eager")
+    ids = _ids(2, 24)
+    p = KVzipPress(prompt_ids=PROMPT, chunk_size=chunk)  # ratio 0: the prefill keeps everything
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(ids, **cache_kwargs(cache))
+        got = reconstruction_scores(model, cache, ids, p)
+    want = _by_hand(model, ids, chunk)
+    assert set(got) == set(want)
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize(
+    "settings, chunked",
+    [
+        (dict(ratio=0.5), False),
+        (dict(ratio=0.5, chunk_size=8), False),  # reconstruction in chunks
+        (dict(ratio=0.5), True),  # prefill in chunks: each chunk is re-read and pruned with the kept tokens
+        (dict(max_cache_tokens=12, n_sink=1, window=2), False),  # decoding budget after compression
+        (dict(ratio=0.5, decoding=True, window=2), False),
+        (dict(ratio=0.75, skip_layers=(0,)), False),
+    ],
+    ids=["prefill", "reconstruction-chunks", "prefill-chunks", "budget", "ratio-decoding", "skip-layer"],
+)
+def test_pruning_equals_masking(arch, settings, chunked):
+    model, reference = tiny_model(arch, seed=1), tiny_model(arch, seed=1)
+    g = torch.Generator().manual_seed(1)
+    calls = [torch.randint(8, 100, (2, 30), generator=g)]
+    calls += [torch.randint(8, 100, (2, 1), generator=g) for _ in range(10)]
+    calls += [torch.randint(8, 100, (2, 5), generator=g), torch.randint(8, 100, (2, 1), generator=g)]
+    if chunked:
+        calls = [calls[0][:, i : i + 8] for i in range(0, 30, 8)] + calls[1:]
+    p = KVzipPress(prompt_ids=PROMPT, **settings)
+    pressed, expected, cache = pressed_and_reference(model, reference, p, calls)
+    for i, (a, b) in enumerate(zip(pressed, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
+    full = [layer for layer in cache.layers if isinstance(layer, PressedLayer) and layer.sliding_window is None]
+    assert full and all(layer.n < 30 for layer in full), "the context was not compressed"
+    if "max_cache_tokens" in settings:
+        assert {layer.n for layer in full} == {12}
+
+
+def test_keeping_everything_is_identical_to_no_press():
+    model = tiny_model("llama", attn_implementation="sdpa")
+    ids = _ids(2, 20)
+    gen = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = model.generate(ids, **gen)
+        with press(model, KVzipPress(prompt_ids=PROMPT)):
+            pressed = model.generate(ids, **gen)
+    assert torch.equal(plain.sequences, pressed.sequences)
+    for a, b in zip(plain.logits, pressed.logits):
+        assert torch.equal(a, b)
+
+
+def _state(model):
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    configs = [type(m.__dict__.get("config")).__name__ for m in model.modules()]
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict(), hooks, configs
+
+
+def _layer_state(layer):
+    if isinstance(layer, PressedLayer):
+        return [t.clone() for t in (layer.keys, layer.values, layer.positions, layer.scores)] + [layer.n, layer.seen]
+    return [layer.keys.clone(), layer.values.clone(), layer.get_seq_length()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("arch, settings", [("llama", dict(ratio=0.5, skip_layers=(1,))), ("gemma3", dict(ratio=0.5))])
+def test_reconstruction_leaves_model_and_cache_untouched(arch, settings):
+    model = tiny_model(arch)
+    ids = _ids(1, 24)
+    p = KVzipPress(prompt_ids=PROMPT, chunk_size=10, **settings)
+    params, config, hooks, configs = _state(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(ids, **cache_kwargs(cache))
+        inside = _state(model)
+        before = [_layer_state(layer) for layer in cache.layers]
+        reconstruction_scores(model, cache, ids[:, -10:], p)
+        after = [_layer_state(layer) for layer in cache.layers]
+        assert all(_same(a, b) for a, b in zip(before, after)), "the reconstruction wrote into the user's cache"
+        again = _state(model)
+        assert _same(inside[0].values(), again[0].values()) and inside[1:] == again[1:]
+    final = _state(model)
+    assert _same(params.values(), final[0].values()) and (config, hooks, configs) == final[1:]
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    assert "PressedLayer" in kinds and (arch == "gemma3") == ("DynamicSlidingWindowLayer" in kinds)
+
+
+def test_refusals_are_clear():
+    model = tiny_model("llama")
+    ids, mask = _ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad(), press(model, KVzipPress(ratio=0.5, prompt_ids=PROMPT)):
+        with pytest.raises(ValueError, match="one at a time"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+        with pytest.raises(ValueError, match="input_ids, not inputs_embeds"):
+            model(inputs_embeds=model.get_input_embeddings()(ids), **cache_kwargs(DynamicCache(config=model.config)))
+    with pytest.raises(ValueError, match="static=False"):
+        with torch.no_grad(), press(model, KVzipPress(max_cache_tokens=8, prompt_ids=PROMPT), static=True, compile=False):
+            model.generate(ids[:1], max_new_tokens=2)
+    with pytest.raises(ValueError, match="not in a bare PressedCache"):
+        with torch.no_grad():
+            model(ids, **cache_kwargs(PressedCache(KVzipPress(ratio=0.5, prompt_ids=PROMPT))))
+    with pytest.raises(ValueError, match="found no tokenizer"):
+        with press(model, KVzipPress(ratio=0.5)):
+            pass
+    with pytest.raises(ValueError, match="chunk_size"):
+        KVzipPress(chunk_size=0)
+    assert isinstance(get_press("kvzip", ratio=0.5), KVzipPress)
+
+
+def test_pipeline_and_generate_by_name(tiny_model_dir):
+    """The kvpress-qa pipeline finds KVzip by name and answers as press() + generate() by hand do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    import kvpress_like.integrations.pipeline  # noqa: F401  (registers the task)
+    from kvpress_like import uncompressed
+    from kvpress_like.data import offline_corpus
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pipe = pipeline("kvpress-qa", model=model, tokenizer=tokenizer, device="cpu")
+    context, question, gen = offline_corpus()[:800], "What is this text about?", dict(max_new_tokens=6, do_sample=False)
+    out = pipe(context, question=question, press="kvzip", ratio=0.75, **gen)
+    context_ids, (question_ids,) = pipe.encode(context, [question])
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, "kvzip", ratio=0.75):
+        model(context_ids, **cache_kwargs(cache))
+        kept = cache.layers[0].n
+        ids = torch.cat([context_ids, question_ids], dim=1)
+        with uncompressed(cache):
+            by_hand = model.generate(ids, **cache_kwargs(cache), **gen)
+    assert out["answer"] == tokenizer.decode(by_hand[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert kept == context_ids.shape[1] - int(0.75 * context_ids.shape[1])
