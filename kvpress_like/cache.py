@@ -516,7 +516,10 @@ class PressedLayer(SlotStore):
             self._score[:, :, : self.n] = scores
         targets = self._row_targets(reading, decoding=False)
         if targets is not None and any(self.n > t for t in targets):
-            self._store(self.keys, self.values, self.positions, scores, self._select(scores, live, reading, targets))
+            keep, widths = self._select(scores, live, reading, targets)
+            if self.row_slots is not None:  # padded rows: each keeps what it selected
+                self.row_slots = torch.minimum(torch.tensor(widths, device=self.row_slots.device), self.row_slots)
+            self._store(self.keys, self.values, self.positions, scores, keep)
 
     # -- masks ---------------------------------------------------------------------------------------
     def wants_own_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> bool:
