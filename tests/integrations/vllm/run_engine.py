@@ -1,0 +1,46 @@
+"""Run one vLLM engine in a fresh process and print its results as JSON (tests compare engines this way:
+vLLM keeps per-process global state, so a second engine cannot be started and shut down beside the first).
+
+Input (argv[1], JSON): model, engine (LLM keyword arguments), prompts (token-id lists), sampling (one
+SamplingParams keyword dict per prompt). Output (last stdout line, JSON): tokens and logprobs per prompt, and,
+when the engine core runs in this process, the plugin's kept positions per prompt and layer.
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(sys.argv[1])
+    llm = LLM(model=spec["model"], **spec["engine"])
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
+        [SamplingParams(**s) for s in spec["sampling"]],
+        use_tqdm=False,
+    )
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "logprobs": [
+            None if o.outputs[0].logprobs is None
+            else [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+            for o in outs
+        ],
+    }
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    if core is not None:
+        from kvpress_like.integrations.vllm.patches import runner_state
+
+        state = runner_state(core.model_executor.driver_worker.worker.model_runner)
+        if state is not None:
+            result["kept"] = [
+                {layer: k.tolist() for layer, k in state.kept[o.request_id].items()} if o.request_id in state.kept else None
+                for o in outs
+            ]
+    print("RESULT", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
