@@ -34,9 +34,10 @@ def main() -> None:
         from kvpress_like.integrations.vllm.patches import runner_state
 
         state = runner_state(core.model_executor.driver_worker.worker.model_runner)
-        if state is not None:
+        if state is not None:  # the engine core suffixes request ids: "<id>-<random>"
+            by_id = {internal.rsplit("-", 1)[0]: kept for internal, kept in state.kept.items()}
             result["kept"] = [
-                {layer: k.tolist() for layer, k in state.kept[o.request_id].items()} if o.request_id in state.kept else None
+                {layer: k.tolist() for layer, k in by_id[o.request_id].items()} if o.request_id in by_id else None
                 for o in outs
             ]
     print("RESULT", json.dumps(result))
