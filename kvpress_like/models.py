@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "load_model", "model_identity", "head_dim", "kv_heads"]
+__all__ = ["EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "load_model", "model_path", "model_identity", "head_dim", "kv_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ def _materialize(name: str) -> Path:
     return target
 
 
+def model_path(name_or_path: str = DEFAULT_MODEL) -> str:
+    """A directory other engines can load (e.g. vLLM): an embedded model's safetensors copy, made once;
+    any other name or path is returned as given."""
+    return str(_materialize(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -91,7 +97,7 @@ def load_model(
     """``(model, tokenizer)`` for an embedded name, a local directory or (online) a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(_materialize(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
+    path = model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
