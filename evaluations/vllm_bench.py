@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--kv-mib", type=int, default=256, help="KV cache space of the engine, MiB")
+    parser.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's, 128 on CPU); "
+                        "smaller blocks let a compressed request hold less")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the scheduler's running queue
@@ -62,7 +64,7 @@ def main() -> None:
     samples = [passkey_sample(tokenizer, args.context_tokens, depth=(i + 0.5) / args.requests, seed=i) for i in range(args.requests)]
     prompts = [s.context_ids[0].tolist() + s.question_ids[0].tolist() for s in samples]
     llm = LLM(model=path, dtype=args.dtype, max_model_len=args.context_tokens + 256, enable_prefix_caching=False,
-              enforce_eager=True, kv_cache_memory_bytes=args.kv_mib << 20, additional_config={"kvpress_like": {}})
+              enforce_eager=True, block_size=args.block_size, kv_cache_memory_bytes=args.kv_mib << 20, additional_config={"kvpress_like": {}})
     settings = {"press": args.press, "ratio": 1 - 1 / args.compression, "window": args.window}
     label = f"{args.press} x{args.compression:g}"
     results = {}
@@ -70,9 +72,9 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0,
                                 extra_args={"kvpress_like": extra})
         results[name] = run(llm, prompts, params)
-    blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    cache = llm.llm_engine.vllm_config.cache_config
     print(f"{args.model} {args.dtype}, {args.requests} requests of {len(prompts[0])} prompt tokens + {args.new_tokens} "
-          f"new, KV space {args.kv_mib} MiB = {blocks} blocks, {os.cpu_count()} CPUs")
+          f"new, KV space {args.kv_mib} MiB = {cache.num_gpu_blocks} blocks of {cache.block_size}, {os.cpu_count()} CPUs")
     print(f"{'':>14} {'peak running':>12} {'mean running':>12} {'steps':>6} {'wall s':>7} {'out tok/s':>9}  pass-key correct [95% CI]")
     for name, r in results.items():
         correct = sum(s.answer in text for s, text in zip(samples, r["texts"]))

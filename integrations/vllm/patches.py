@@ -33,7 +33,7 @@ from .settings import engine_settings, kept_count, press_from_settings, request_
 
 __all__ = ["TESTED_VERSIONS", "check_vllm_internals", "install", "runner_state", "scheduler_state"]
 
-log = logging.getLogger("kvpress_like.vllm")
+log = logging.getLogger("vllm.kvpress_like")  # under vLLM's logger: printed with its INFO lines
 
 #: vLLM releases the patches were written and tested against (major.minor prefixes).
 TESTED_VERSIONS = ("0.32.",)
@@ -363,6 +363,8 @@ class RunnerState:
         while len(self.kept) > 256:  # diagnostics of the latest requests only
             self.kept.pop(next(iter(self.kept)))
         self.seconds.append(time.perf_counter() - start)
+        log.info("kvpress_like: request %s compressed by %s: kept %d of %d pairs per (layer, KV head), %d blocks "
+                 "released, %.2f s", req_id, type(press).__name__, keep_n, n, dropped // self.block_size, self.seconds[-1])
 
 
 def load_hf_model(path: str):

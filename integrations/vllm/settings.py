@@ -31,10 +31,16 @@ def engine_settings(vllm_config) -> dict | None:
 
 
 def request_settings(engine: dict, sampling_params) -> dict:
-    """A request's settings: ``extra_args[CONFIG_KEY]`` when given (``None`` there: uncompressed), else the engine's."""
+    """A request's settings: ``extra_args[CONFIG_KEY]`` when given (a dict, its JSON text, or ``None``/``"null"``:
+    uncompressed), else the engine's."""
     extra = getattr(sampling_params, "extra_args", None) or {}
     if CONFIG_KEY in extra:
         settings = extra[CONFIG_KEY]
+        if isinstance(settings, str):  # the OpenAI server's vllm_xargs carry no nested dicts: JSON text instead
+            try:
+                settings = json.loads(settings)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"extra_args[{CONFIG_KEY!r}] is not JSON ({err}): {settings!r}") from err
         if settings is not None and not isinstance(settings, dict):
             raise TypeError(f"extra_args[{CONFIG_KEY!r}] must be a dict or None, got {settings!r}")
         return settings or {}

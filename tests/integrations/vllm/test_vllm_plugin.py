@@ -7,11 +7,13 @@ blocks, so the kept count equals ``press()``'s and the kept sets can be compared
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -154,6 +156,7 @@ def test_ratio_zero_and_uncompressed_requests_are_bit_identical_to_stock_vllm(en
         generate(engine, prompts, params({"press": "knorm", "ratio": 0.0})),
         generate(engine, prompts, params(None)),
         generate(engine, prompts, params()),  # engine default: no press
+        generate(engine, prompts, params("null")),  # JSON text, as the OpenAI server's vllm_xargs carry it
     ]
     logprob_params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, detokenize=False, logprobs=3,
                                     extra_args={"kvpress_like": {"press": "qfilters", "ratio": 0.0}})
@@ -260,6 +263,23 @@ def test_query_dependent_and_unsupported_settings_are_refused():
     with pytest.raises(KeyError, match="unknown press"):
         press_from_settings({"press": "nope"})
     assert press_from_settings({}) is None
+
+
+def test_engine_settings_the_plugin_cannot_honour_are_refused(engine):
+    from kvpress_like.integrations.vllm.patches import _refuse_unsupported
+
+    scheduler, _ = internals(engine)
+    real = scheduler.vllm_config
+    config = SimpleNamespace(cache_config=copy.copy(real.cache_config), parallel_config=copy.copy(real.parallel_config),
+                             speculative_config=real.speculative_config)
+    _refuse_unsupported(config, scheduler.kv_cache_config)  # the test engine's own settings pass
+    config.cache_config.enable_prefix_caching = True
+    with pytest.raises(ValueError, match="enable_prefix_caching=False"):
+        _refuse_unsupported(config, scheduler.kv_cache_config)
+    config.cache_config.enable_prefix_caching = False
+    config.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        _refuse_unsupported(config, scheduler.kv_cache_config)
 
 
 def test_changed_vllm_internals_fail_loudly_naming_the_version(monkeypatch):
