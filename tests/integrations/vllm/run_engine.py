@@ -16,6 +16,11 @@ def main() -> None:
 
     spec = json.loads(sys.argv[1])
     llm = LLM(model=spec["model"], **spec["engine"])
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    preemptions = []
+    if core is not None:  # count the scheduler's preemptions
+        scheduler, preempt = core.scheduler, core.scheduler._preempt_request
+        scheduler._preempt_request = lambda request, *a, **k: preemptions.append(request.request_id) or preempt(request, *a, **k)
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
         [SamplingParams(**s) for s in spec["sampling"]],
@@ -29,8 +34,9 @@ def main() -> None:
             for o in outs
         ],
     }
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
     if core is not None:
+        pool = core.scheduler.kv_cache_manager.block_pool
+        result.update(preemptions=len(preemptions), free_blocks=pool.get_num_free_blocks(), blocks=pool.num_gpu_blocks - 1)
         from kvpress_like.integrations.vllm.patches import runner_state
 
         state = runner_state(core.model_executor.driver_worker.worker.model_runner)

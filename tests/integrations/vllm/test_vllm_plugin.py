@@ -245,6 +245,18 @@ def test_chunked_prefill_compresses_once_the_prompt_is_complete(model_dir, hf_mo
     assert run["tokens"][0] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
 
 
+def test_preempted_compressed_requests_are_recomputed_and_leak_no_blocks(model_dir):
+    # 24 blocks of 32 tokens; four 200-token prompts that each grow to 11 blocks: the scheduler must preempt.
+    prompts = [prompt(10 + i, 200) for i in range(4)]
+    run = run_engine(model_dir, prompts, [greedy(200)] * 4, multiprocess=False, max_model_len=512,
+                     kv_cache_memory_bytes=24 * 64 << 10,
+                     additional_config={"kvpress_like": {"press": "knorm", "ratio": 0.5}})
+    assert run["blocks"] < 4 * 11  # the four grown requests cannot all be held at once
+    assert run["preemptions"] > 0
+    assert [len(t) for t in run["tokens"]] == [200] * 4
+    assert run["free_blocks"] == run["blocks"]  # every block back in the pool
+
+
 def test_default_multiprocess_engine_gives_the_same_tokens(engine, model_dir):
     prompts = [prompt(8, 160), prompt(9, 128)]
     settings = {"press": "knorm", "ratio": 0.75}
