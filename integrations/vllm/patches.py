@@ -3,11 +3,12 @@
 vLLM has no public API that shrinks a running request, so :func:`install` wraps five private methods:
 
 * ``GPUModelRunner.execute_model`` (the CPU runner inherits it): after a step that completes a request's
-  prefill, compact that request's pairs in every layer (:meth:`RunnerState.compact`);
+  prefill, or brings its live pairs to its decoding budget plus a block, compact that request's pairs in every
+  layer (:meth:`RunnerState.compact`);
 * ``GPUModelRunner._build_attention_metadata`` and ``CPUAttentionMetadataBuilder.build``: hand the attention
   kernel each compacted request's block table shifted by its dropped blocks and ``seq_len - dropped``;
-* ``Scheduler.schedule`` and ``Scheduler.update_from_output``: note which requests finish their prefill in a
-  step, then give their dropped leading blocks back to the pool through
+* ``Scheduler.schedule`` and ``Scheduler.update_from_output``: note which requests a step compacts
+  (:func:`planned_shifts`), then give their dropped leading blocks back to the pool through
   ``SingleTypeKVCacheManager._remove_blocks_in_range`` (vLLM's own sliding-window release, which puts the null
   block in their place).
 
@@ -31,7 +32,7 @@ import torch
 from .paged import PageLayout, read_request, slots, write_request
 from .settings import engine_settings, kept_count, press_from_settings, request_settings
 
-__all__ = ["TESTED_VERSIONS", "check_vllm_internals", "install", "runner_state", "scheduler_state"]
+__all__ = ["TESTED_VERSIONS", "check_vllm_internals", "install", "planned_shifts", "runner_state", "scheduler_state"]
 
 log = logging.getLogger("vllm.kvpress_like")  # under vLLM's logger: printed with its INFO lines
 
@@ -139,8 +140,14 @@ def _wraps_execute(orig):
         spans = scheduled_spans(scheduler_output)
         state.forget(scheduler_output.finished_req_ids, [r for r, (before, _) in spans.items() if before == 0])
         out = orig(self, scheduler_output, *args, **kwargs)
-        for req_id, n in completed_prefills(spans, lambda r: self.requests[r].num_prompt_tokens if r in self.requests else None):
-            state.compact(self, req_id, n)
+        requests = self.requests
+        plans = planned_shifts(
+            spans, lambda r: requests[r].num_prompt_tokens if r in requests else None,
+            lambda r: press_from_settings(request_settings(state.engine, requests[r].sampling_params)),
+            state.shift, state.block_size,
+        )
+        for req_id, (end, shift) in plans.items():
+            state.compact(self, req_id, end, shift)
         return out
 
     return execute_model
@@ -195,12 +202,18 @@ def _wraps_schedule(orig):
         out = orig(self, *args, **kwargs)
         state = scheduler_state(self)
         if state is not None:
-            block = state.block_size
-            for req_id, n in completed_prefills(scheduled_spans(out), lambda r: self.requests[r].num_prompt_tokens):
-                press = press_from_settings(request_settings(state.engine, self.requests[req_id].sampling_params))
-                dropped = n - kept_count(press, n, block)
-                if dropped:
-                    state.pending[req_id] = dropped // block
+            spans = scheduled_spans(out)
+            for req_id, (before, _) in spans.items():
+                if before == 0:  # new, or recomputed after a preemption
+                    state.shift.pop(req_id, None)
+            plans = planned_shifts(
+                spans, lambda r: self.requests[r].num_prompt_tokens,
+                lambda r: press_from_settings(request_settings(state.engine, self.requests[r].sampling_params)),
+                state.shift, state.block_size,
+            )
+            for req_id, (_, shift) in plans.items():
+                state.pending[req_id] = shift // state.block_size
+                state.shift[req_id] = shift
         return out
 
     return schedule
@@ -216,9 +229,13 @@ def _wraps_update(orig):
             for req_id, blocks in state.pending.items():
                 request = self.requests.get(req_id)
                 if request is not None and not request.is_finished():
-                    manager._remove_blocks_in_range(req_id, 0, blocks)
-                    state.freed_blocks += blocks
+                    held = sum(not b.is_null for b in manager.req_to_blocks[req_id][:blocks])
+                    manager._remove_blocks_in_range(req_id, 0, blocks)  # leading blocks are null already
+                    state.freed_blocks += held
             state.pending.clear()
+        if state is not None:
+            for req_id in [r for r in state.shift if r not in self.requests]:
+                del state.shift[req_id]
         return result
 
     return update_from_output
@@ -242,14 +259,29 @@ def scheduled_spans(scheduler_output) -> dict[str, tuple[int, int]]:
     return {r: (b, b + counts[r]) for r, b in before.items() if r in counts}
 
 
-def completed_prefills(spans: dict, prompt_tokens) -> list[tuple[int, int]]:
-    """``(req_id, tokens in the cache)`` of the requests whose prompt prefill completes in this step."""
-    done = []
+def planned_shifts(spans: dict, prompt_tokens, press_of, shift: dict, block: int) -> dict[str, tuple[int, int]]:
+    """``req_id -> (tokens in the cache after this step, tokens dropped in front from then on)`` for the
+    requests this step compacts: a prompt whose prefill completes, and a request whose live tokens reached
+    its press's ``max_cache_tokens`` plus one block (decoding budget: whole blocks go, every ``block`` tokens).
+    The scheduler and the runner both call it, with their own ``shift`` (tokens dropped so far)."""
+    plans = {}
     for req_id, (before, after) in spans.items():
         n = prompt_tokens(req_id)
-        if n is not None and before < n <= after:
-            done.append((req_id, after))
-    return done
+        if n is None or after < n:
+            continue
+        press = press_of(req_id)
+        if press is None:
+            continue
+        if before < n:
+            dropped = after - kept_count(press, after, block)
+        else:
+            done = shift.get(req_id, 0)
+            budget = press.max_cache_tokens
+            live = after - done
+            dropped = done + (live - budget) // block * block if budget is not None and live >= budget + block else 0
+        if dropped:
+            plans[req_id] = (after, dropped)
+    return plans
 
 
 def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
@@ -275,6 +307,7 @@ class SchedulerState:
         self.engine = engine
         self.block_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.pending: dict[str, int] = {}  # req_id -> leading blocks to release after this step
+        self.shift: dict[str, int] = {}  # req_id -> tokens dropped in front (released or pending)
         self.freed_blocks = 0  # total released (diagnostics, tests)
 
 
@@ -291,6 +324,8 @@ class RunnerState:
         self.layer_names = list(group.layer_names)
         self.shift: dict[str, int] = {}  # req_id -> tokens dropped (a multiple of block_size)
         self.kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id -> layer -> kept positions (kv_heads, K)
+        self.history: dict[str, list] = {}  # req_id -> [(tokens at compaction, kept positions by layer)]
+        self._end: dict[str, int] = {}  # req_id -> tokens in the cache at its last compaction
         self.seconds: list[float] = []  # compaction time per compacted request
         self._layout: PageLayout | None = None
         self._prepared: set[int] = set()
@@ -299,6 +334,7 @@ class RunnerState:
     def forget(self, finished, restarted) -> None:
         for req_id in (*finished, *restarted):
             self.shift.pop(req_id, None)
+            self._end.pop(req_id, None)
 
     def _writer(self, layer):
         from vllm import _custom_ops as ops
@@ -327,21 +363,20 @@ class RunnerState:
         press.validate(runner.model_config.get_num_layers(runner.parallel_config))
         self._prepared.add(id(press))
 
-    def compact(self, runner, req_id: str, n: int) -> None:
-        """Keep the press's best ``K`` of the request's ``n`` pairs per (layer, KV head), right-aligned."""
+    def compact(self, runner, req_id: str, end: int, shift: int) -> None:
+        """Keep the press's best ``end - shift`` of the request's live pairs per (layer, KV head), written
+        right-aligned into the slots of positions ``[shift, end)``; live pairs are those from the last shift on."""
         from vllm.model_executor.models.utils import extract_layer_index
 
         req = runner.requests[req_id]
         press = press_from_settings(request_settings(self.engine, req.sampling_params))
-        keep_n = kept_count(press, n, self.block_size)
-        if keep_n == n:
-            return
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         self._prepare(runner, press)
+        start, keep_n = self.shift.get(req_id, 0), end - shift
         block_ids = torch.tensor(req.block_ids[0], dtype=torch.int64)
         context = runner.compilation_config.static_forward_context
-        dropped = n - keep_n
-        target = slots(block_ids, dropped, n, self.block_size)
+        target = slots(block_ids, shift, end, self.block_size)
+        previous = self.kept.get(req_id) if req_id in self._end else None
         kept = {}
         with torch.no_grad():
             for name in self.layer_names:
@@ -349,22 +384,29 @@ class RunnerState:
                 kv_cache, write = layer.kv_cache, self._writer(layer)
                 if self._layout is None:
                     self._layout = PageLayout(write, kv_cache)
-                keys, values = read_request(kv_cache, self._layout, block_ids, n)
+                keys, values = read_request(kv_cache, self._layout, block_ids[start // self.block_size :], end - start)
                 heads = keys.shape[0]
-                positions = torch.arange(n).expand(1, heads, n)
                 idx = extract_layer_index(name)
-                scores = press.score(idx, keys[None], values[None], positions, torch.full((1, 1, 1), n))
-                keep = press.select(scores, positions, n, keep_n)[0]  # (heads, K), in position order
+                if previous is None:
+                    positions = torch.arange(end).expand(heads, end)
+                else:  # kept pairs at their true positions, then the tokens decoded since
+                    fresh = torch.arange(self._end[req_id], end).expand(heads, -1)
+                    positions = torch.cat([previous[idx], fresh], dim=-1)
+                scores = press.score(idx, keys[None], values[None], positions[None], torch.full((1, 1, 1), end))
+                keep = press.select(scores, positions[None], end, keep_n)[0]  # (heads, K), in position order
                 gather = keep[..., None].expand(-1, -1, keys.shape[-1])
                 write_request(write, kv_cache, keys.gather(1, gather), values.gather(1, gather), target)
-                kept[idx] = keep
-        self.shift[req_id] = dropped
-        self.kept[req_id] = kept
+                kept[idx] = positions.gather(1, keep)
+        self.shift[req_id], self._end[req_id], self.kept[req_id] = shift, end, kept
+        self.history.setdefault(req_id, []).append((end, kept))
         while len(self.kept) > 256:  # diagnostics of the latest requests only
-            self.kept.pop(next(iter(self.kept)))
-        self.seconds.append(time.perf_counter() - start)
+            old = next(iter(self.kept))
+            self.kept.pop(old)
+            self.history.pop(old, None)
+        self.seconds.append(time.perf_counter() - start_time)
         log.info("kvpress_like: request %s compressed by %s: kept %d of %d pairs per (layer, KV head), %d blocks "
-                 "released, %.2f s", req_id, type(press).__name__, keep_n, n, dropped // self.block_size, self.seconds[-1])
+                 "released, %.2f s", req_id, type(press).__name__, keep_n, end - start,
+                 (shift - start) // self.block_size, self.seconds[-1])
 
 
 def load_hf_model(path: str):

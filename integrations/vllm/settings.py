@@ -73,7 +73,10 @@ def _press(frozen: str) -> Press | None:
             "so all layers must keep the same number of pairs."
         )
     if press.decoding:
-        raise ValueError("decoding=True is not supported with vLLM yet: the plugin compresses the prompt once, after prefill.")
+        raise ValueError(
+            "decoding=True is not supported with vLLM: the plugin compresses the prompt after prefill; bound long "
+            "generations with max_cache_tokens (re-compacted every block_size tokens past it)."
+        )
     return press
 
 

@@ -111,9 +111,11 @@ def generate(llm, prompts, sampling) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def masked_greedy(model, ids: list[int], kept: dict[int, torch.Tensor], steps: int) -> list[int]:
-    """Greedy tokens of the uncompressed model whose attention, after the prefill, hides every prompt pair
-    not in ``kept`` (layer -> (kv_heads, K) positions); decoded tokens stay visible. True positions."""
+def masked_greedy(model, ids: list[int], kept, steps: int) -> list[int]:
+    """Greedy tokens of the uncompressed model whose attention hides every pair a compaction evicted: ``kept``
+    is layer -> (kv_heads, K) positions kept after the prefill, or the plugin's history of compactions
+    ``[(tokens in the cache then, kept positions by layer), ...]``; tokens that came later stay visible."""
+    history = [(len(ids), kept)] if isinstance(kept, dict) else kept
     from transformers import DynamicCache
 
     from helpers import REFERENCE, MaskedReference
@@ -126,10 +128,11 @@ def masked_greedy(model, ids: list[int], kept: dict[int, torch.Tensor], steps: i
         with torch.no_grad():
             logits = model(torch.tensor([ids]), **cache_kwargs(cache)).logits
             tokens = [int(logits[0, -1].argmax())]
-            n = len(ids)
             for step in range(steps - 1):
-                tail = torch.arange(n, n + step).expand(kept[0].shape[0], -1)
-                ref.kept = {layer: torch.cat([k, tail], dim=-1)[None] for layer, k in kept.items()}
+                p = len(ids) + step  # position of the token this step feeds
+                end, last = [(e, k) for e, k in history if e <= p][-1]
+                tail = torch.arange(end, p).expand(last[0].shape[0], -1)
+                ref.kept = {layer: torch.cat([k, tail], dim=-1)[None] for layer, k in last.items()}
                 logits = model(torch.tensor([[tokens[-1]]]), **cache_kwargs(cache)).logits
                 tokens.append(int(logits[0, -1].argmax()))
     finally:
@@ -220,6 +223,27 @@ def test_compressed_request_holds_fewer_blocks_and_returns_them(engine):
         assert pool.get_num_free_blocks() == free_before
         assert internal not in manager.req_to_blocks
     assert scheduler_state(scheduler).freed_blocks >= 12
+
+
+def test_decoding_budget_bounds_a_long_generation_and_matches_the_masking_reference(engine, hf_model):
+    scheduler, runner = internals(engine)
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    llm_engine, ids, budget = engine.llm_engine, prompt(12, 100), 64
+    llm_engine.add_request("budget", TokensPrompt(prompt_token_ids=ids),
+                           params({"press": "knorm", "max_cache_tokens": budget}, max_tokens=120))
+    held, tokens = [], []
+    while llm_engine.has_unfinished_requests():
+        for out in llm_engine.step():
+            tokens = list(out.outputs[0].token_ids)
+        (internal,) = [r for r in scheduler.requests if r.startswith("budget")] or [None]
+        if internal is not None:
+            held.append(sum(not b.is_null for b in manager.req_to_blocks[internal]))
+            history = runner_state(runner).history[internal]
+    assert len(tokens) == 120 and len(held) >= 100
+    assert max(held) <= (budget + BLOCK) // BLOCK + 1  # live pairs < budget + one block, plus the block being filled
+    assert len(history) >= 4  # the prompt, then one re-compaction per block of new tokens past the budget
+    assert all(k.shape[-1] < budget + BLOCK for _, kept in history for k in kept.values())
+    assert tokens == masked_greedy(hf_model, ids, history, 120)
 
 
 def test_mixed_batch_matches_each_request_run_alone(engine, filters):
