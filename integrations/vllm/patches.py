@@ -30,7 +30,7 @@ from functools import wraps
 import torch
 
 from .paged import PageLayout, read_request, slots, write_request
-from .settings import engine_settings, kept_count, press_from_settings, request_settings
+from .settings import engine_settings, kept_count, press_from_settings, request_press
 
 __all__ = ["TESTED_VERSIONS", "check_vllm_internals", "install", "planned_shifts", "runner_state", "scheduler_state"]
 
@@ -143,7 +143,7 @@ def _wraps_execute(orig):
         requests = self.requests
         plans = planned_shifts(
             spans, lambda r: requests[r].num_prompt_tokens if r in requests else None,
-            lambda r: press_from_settings(request_settings(state.engine, requests[r].sampling_params)),
+            lambda r: request_press(state.engine, requests[r].sampling_params),
             state.shift, state.block_size,
         )
         for req_id, (end, shift) in plans.items():
@@ -208,7 +208,7 @@ def _wraps_schedule(orig):
                     state.shift.pop(req_id, None)
             plans = planned_shifts(
                 spans, lambda r: self.requests[r].num_prompt_tokens,
-                lambda r: press_from_settings(request_settings(state.engine, self.requests[r].sampling_params)),
+                lambda r: request_press(state.engine, self.requests[r].sampling_params),
                 state.shift, state.block_size,
             )
             for req_id, (_, shift) in plans.items():
@@ -304,6 +304,7 @@ class SchedulerState:
 
     def __init__(self, scheduler, engine: dict):
         _refuse_unsupported(scheduler.vllm_config, scheduler.kv_cache_config)
+        press_from_settings(engine)  # the engine's own settings fail loudly, at its first step
         self.engine = engine
         self.block_size = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         self.pending: dict[str, int] = {}  # req_id -> leading blocks to release after this step
@@ -369,7 +370,7 @@ class RunnerState:
         from vllm.model_executor.models.utils import extract_layer_index
 
         req = runner.requests[req_id]
-        press = press_from_settings(request_settings(self.engine, req.sampling_params))
+        press = request_press(self.engine, req.sampling_params)
         start_time = time.perf_counter()
         self._prepare(runner, press)
         start, keep_n = self.shift.get(req_id, 0), end - shift

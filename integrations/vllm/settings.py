@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 
 from kvpress_like.base import Press
 
-__all__ = ["CONFIG_KEY", "press_from_settings", "engine_settings", "request_settings", "kept_count"]
+__all__ = ["CONFIG_KEY", "press_from_settings", "engine_settings", "request_press", "request_settings", "kept_count"]
+
+log = logging.getLogger("vllm.kvpress_like")
 
 #: Key under ``additional_config`` (engine) and ``SamplingParams.extra_args`` (request).
 CONFIG_KEY = "kvpress_like"
@@ -45,6 +48,22 @@ def request_settings(engine: dict, sampling_params) -> dict:
             raise TypeError(f"extra_args[{CONFIG_KEY!r}] must be a dict or None, got {settings!r}")
         return settings or {}
     return engine
+
+
+def request_press(engine: dict, sampling_params) -> Press | None:
+    """The press a request runs with. Settings a request cannot have (an unknown or query-dependent press,
+    bad values) leave that request uncompressed with an error in the log, rather than stopping the engine
+    that serves every other request; the engine's own settings are checked when it starts."""
+    try:
+        return press_from_settings(request_settings(engine, sampling_params))
+    except (ValueError, TypeError, KeyError) as err:
+        _refused(str(err))
+        return None
+
+
+@lru_cache(maxsize=256)
+def _refused(reason: str) -> None:
+    log.error("kvpress_like: a request's compression settings were refused, it runs uncompressed: %s", reason)
 
 
 def press_from_settings(settings: dict) -> Press | None:

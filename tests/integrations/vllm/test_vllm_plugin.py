@@ -289,6 +289,13 @@ def test_default_multiprocess_engine_gives_the_same_tokens(engine, model_dir):
     assert run["tokens"] == expected
 
 
+def test_a_request_with_refused_settings_runs_uncompressed_and_the_engine_goes_on(engine):
+    ids = prompt(13)
+    refused, plain = generate(engine, [ids, ids], [params({"press": "snapkv", "ratio": 0.5}), params(None)])
+    assert refused == plain
+    assert generate(engine, [ids], params({"press": "knorm", "ratio": 0.5})) != [plain]  # still serving, compressing
+
+
 def test_query_dependent_and_unsupported_settings_are_refused():
     from kvpress_like.integrations.vllm import press_from_settings
 
