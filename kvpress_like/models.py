@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "check_model_name", "load_model", "model_identity", "head_dim",
-    "kv_heads",
+    "EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "check_model_name", "load_model", "model_path", "model_identity",
+    "head_dim", "kv_heads",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,12 @@ def check_model_name(name: str) -> None:
         )
 
 
+def model_path(name_or_path: str = DEFAULT_MODEL) -> str:
+    """A directory other engines can load (e.g. vLLM): an embedded model's safetensors copy, made once;
+    any other name or path is returned as given."""
+    return str(_materialize(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = "float32",
@@ -152,8 +158,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_name(name_or_path)
-
-    path = str(_materialize(name_or_path)) if name_or_path in EMBEDDED_MODELS else name_or_path
+    path = model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, **kwargs

@@ -1,0 +1,53 @@
+"""Run one vLLM engine in a fresh process and print its results as JSON (tests compare engines this way:
+vLLM keeps per-process global state, so a second engine cannot be started and shut down beside the first).
+
+Input (argv[1], JSON): model, engine (LLM keyword arguments), prompts (token-id lists), sampling (one
+SamplingParams keyword dict per prompt). Output (last stdout line, JSON): tokens and logprobs per prompt, and,
+when the engine core runs in this process, the plugin's kept positions per prompt and layer.
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(sys.argv[1])
+    llm = LLM(model=spec["model"], **spec["engine"])
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    preemptions = []
+    if core is not None:  # count the scheduler's preemptions
+        scheduler, preempt = core.scheduler, core.scheduler._preempt_request
+        scheduler._preempt_request = lambda request, *a, **k: preemptions.append(request.request_id) or preempt(request, *a, **k)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
+        [SamplingParams(**s) for s in spec["sampling"]],
+        use_tqdm=False,
+    )
+    result = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "logprobs": [
+            None if o.outputs[0].logprobs is None
+            else [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+            for o in outs
+        ],
+    }
+    if core is not None:
+        pool = core.scheduler.kv_cache_manager.block_pool
+        result.update(preemptions=len(preemptions), free_blocks=pool.get_num_free_blocks(), blocks=pool.num_gpu_blocks - 1)
+        from kvpress_like.integrations.vllm.patches import runner_state
+
+        state = runner_state(core.model_executor.driver_worker.worker.model_runner)
+        if state is not None:  # the engine core suffixes request ids: "<id>-<random>"
+            by_id = {internal.rsplit("-", 1)[0]: kept for internal, kept in state.kept.items()}
+            result["kept"] = [
+                {layer: k.tolist() for layer, k in by_id[o.request_id].items()} if o.request_id in by_id else None
+                for o in outs
+            ]
+    print("RESULT", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
