@@ -111,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import pipeline
 
+    from ..evaluations.support import benchmark_note
     from ..integrations import pipeline as qa
     from ..models import load_model
     from ..registry import list_presses
@@ -138,6 +139,9 @@ def main(args: argparse.Namespace) -> int:
     label = "no press" if p is None else f"{args.press} " + ", ".join(f"{k}={v}" for k, v in settings.items())
     done = "prefilled once (full cache, no press)" if p is None else "prefilled and compressed once"
     print(f"model {args.model} | {label} | torch threads {torch.get_num_threads()}")
+    note = None if p is None else benchmark_note(args.model, args.press, settings.get("ratio", 0.0))
+    if note:
+        print(note)
     print(f"context: {out['context_tokens']} tokens, {done} in {out['prefill_seconds']:.2f} s, "
           f"KV cache kept {out['kv_bytes'] / 2**20:.2f} MiB (peak {out['peak_kv_bytes'] / 2**20:.2f} MiB with the question copies)")
     for question, answer, seconds in zip(args.question, out["answers"], out["answer_seconds"], strict=True):

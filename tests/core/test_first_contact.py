@@ -1,5 +1,6 @@
 """What a new user meets first: input errors in one line before any heavy import, and outputs that explain themselves."""
 
+import re
 import subprocess
 import sys
 
@@ -90,3 +91,13 @@ def test_demo_explains_layers_left_uncompressed():
     assert note == ("2 of 4 layers compressed; 2 are sliding-window layers (window 512) that already hold fewer tokens "
                     "than the press would keep, so KV bytes shrink less than x-fold")
     assert uncompressed_note([pressed, pressed], [None, None]) is None
+
+
+def test_benchmark_note_states_the_measured_cell_or_says_it_was_not_measured():
+    from kvpress_like.evaluations.support import benchmark_note
+
+    note = benchmark_note("smollm2-135m", "qfilters", 0.875)
+    assert note.startswith("offline RULER-style benchmark (smollm2-135m, 2048 tokens): qfilters x8 scored ")
+    assert re.search(r"scored \d+% \[\d+, \d+\] vs \d+% with no press \(n=\d+ prompts", note), note
+    assert "was not measured" in benchmark_note("smollm2-135m", "qfilters", 0.6)
+    assert benchmark_note("some/other-model", "qfilters", 0.875) is None
