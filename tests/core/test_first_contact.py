@@ -69,7 +69,7 @@ def test_ask_without_press_says_so_and_shows_prefill_progress(tiny_model_dir, tm
 def test_ask_help_shows_defaults_and_version_is_printed(capsys):
     assert cli.main(["ask", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "(default: qfilters)" in out and "(default: 0.875)" in out and "(default: smollm2-135m)" in out
+    assert "(default: streaming_llm," in out and "(default: 0.5)" in out and "(default: smollm2-135m)" in out
     with pytest.raises(SystemExit) as exit:
         cli.main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out.startswith("kvpress-like 0.1")
