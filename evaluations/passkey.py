@@ -168,6 +168,22 @@ def stack_caches(model, caches: list) -> DynamicCache | None:
 
 
 @torch.no_grad()
+def cached_step(model, cache, rows: int, start: int | None):
+    """``step(ids)``: feed ``ids`` through ``cache`` and return the last position's logits; with ``start``, new
+    tokens get explicit true positions from there on (stacked compressed caches cannot say them)."""
+    position = start
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        kwargs = cache_kwargs(cache)
+        if position is not None:
+            kwargs["position_ids"] = torch.arange(position, position + ids.shape[1], device=model.device).expand(rows, -1)
+            position += ids.shape[1]
+        return model(ids, **kwargs, logits_to_keep=1).logits[:, -1]
+
+    return step
+
+
 def answers_found(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, answer: str, start: int | None = None,
                   first_logits: torch.Tensor | None = None, slack: int = ANSWER_SLACK) -> list[tuple[bool, str]]:
     """Greedy decoding after ``feed_ids`` (the question, or nothing) for each of the cache's ``rows``; a row
@@ -182,15 +198,7 @@ def answers_found(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, an
     """
     device = model.device
     budget = len(tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) + slack
-    position = start
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        nonlocal position
-        kwargs = cache_kwargs(cache)
-        if position is not None:
-            kwargs["position_ids"] = torch.arange(position, position + ids.shape[1], device=device).expand(rows, -1)
-            position += ids.shape[1]
-        return model(ids, **kwargs, logits_to_keep=1).logits[:, -1]
+    step = cached_step(model, cache, rows, start)
 
     logits = None if first_logits is None else first_logits.reshape(1, -1).expand(rows, -1)
     if feed_ids.shape[1]:

@@ -35,7 +35,7 @@ from kvpress_like.registry import list_presses
 
 from . import stats
 from .common import RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
-from .passkey import _copy_cache, _parse_shard, compress_prefilled, prefill, stack_caches
+from .passkey import _copy_cache, _parse_shard, _pct, cached_step, compress_prefilled, prefill, stack_caches
 from .ruler_tasks import TASKS, RulerSample, ruler_sample, score
 
 #: the presses of issue 21's grid (every registered one by default)
@@ -77,15 +77,7 @@ def generate_rows(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, sa
     ``cache`` stacks compressed caches); ``None`` lets the cache say.
     """
     device, stop = model.device, _eos_ids(model, tokenizer)
-    position = start
-
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        nonlocal position
-        kwargs = cache_kwargs(cache)
-        if position is not None:
-            kwargs["position_ids"] = torch.arange(position, position + ids.shape[1], device=device).expand(rows, -1)
-            position += ids.shape[1]
-        return model(ids, **kwargs, logits_to_keep=1).logits[:, -1]
+    step = cached_step(model, cache, rows, start)
 
     logits = step(feed_ids.to(device).expand(rows, -1))
     out: list[list[int]] = [[] for _ in range(rows)]
@@ -244,10 +236,6 @@ def summarize(result: dict) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}"
-
-
 def markdown(result: dict) -> str:
     s = result["settings"]
     cells = result["summary"]["cells"]
