@@ -70,7 +70,7 @@ from kvpress_like.cache import uncompressed
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import EMBEDDED_MODELS, _materialize
-from kvpress_like.registry import list_presses, press_class
+from kvpress_like.registry import list_presses, press_class, press_settings
 
 __all__ = ["QFiltersHFLM", "batch_speed", "build_press", "press_options", "tasks_path", "MODEL_NAME", "ROLLING_CHUNK"]
 
@@ -91,7 +91,7 @@ def tasks_path() -> Path:
 # -- press options from --model_args -------------------------------------------------------------------
 def press_options() -> dict[str, set[str]]:
     """Settable fields of every registered press: ``{press name: {option, ...}}``."""
-    return {name: {f.name for f in dataclasses.fields(press_class(name)) if f.init} for name in list_presses()}
+    return {name: press_settings(press_class(name)) for name in list_presses()}
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -45,7 +45,7 @@ from kvpress_like.integrations.context import press as press_model
 from kvpress_like.filters import expected_shape
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import model_identity
-from kvpress_like.registry import list_presses, press_class
+from kvpress_like.registry import list_presses, press_class, press_settings
 
 __all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "benchmark", "TASK", "KVPRESS_TASK"]
 
@@ -94,10 +94,6 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two id lists."""
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-def _press_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
 
 
 def resolve_press(p: Press | str | None, settings: dict) -> Press | None:
@@ -210,7 +206,7 @@ class KVPressQAPipeline(Pipeline):
         return_cache: bool | None = None,
         **kwargs: Any,
     ):
-        fields = _press_fields(press_class(press) if press in list_presses() else type(press))
+        fields = press_settings(press_class(press) if press in list_presses() else type(press))
         settings = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
         preprocess, forward = {}, {}
         if press is not None or settings:

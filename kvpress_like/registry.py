@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from functools import lru_cache
 
 import pluggy
@@ -9,7 +11,7 @@ import pluggy
 from . import hookspecs
 from .base import Press
 
-__all__ = ["plugin_manager", "list_presses", "get_press", "press_class"]
+__all__ = ["plugin_manager", "list_presses", "get_press", "press_class", "press_settings"]
 
 
 @lru_cache(maxsize=1)
@@ -54,3 +56,12 @@ def press_class(name: str) -> type[Press]:
 def get_press(name: str, **settings) -> Press:
     """Instantiate a registered press by name, e.g. ``get_press("qfilters", ratio=0.5)``."""
     return press_class(name)(**settings)
+
+
+def press_settings(cls: type[Press]) -> set[str]:
+    """The settings a press class takes: its dataclass fields, or its constructor's named parameters (wrapper
+    presses such as AdaKV, whose ``**settings`` go to the press they wrap, are not dataclasses)."""
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -94,9 +94,9 @@ def _press_settings(args: argparse.Namespace) -> dict:
     """``--ratio`` and ``--set`` values for the press; unknown names fail here rather than inside generate()."""
     import dataclasses
 
-    from ..registry import press_class
+    from ..registry import press_class, press_settings
 
-    fields = {f.name for f in dataclasses.fields(press_class(args.press)) if f.init}
+    fields = press_settings(press_class(args.press))
     settings = {"ratio": args.ratio, **{key: _value(value) for key, value in args.settings}}
     unknown = sorted(set(settings) - fields)
     if unknown:

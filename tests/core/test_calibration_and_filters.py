@@ -477,9 +477,9 @@ def test_query_statistics_round_trip_through_safetensors(tmp_path):
     assert set(tensors) == {"mean", "direction", "covariance", "count"}
     for key, value in result.stats.items():
         assert torch.equal(tensors[key], value), key
-    assert tensors["covariance"].shape == (4, 4, 16, 16) and tensors["count"].tolist() == [0, 120, 0, 120]
+    assert tensors["covariance"].shape == (4, 4, 16, 16) and tensors["count"].tolist() == [120, 120, 120, 120]
     assert meta["window_length"] == 40 and meta["seed"] == 3 and meta["corpus"] == "random ids"
-    assert meta["layers"] == [1, 3] and meta["rotary_dims"] == {"1": 16, "3": 16}
+    assert meta["layers"] == [0, 1, 2, 3] and meta["rotary_dims"] == {str(i): 16 for i in range(4)}
 
 
 def test_cli_writes_statistics_and_published_filters_unchanged(tmp_path, store):

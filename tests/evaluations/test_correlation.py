@@ -34,7 +34,7 @@ def test_filters_aligned_with_keys_correlate_and_schema():
     """On a tiny model, a filter built to favour the keys that receive attention correlates positively."""
     model = tiny_model("llama", seed=0, attn_implementation="sdpa", max_position_embeddings=1024)
     ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(0))
-    result = correlation.correlations(model, ids, _presses(torch.zeros(4, 2, 16)), n_queries=32)
+    result = correlation.correlations(model, ids, _presses(torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(1))), n_queries=32)
     assert result["layers"] == [0, 1, 2, 3] and result["reading_position"] == 128
     assert set(result["correlations"]) == {"qfilters", "knorm", "streaming_llm"}
     assert len(result["correlations"]["qfilters"]) == 4 and len(result["correlations"]["qfilters"][0]) == 2
