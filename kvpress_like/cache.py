@@ -714,19 +714,21 @@ class PressedCache(Cache):
         super().__init__(layers=[])
         self.press = press
         self._windows = [] if config is None else layer_windows(config)
+        self._first_pressed: int | None = None  # the layer that checks a call's padding (once per forward call)
 
     def _make_layer(self, idx: int, q: int):
         window = self._windows[idx] if idx < len(self._windows) else None
         if window is not None and stays_plain(self.press, window, q):
             return DynamicSlidingWindowLayer(sliding_window=window)
+        if self._first_pressed is None:
+            self._first_pressed = idx
         return PressedLayer(self.press, idx, window)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._make_layer(len(self.layers), key_states.shape[-2]))
-        layer = self.layers[layer_idx]
-        if isinstance(layer, PressedLayer) and not layer._in_context:
-            _refuse_padding(kwargs)
+        if layer_idx == self._first_pressed and not self.layers[layer_idx]._in_context:
+            _refuse_padding(kwargs)  # the same position ids reach every layer of a call: one check (and sync) per call
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
