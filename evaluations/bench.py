@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import statistics
-import threading
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -35,7 +32,12 @@ from kvpress_like import cache_nbytes, press
 from kvpress_like.cache import PressedLayer
 
 from kvpress_like.integrations.transformers import cache_kwargs
-from .common import RESULTS_DIR, build_press, command_line, environment, environment_markdown, set_threads, write_result
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, build_press, command_line, environment,
+    environment_markdown, set_threads, write_result,
+)
+from .memory import PeakMemory
+from .roofline import kv_bytes_per_token, sync
 from kvpress_like.models import head_dim as head_dim_of
 
 METHODS = ("no_press", "qfilters", "knorm", "snapkv", "streaming_llm")
@@ -91,102 +93,11 @@ def make_press(method: str, ratio: float, filters):
     return build_press(method, ratio=ratio, **extra)
 
 
-class PeakMemory:
-    """Peak memory above the starting point while the block runs (bytes), and how it was measured."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-        self.how = ""
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-            self.how = "torch.cuda.max_memory_allocated above the allocation before prefill"
-            return self
-        mmap = " (glibc mmap threshold 64 KiB)" if _return_freed_memory() else ""
-        self.start = _rss()
-        if _reset_hwm():
-            self.how = "CPU peak RSS above the RSS before prefill (kernel VmHWM, reset via /proc/self/clear_refs)" + mmap
-            self._sampler = None
-        else:
-            self.how = "CPU peak RSS above the RSS before prefill (sampled every 2 ms)" + mmap
-            self._stop = threading.Event()
-            self._max = self.start
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._max = max(self._max, _rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self._sampler is None:
-            self.peak = _hwm() - self.start
-        else:
-            self._stop.set()
-            self._sampler.join()
-            self.peak = max(self._max, _rss()) - self.start
-
-
-def _return_freed_memory() -> bool:
-    """Make glibc serve allocations >= 64 KiB with mmap, so freed tensors leave the RSS (measurable peaks)."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 65536))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def _rss() -> int:
-    try:
-        return _status_kb("VmRSS")
-    except OSError:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-
-def _hwm() -> int:
-    return _status_kb("VmHWM")
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _hwm() <= _rss() + 64 * 1024
-    except OSError:
-        return False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def promised_kv_bytes(model, n: int, p) -> int:
     """What the ratio promises: ``n - floor(ratio * n)`` tokens per compressed layer and KV head, else ``n``."""
     from kvpress_like.integrations.transformers import attention_layers
 
-    cfg = model.config.get_text_config()
-    head_dim = head_dim_of(cfg)
-    per_token = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    per_token = kv_bytes_per_token(model, layers=1)
     total = 0
     for layer in attention_layers(model):
         keep = n
@@ -202,14 +113,14 @@ def prefill_once(model, ids: torch.Tensor, p) -> tuple[float, int, str, DynamicC
     device = ids.device
     cache = DynamicCache(config=model.config)
     with PeakMemory(device) as mem:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         if p is None:
             logits = model(ids, **cache_kwargs(cache), logits_to_keep=1).logits
         else:
             with press(model, p):
                 logits = model(ids, **cache_kwargs(cache), logits_to_keep=1).logits
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     return seconds, mem.peak, mem.how, cache, logits[:, -1]
 
@@ -222,11 +133,11 @@ def decode_ms(model, cache, logits: torch.Tensor, p, steps: int) -> float:
     times = []
     with press(model, p) if p is not None else contextlib.nullcontext():
         for _ in range(steps):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             logits = model(token, **cache_kwargs(cache)).logits[:, -1]
             token = logits.argmax(-1, keepdim=True)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -338,7 +249,7 @@ def markdown(result: dict, env: dict, model_name: str, device_tag: str, dtype: s
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local path, 'llama-8b-random' or 'tiny'")
+    add_model_argument(parser, "embedded name, local path, 'llama-8b-random' or 'tiny'")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--lengths", default=None, help="prompt lengths (default 1024,2048,4096 on CPU; 8192,16384,32768 on CUDA)")
@@ -346,8 +257,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of KV pairs removed")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved prefills per method (median reported)")
     parser.add_argument("--decode-steps", type=int, default=16, help="decoding steps timed after each prefill")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_threads_argument(parser)
+    add_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

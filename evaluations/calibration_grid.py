@@ -2,7 +2,7 @@
 
     kvpress-like calibrate --model smollm2-135m --seq-len 512 --num-sequences 8 --out /tmp/cal512 --no-store
     kvpress-like calibrate --model smollm2-135m --seq-len 2048 --num-sequences 2 --out /tmp/cal2048 --no-store
-    python -m kvpress_like.evaluations.calibration_grid --calibrations /tmp/cal512,/tmp/cal2048 --corpus code
+    kvpress-like eval calibration-grid --calibrations /tmp/cal512,/tmp/cal2048 --corpus code
 
 One forward pass over ``--tokens`` tokens of an offline corpus records each full-attention layer's keys and
 the attention the last ``--queries`` queries give them (:mod:`kvpress_like.evaluations.correlation`); every
@@ -10,7 +10,7 @@ calibration directory then gives Q-Filters, position-targeted Q-Filters and a gr
 settings, scored for the reading position ``n`` (the position of the next query after the text, what the
 cache uses at the end of a prefill). Prints the mean Spearman over heads with a 95% normal interval, and the
 paired difference of each setting against the first one of the grid (heads of a layer are not independent:
-read the intervals as indicative).
+read the intervals as indicative); writes ``calibration_grid.json`` / ``.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from kvpress_like.integrations.transformers import attention_layers, patched_att
 from kvpress_like.methods import ExpectedAttentionPress, TargetedQFilterPress
 from kvpress_like.models import load_model
 
-from .common import set_threads
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, environment, markdown_footer, set_threads, write_result,
+)
 from .correlation import received_attention, spearman, text_ids
 
 __all__ = ["configure", "main"]
@@ -36,7 +38,7 @@ def _interval(values: torch.Tensor) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local directory")
+    add_model_argument(parser, "embedded name or local directory")
     parser.add_argument("--calibrations", required=True, help="comma-separated directories from `kvpress-like calibrate`")
     parser.add_argument("--corpus", default="code", help="offline corpus of the text: prose or code (default: code, held out)")
     parser.add_argument("--tokens", type=int, default=2048, help="text length (default: 2048)")
@@ -45,7 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shrinkage", default="0.3,0,0.1,0.6,1", help="expected attention shrinkage values (first: reference)")
     parser.add_argument("--ranks", default="2,0,8,full", help="covariance ranks (`full`: all dims)")
     parser.add_argument("--combine", default="logsumexp,mean", help="GQA combinations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
+    add_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -84,14 +87,21 @@ def main(args: argparse.Namespace) -> int:
         for label, p in presses.items():
             p.prepare(model)
             results[f"{label} [{directory}]"] = correlation(lambda i, k, pos: p.score(i, k, k, pos, reading))
-    print(f"{args.model}, {args.corpus} text of {n} tokens, last {args.queries} queries, reading position {n}")
-    reference = None
+    lines = [f"{args.model}, {args.corpus} text of {n} tokens, last {args.queries} queries, reading position {n}"]
+    rows, reference = {}, None
     for label, values in results.items():
+        rows[label] = {"spearman": _interval(values), "heads": len(values)}
         line = f"  {label:80s} {_interval(values)} (heads {len(values)})"
         if label.startswith("expected_attention"):
             reference = values if reference is None else reference
+            rows[label]["paired_vs_first_setting"] = _interval(values - reference)
             line += f" | paired vs first setting {_interval(values - reference)}"
-        print(line)
+        lines.append(line)
+    print("\n".join(lines))
+    report = {"model": args.model, "corpus": args.corpus, "tokens": n, "queries": args.queries, "rows": rows,
+              "environment": environment(model.device)}
+    text = "\n".join(["## Calibration grid: Spearman with received attention", "", "```", *lines, "```"] + markdown_footer(report))
+    write_result(args.out, "calibration_grid", report, text)
     return 0
 
 

@@ -1,14 +1,17 @@
-"""What every evaluation shares: the environment header, results writing and press construction.
+"""What every evaluation shares: its common options, the environment header, results writing and presses.
 
-Every evaluation records the same header (machine, cores, thread settings, load average, versions, commit,
-command) through :func:`environment`, writes ``<name>.json`` / ``<name>.md`` (and optional figures)
-through :func:`write_result`, and builds its presses by registry name through :func:`build_press`, so a
-press registered by a plugin joins every evaluation without code here. Nothing in this module imports an
+Every evaluation takes ``--model`` / ``--threads`` / ``--out`` through :func:`add_model_argument`,
+:func:`add_threads_argument` and :func:`add_out_argument` (one default model, one wording), records the same
+header (machine, cores, thread settings, load average, versions, commit, command) through
+:func:`environment`, writes ``<name>.json`` / ``<name>.md`` (and optional figures) through
+:func:`write_result`, and builds its presses by registry name through :func:`build_press`, so a press
+registered by a plugin joins every evaluation without code here. Nothing in this module imports an
 evaluation, so evaluations and :mod:`.results` (the stitcher) import it without a cycle.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -21,11 +24,28 @@ from pathlib import Path
 import torch
 
 from kvpress_like.base import Press
-from kvpress_like.registry import get_press, list_presses, press_class
+from kvpress_like.models import DEFAULT_MODEL
+from kvpress_like.registry import UnknownPress, list_presses, press_class, resolve_press
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: environment variables that set CPU thread pools; recorded because they change timings and contention
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, accepts: str = "embedded name, local directory or hub id") -> None:
+    """``--model``, defaulting to the library's default model; ``accepts`` says what else may be named."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"{accepts} (default: %(default)s)")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """``--threads``: torch's CPU threads, set by :func:`set_threads` and recorded by :func:`environment`."""
+    parser.add_argument("--threads", type=int, default=default,
+                        help="torch CPU threads (1 on a shared machine; default: %(default)s, torch's choice when None)")
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out``: the folder :func:`write_result` writes ``<name>.json`` / ``<name>.md`` to."""
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
 
 
 def _cpu_name() -> str:
@@ -143,8 +163,8 @@ def build_press(name: str, **settings) -> Press | None:
     if name in ("no_press", "full"):
         return None
     try:
-        return get_press(name, **settings)
-    except KeyError as err:
+        return resolve_press(name, settings)
+    except UnknownPress as err:
         raise ValueError(f"unknown method {name!r}; registered presses: {', '.join(list_presses())}") from err
 
 

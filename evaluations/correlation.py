@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -33,8 +32,8 @@ from kvpress_like.integrations.transformers import attention_layers, patched_att
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, environment, markdown_footer, parse_list, query_free_presses, set_threads,
-    write_result,
+    add_out_argument, add_threads_argument, build_press, environment, markdown_footer, parse_list, query_free_presses,
+    set_threads, write_result,
 )
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -193,8 +192,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="length of the text")
     parser.add_argument("--queries", type=int, default=64, help="last queries whose attention is measured")
     parser.add_argument("--offset", type=int, default=20000, help="start of the text in each corpus (tokens)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_threads_argument(parser)
+    add_out_argument(parser)
     parser.add_argument("--name", default="correlation", help="basename of the result files")
 
 

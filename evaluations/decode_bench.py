@@ -19,7 +19,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -29,12 +28,16 @@ from kvpress_like.cache import PressedCache, PressedLayer, cache_nbytes
 from kvpress_like.integrations.context import press as press_context
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs
 
-from .common import RESULTS_DIR, build_press, environment, markdown_footer, query_free_presses, set_threads, write_result
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, build_press, environment, markdown_footer,
+    query_free_presses, set_threads, write_result,
+)
+from .roofline import kv_bytes_per_token
 from kvpress_like.models import head_dim as head_dim_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    add_model_argument(parser)
     parser.add_argument("--method", default="qfilters", help="registered query-free press to cap the cache with")
     parser.add_argument("--budget", type=int, default=512, help="KV tokens per layer and KV head")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted")
@@ -43,8 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cache (medians are reported)")
     parser.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length for the memory check")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="prefill_chunk_size for the memory check")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_threads_argument(parser)
+    add_out_argument(parser)
 
 
 def _press(method: str, model, **settings):
@@ -129,9 +132,7 @@ def memory_check(model, ids: torch.Tensor, args) -> dict:
     tokens, chunk, budget = args.prefill_tokens, args.prefill_chunk, args.budget
     p = _press(args.method, model, max_cache_tokens=budget, window=args.window, n_sink=args.n_sink,
                prefill_chunk_size=chunk)
-    cfg = model.config.get_text_config()
-    head_dim = head_dim_of(cfg)
-    token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()  # K + V
+    token_bytes = kv_bytes_per_token(model, layers=1)  # K + V of one layer
     cache = DynamicCache(config=model.config)
     stored_peak, attention_peak, calls = 0, 0, 0
     live_before: dict[int, int] = {}
@@ -157,7 +158,7 @@ def memory_check(model, ids: torch.Tensor, args) -> dict:
         model.generate(ids[:, :tokens], attention_mask=torch.ones_like(ids[:, :tokens]), **cache_kwargs(cache),
                        max_new_tokens=1, do_sample=False)
         seconds = time.perf_counter() - start
-    layers = cfg.num_hidden_layers
+    layers = model.config.get_text_config().num_hidden_layers
     full = layers * tokens * token_bytes
     return dict(
         prompt_tokens=tokens,

@@ -27,12 +27,14 @@ import json
 import platform
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from kvpress_like.models import head_dim as head_dim_of
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import add_out_argument, write_result
+from .memory import peak_gib, reset_peak
+from .roofline import copy_bandwidth, kv_bytes_per_token, sync, weight_bytes_read
+
 COMMAND = "kvpress-like bench gpu-decode"
 LLAMA_8B = dict(
     num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
@@ -60,40 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="chunked-prefill memory check: Q-Filters max_cache_tokens and prefill_chunk_size "
                              "(tiny: 64), prompt = the largest --prompts; 0 skips it")
     parser.add_argument("--time-budget", type=float, default=320.0, help="seconds; later measurements are skipped")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for gpu_decode.json / .md")
+    add_out_argument(parser)
 
 
 # -- measurements ----------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    reps = 10
-    start = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * nbytes * reps / (time.perf_counter() - start)
-
-
-def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
-    head_dim = head_dim_of(cfg)
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
-def weight_bytes_read(model) -> int:
-    """Bytes of weights one decode step reads (the input embedding only gathers a few rows)."""
-    embed = model.get_input_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-
-
 def fill(cache, cfg, batch: int, prompt: int, dtype, device, seed: int, chunk: int = 8192) -> None:
     """Give every layer ``prompt`` random keys/values through the cache's own ``update`` (chunked)."""
     head_dim = head_dim_of(cfg)
@@ -114,7 +86,7 @@ def time_decode(step, cache, batch: int, warmup: int, steps: int, device, cudagr
     with torch.no_grad():
         for i in range(warmup + steps):
             if i == warmup:
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -122,18 +94,8 @@ def time_decode(step, cache, batch: int, warmup: int, steps: int, device, cudagr
             if first is None:
                 first = logits[:, -1].float().clone()
             tok = logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
     return 1000 * (time.perf_counter() - start) / steps, first
-
-
-def _peak_reset(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def largest_batch(cfg, prompt: int, extra: int, dtype, device, want: int) -> int:
@@ -181,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=args.attn).eval()
     head_dim = head_dim_of(cfg)
     filters = torch.randn(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim)
-    bandwidth = copy_bandwidth(device, (2 << 30) if not tiny else (64 << 20))
+    bandwidth = copy_bandwidth((2 << 30) if not tiny else (64 << 20), reps=10, device=device)
     weights = weight_bytes_read(model)
     per_token = kv_bytes_per_token(cfg, dtype)
     extra = args.warmup + steps + 8
@@ -211,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
             log(f"[{elapsed:6.1f}s] {path:28s} P={prompt} b={batch}: skipped (time budget)")
             return
-        _peak_reset(device)
+        reset_peak(device)
         try:
             with context:
                 cache = make_cache()
@@ -220,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
             row["skipped"] = f"out of memory: {str(err).splitlines()[0]}"
             rows.append(row)
             cache = None
-            _peak_reset(device)
+            reset_peak(device)
             return
         if new_graph:
             graphs_seen.add((path, batch == 1))
@@ -228,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
                 compile_s[0] = time.perf_counter() - t0 - elapsed
         bound_ms = 1000 * (weights + batch * kept * per_token) / bandwidth
         row.update(
-            ms_per_token=ms, tokens_per_s=batch * 1000 / ms, peak_gib=_peak_gib(device),
+            ms_per_token=ms, tokens_per_s=batch * 1000 / ms, peak_gib=peak_gib(device),
             kv_gib=batch * kept * per_token / 2**30, bound_ms=bound_ms, x_bound=ms / bound_ms,
         )
         first_logits[(path, prompt, batch)] = first.cpu()
@@ -323,12 +285,12 @@ def chunked_prefill_memory(model, filters, prompt: int, budget: int, device: tor
     p = QFilterPress(ratio=0.0, filters=filters, max_cache_tokens=budget, prefill_chunk_size=budget)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(3))
-    _peak_reset(device)
+    reset_peak(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     start = time.perf_counter()
     with torch.no_grad(), press(model, p):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
-    _sync(device)
+    sync(device)
     out = dict(prompt=prompt, budget=budget, chunk=budget, seconds=time.perf_counter() - start)
     if before is not None:
         out["peak_beyond_start_gib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**30
@@ -472,10 +434,8 @@ def main(args: argparse.Namespace) -> int:
     report = run(args)
     command = " ".join(["kvpress-like", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else COMMAND + (
         " --tiny" if args.tiny else "")
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu_decode" if args.attn == "sdpa" else f"gpu_decode.{args.attn}"
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     text = markdown(report, command)
-    (args.out / f"{name}.md").write_text(text)
+    write_result(args.out, name, report, text)
     print(text)
     return 0

@@ -1,4 +1,4 @@
-"""``python -m kvpress_like.evaluations.headwise_bench``: memory and decode speed of head-wise (AdaKV) budgets
+"""``kvpress-like bench headwise``: memory and decode speed of head-wise (AdaKV) budgets
 against the same press with uniform budgets, at equal kept pairs.
 
 One real prefill of a ``--context``-token prompt fills a full cache; copies of it are compressed by the cache
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -29,19 +28,22 @@ from kvpress_like.integrations.transformers import attention_layers, cache_kwarg
 from kvpress_like.methods.adaptive import AdaptivePress
 from kvpress_like.models import head_dim as head_dim_of
 
-from .common import RESULTS_DIR, build_press, environment, markdown_footer, set_threads, write_result
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, build_press, environment, markdown_footer,
+    set_threads, write_result,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    add_model_argument(parser)
     parser.add_argument("--method", default="knorm", help="registered query-free base press")
     parser.add_argument("--context", type=int, default=4096, help="prompt tokens")
     parser.add_argument("--budget", type=int, default=1024, help="kept pairs per layer and KV head (on average)")
     parser.add_argument("--floor", type=float, default=0.2, help="AdaptivePress floor")
     parser.add_argument("--steps", type=int, default=32, help="decoding steps per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cache, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    add_threads_argument(parser, default=1)
+    add_out_argument(parser)
 
 
 def _prompt(tokenizer, n: int) -> torch.Tensor:

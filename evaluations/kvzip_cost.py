@@ -19,7 +19,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -29,7 +28,9 @@ from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.kvzip import reconstruction_scores
 from kvpress_like.models import load_model
 
-from .common import RESULTS_DIR, environment, markdown_footer, set_threads, write_result
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, environment, markdown_footer, set_threads, write_result,
+)
 
 __all__ = ["configure", "main", "kvzip_cost"]
 
@@ -66,13 +67,13 @@ def kvzip_cost(model, ids: torch.Tensor, ratio: float, chunk_size: int, repeats:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local directory")
+    add_model_argument(parser, "embedded name or local directory")
     parser.add_argument("--tokens", type=int, default=2048, help="context length (prose corpus)")
     parser.add_argument("--ratio", type=float, default=0.75, help="KVzip ratio of the whole-prefill timing")
     parser.add_argument("--chunk-size", type=int, default=KVzipPress.chunk_size, help="reconstruction chunk")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (medians reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder (kvzip_cost.json/.md)")
+    add_threads_argument(parser, default=1)
+    add_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -50,8 +50,8 @@ from kvpress_like.integrations.transformers import cache_kwargs
 
 from . import passkey
 from .common import (
-    RESULTS_DIR, build_press, command_line, environment, environment_markdown, factor_to_ratio, set_threads,
-    write_result,
+    add_model_argument, add_out_argument, add_threads_argument, build_press, command_line, environment,
+    environment_markdown, factor_to_ratio, set_threads, write_result,
 )
 
 METHODS = ("no_press", "qfilters", "knorm", "snapkv", "streaming_llm")
@@ -392,7 +392,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
+    add_model_argument(parser, "embedded model name or local path")
     parser.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens (comma-separated)")
     parser.add_argument("--depths", default="0.25,0.75", help="needle depths in [0, 1]")
     parser.add_argument("--factors", default="2,4,8,16", help="compression factors (x2 keeps half; 1.33 ... 32)")
@@ -405,8 +405,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="forced: one pass over question + answer (default); generate: greedy decoding")
     parser.add_argument("--min-baseline", type=float, default=0.5,
                         help="drop a (length, haystack) whose no-press exact-match accuracy is below this")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 avoids stalls on a shared machine)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_threads_argument(parser)
+    add_out_argument(parser)
     parser.add_argument("--name", default="niah", help="basename of the result files")
 
 

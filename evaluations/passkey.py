@@ -30,7 +30,6 @@ that format token, not a lost key.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -45,8 +44,9 @@ from transformers import DynamicCache
 from kvpress_like import press, uncompressed
 from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer
-from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
+from kvpress_like.cache_ops import fork_cache
 from kvpress_like.data import passkey_sample
+from kvpress_like.integrations.context import adopt_layer
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.methods import KVzipPress
 from kvpress_like.registry import list_presses
@@ -93,10 +93,8 @@ class Prefill:
 
 
 def _copy_cache(cache: DynamicCache) -> DynamicCache:
-    """Shallow copy whose layers can be appended to without touching the original (appends re-assign)."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
+    """A copy of a plain cache that can be appended to without touching the original, sharing its tensors."""
+    return fork_cache(cache, share_storage=True)
 
 
 @torch.no_grad()
@@ -124,10 +122,10 @@ def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previou
 def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     """A copy of the shared full cache, compressed as a single pressed prefill of the same tokens would be.
 
-    Must run inside ``press(model, p)`` (which prepares ``p``). The engine's own
-    :meth:`PressedLayer.from_dynamic` takes each full layer over in one update, scoring and selecting with
-    the reading position at the end of the prefill; query-dependent presses then prune with the recorded
-    queries. ``p=None`` gives a plain copy.
+    Must run inside ``press(model, p)`` (which prepares ``p``). Each full layer is adopted exactly as press()
+    adopts it (:func:`~kvpress_like.integrations.context.adopt_layer`): the engine takes the layer over in
+    one update, scoring and selecting with the reading position at the end of the prefill; query-dependent
+    presses then prune with the recorded queries. ``p=None`` gives a plain copy.
     """
     new = _copy_cache(shared.cache)
     if p is None:
@@ -140,11 +138,9 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
             idx = layer.layer_idx
             if layer.sliding or not p.compresses_layer(idx):
                 continue
-            layer_class = HeadwisePressedLayer if is_headwise(p) else PressedLayer  # as press() would adopt it
-            pressed = layer_class.from_dynamic(shared.cache.layers[idx], p, idx)
+            pressed = adopt_layer(new, idx, p)
             if not p.query_free:
                 pressed.prune_with_queries(layer.module, shared.queries[idx])
-            new.layers[idx] = pressed
     if kvzip:
         p.compress(model, new, shared.ids.to(model.device))
     return new

@@ -39,8 +39,8 @@ from kvpress_like.registry import press_class
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, command_line, environment, markdown_footer, parse_list, query_free_presses,
-    rescore_setting, set_threads, write_result,
+    add_model_argument, add_out_argument, add_threads_argument, build_press, command_line, environment,
+    markdown_footer, parse_list, query_free_presses, rescore_setting, set_threads, write_result,
 )
 
 REFERENCE = "streaming_llm"
@@ -150,7 +150,7 @@ def gap_reduction(full: float, streaming: float, method: float) -> float | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    add_model_argument(parser)
     parser.add_argument("--methods", default=None,
                         help="comma-separated: full and registered query-free presses (default: all of them)")
     parser.add_argument("--budgets", default="512", help="comma-separated KV budgets per layer and KV head")
@@ -168,8 +168,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="Hugging Face dataset with a `text` column (online only)")
     parser.add_argument("--dataset-config", default=None, help="configuration of --dataset, e.g. wikitext-2-raw-v1")
     parser.add_argument("--split", default="test", help="split of --dataset (default: test)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for perplexity.json/.png/.md")
+    add_threads_argument(parser)
+    add_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -38,10 +38,9 @@ from kvpress_like.calibration import calibration_ids, filters_from_queries
 from kvpress_like.filters import expected_shape, load_filters
 from kvpress_like.integrations.calibration import collect_queries
 
+from .common import add_model_argument, add_out_argument, write_result
+
 __all__ = ["configure", "main", "cosines", "PasskeyRunner", "RowFilterPress"]
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
@@ -52,7 +51,7 @@ def _ints(text: str) -> list[int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local directory or hub id")
+    add_model_argument(parser)
     parser.add_argument("--context", type=int, default=2048, help="pass-key context tokens (default: 2048)")
     parser.add_argument("--depths", type=_floats, default=[0.25, 0.5, 0.75], help="needle depths, comma-separated")
     parser.add_argument("--seeds", type=_ints, default=[0, 1], help="pass-key seeds, comma-separated")
@@ -62,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-sequences", type=int, default=6, help="prose windows of the sample-count pool (default: 6)")
     parser.add_argument("--corpus-sequences", type=int, default=4, help="windows of code and of random ids (default: 4)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: evaluations/results)")
+    add_out_argument(parser)
 
 
 def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -271,10 +270,7 @@ def main(args: argparse.Namespace) -> int:
         command=_command(args),
         seconds=round(time.perf_counter() - start, 1),
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "robustness.json").write_text(json.dumps(result, indent=2))
-    _figure(result, args.out / "robustness.png")
-    (args.out / "robustness.md").write_text(_markdown(result))
+    write_result(args.out, "robustness", result, _markdown(result), {"robustness.png": _figure(result)})
     print(_markdown(result))
     return 0
 
@@ -286,7 +282,8 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
-def _figure(result: dict, path: Path) -> None:
+def _figure(result: dict):
+    """The three panels (queries per head, corpus per layer, pass-key accuracy) as one matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,8 +324,7 @@ def _figure(result: dict, path: Path) -> None:
     ax.set_title(f"(c) needle at {s['context']} tokens, x{1 / (1 - s['ratio']):.0f} compression")
     fig.suptitle(f"Q-Filters robustness on {result['model']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _markdown(r: dict) -> str:

@@ -1,6 +1,6 @@
 """Cost of query-free scoring next to the model's own work: prefill at 4k tokens, and one decode step.
 
-    python -m kvpress_like.evaluations.scorer_cost --model smollm2-135m --tokens 4096 --budget 512 --threads 1
+    kvpress-like bench scorer-cost --model smollm2-135m --tokens 4096 --budget 512 --threads 1
 
 For each press, in the same run as the reference timings:
 
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -35,7 +33,10 @@ from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.models import load_model
 
-from .common import RESULTS_DIR, environment, markdown_footer, rescore_setting, set_threads, write_result
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, environment, markdown_footer, rescore_setting,
+    set_threads, write_result,
+)
 
 __all__ = ["configure", "main", "scoring_overhead"]
 
@@ -122,15 +123,15 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local directory")
+    add_model_argument(parser, "embedded name or local directory")
     parser.add_argument("--tokens", type=int, default=4096, help="prefill length (default: 4096)")
     parser.add_argument("--budget", type=int, default=512, help="tokens in the decoding cache (default: 512)")
     parser.add_argument("--presses", default=",".join(PRESSES), help="registry names, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
     parser.add_argument("--rescore-every", type=int, default=1,
                         help="position-dependent presses re-score every this many decoding steps (default: 1, exact)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_out_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -143,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
     for name in args.presses.split(","):
         presses[name] = get_press(name, max_cache_tokens=args.budget, **rescore_setting(name, args.rescore_every))
         presses[name].prepare(model)
-    env = environment(command="python -m kvpress_like.evaluations.scorer_cost " + " ".join(sys.argv[1:]))
+    env = environment()
     result = scoring_overhead(model, ids, presses, args.budget, args.repeats)
     lines = [
         "## Scoring cost" + (f" (re-scoring every {args.rescore_every} decoding steps)" if args.rescore_every > 1 else ""),

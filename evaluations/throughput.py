@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -40,8 +39,12 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, command_line, environment, markdown_footer, set_threads, write_result
-from kvpress_like.models import head_dim as head_dim_of
+from .common import (
+    add_model_argument, add_out_argument, add_threads_argument, command_line, environment, markdown_footer,
+    query_free_presses, set_threads, write_result,
+)
+from .memory import hwm, peak_gib, reset_hwm, rss
+from .roofline import bound_speedup, bound_step_seconds, copy_bandwidth, kv_bytes_per_token, sync, weight_bytes_read
 
 NAME = "throughput"
 #: ``--quick``: a small grid that still contains the headline cell (batch 8 x 4k) and Q-Filters only
@@ -53,7 +56,7 @@ MODES = ("dynamic", "static", "static+compile")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, local path, 'tiny' or 'llama-8b-random'")
+    add_model_argument(parser, "embedded name, local path, 'tiny' or 'llama-8b-random'")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8], help="batch sizes")
@@ -71,67 +74,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=None,
                         help="distinct prompts prefilled, tiled over the batch rows (default: one per row); decode "
                              "cost does not depend on the content, prefill cost does")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (set and reported)")
+    add_threads_argument(parser, default=1)
     parser.add_argument("--quick", action="store_true",
                         help="batches 1 8, contexts 2k 4k, 8 new tokens, 2 repeats, Q-Filters x8 only")
     parser.add_argument("--nocopy-baseline", action="store_true",
                         help="also time a full cache that appends in place (PressedLayer, nothing evicted): "
                              "transformers' DynamicCache re-copies the whole cache at every step (torch.cat)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG figure")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
+    add_out_argument(parser)
 
 
-# -- bytes and the bound ---------------------------------------------------------------------------------
-def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5, device: str | torch.device = "cpu") -> float:
-    """Bytes per second moved by a large tensor copy (read + write counted), median of ``reps``."""
-    device = torch.device(device)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    rates = []
-    for _ in range(reps + 1):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        rates.append(2 * nbytes / (time.perf_counter() - start))
-    return statistics.median(rates[1:])  # the first copy also faults the pages in
-
-
-def weight_bytes_read(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except an input embedding that only
-    gathers a few rows (counted when it is tied to the output projection, which reads all of it)."""
-    embed = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    tied = out is not None and out.weight is embed
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) in seen or (param is embed and not tied):
-            continue
-        seen.add(id(param))
-        total += param.numel() * param.element_size()
-    return total
-
-
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Key + value bytes one token adds to a full cache (all layers, all KV heads)."""
-    cfg = model.config.get_text_config()
-    head_dim = head_dim_of(cfg)
-    elem = next(model.parameters()).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
-
-
-def bound_step_seconds(weight_bytes: int, kv_bytes: float, bandwidth: float) -> float:
-    """Fastest possible decode step when it only has to stream the weights and the live KV once."""
-    if bandwidth <= 0:
-        raise ValueError(f"bandwidth must be positive bytes/s, got {bandwidth}")
-    return (weight_bytes + kv_bytes) / bandwidth
-
-
-def bound_speedup(weight_bytes: int, kv_full: float, kv_press: float) -> float:
-    """Speedup over the full cache that the bytes allow: (W + KV_full) / (W + KV_press)."""
-    return (weight_bytes + kv_full) / (weight_bytes + kv_press)
-
-
+# -- the bound's live tokens ------------------------------------------------------------------------------
 def live_tokens(kind: str, press, context: int, new_tokens: int, budget: int | None = None) -> float:
     """Mean live KV tokens per layer and KV head over the timed steps (steps 2..new_tokens)."""
     mid = (new_tokens + 1) / 2  # steps 1..new_tokens after the prompt; mean growth of a growing cache
@@ -146,11 +99,6 @@ def live_tokens(kind: str, press, context: int, new_tokens: int, budget: int | N
 
 
 # -- timing ------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StepClock:
     """A logits processor that timestamps every generation step (``generate()`` calls it once per token)."""
 
@@ -159,7 +107,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _sync(self.device)
+        sync(self.device)
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -179,21 +127,15 @@ class UpdateClock:
 
     def _wrap(self, update: Callable, device: torch.device) -> Callable:
         def timed(*args, **kwargs):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             out = update(*args, **kwargs)
-            _sync(device)
+            sync(device)
             self.total += time.perf_counter() - start
             self.calls += 1
             return out
 
         return timed
-
-
-def _rss_tools():
-    from .bench import _hwm, _reset_hwm, _rss
-
-    return _hwm, _reset_hwm, _rss
 
 
 # -- paths -------------------------------------------------------------------------------------------------
@@ -208,15 +150,9 @@ class DecodePath:
     press: object = None
 
 
-def query_free_presses() -> list[str]:
-    from kvpress_like.registry import list_presses, press_class
-
-    return [name for name in list_presses() if press_class(name).query_free]
-
-
 def make_press(name: str, factor: int, filters):
     """A registered press at compression ``factor`` (ratio 1 - 1/factor), with Q-Filters' filters if it takes them."""
-    from kvpress_like.registry import press_class
+    from kvpress_like.registry import press_class, press_settings, resolve_press
 
     if factor < 2:
         raise ValueError(f"compression factors must be >= 2 (x2 removes half), got {factor}")
@@ -225,9 +161,9 @@ def make_press(name: str, factor: int, filters):
         raise ValueError(f"{name} scores keys with queries; the throughput benchmark compares query-free presses "
                          f"({', '.join(query_free_presses())}).")
     settings = dict(ratio=1 - 1 / factor)
-    if "filters" in {f.name for f in dataclasses.fields(cls)}:
+    if "filters" in press_settings(cls):
         settings["filters"] = filters
-    return cls(**settings)
+    return resolve_press(name, settings)
 
 
 def build_paths(args, model, filters) -> list[DecodePath]:
@@ -318,11 +254,10 @@ def decode_run(model, path: DecodePath, cache, prompt: torch.Tensor, new_tokens:
         static = path.kind.startswith("static")
         compile_ = (compile_config if path.kind == "static+compile" else False) if static else None
         ctx = press(model, path.press, static=static, compile=compile_)
-    _hwm, _reset_hwm, _rss = _rss_tools()
-    hwm_ok = device.type == "cpu" and _reset_hwm()
+    hwm_ok = device.type == "cpu" and reset_hwm()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss0 = _rss() if device.type == "cpu" else 0
+    rss0 = rss() if device.type == "cpu" else 0
     start = time.perf_counter()
     with ctx, torch.no_grad():
         out = model.generate(
@@ -337,8 +272,7 @@ def decode_run(model, path: DecodePath, cache, prompt: torch.Tensor, new_tokens:
         step_s=statistics.median(steps), steps=len(steps), wall_s=wall,
         first_step_s=clock.stamps[1] - clock.stamps[0] if len(clock.stamps) > 1 else None,
         tokens=out[:, prompt.shape[1]:].tolist(),
-        peak_rss_gib=(_hwm() if hwm_ok else _rss()) / 2**30 if device.type == "cpu" else
-        torch.cuda.max_memory_allocated(device) / 2**30,
+        peak_rss_gib=(hwm() if hwm_ok else rss()) / 2**30 if device.type == "cpu" else peak_gib(device),
         rss_before_gib=rss0 / 2**30,
     )
     if updates is not None and updates.calls:

@@ -21,22 +21,24 @@ from kvpress_like.integrations.transformers import (
     patched_attention,
     set_cache_layer,
 )
-from kvpress_like.registry import get_press
+from kvpress_like.registry import resolve_press
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, check_static_press, static_budget
 
-__all__ = ["press"]
+__all__ = ["press", "adopt_layer"]
 
 #: ``id(press) -> model`` while a press() context is open: a press keeps per-model state (filters, statistics)
 #: for the model it was last prepared on, so one instance cannot serve two models at once.
 _OPEN: dict[int, nn.Module] = {}
 
 
-def _adopt(
-    cache: Cache, idx: int, p: Press, window: int | None, q: int, real: torch.Tensor | None
+def adopt_layer(
+    cache: Cache, idx: int, p: Press, window: int | None = None, q: int = 0, real: torch.Tensor | None = None
 ) -> PressedLayer | StaticPressedLayer | None:
-    """The cache layer ``idx`` as a pressed layer driven by ``p`` (converting a plain layer), or ``None``
-    when it stays a transformers layer (a sliding layer its window already bounds below the press's target,
-    judged on the shortest row's real tokens of this ``q``-token call)."""
+    """The cache layer ``idx`` as a pressed layer driven by ``p`` (converting a plain layer: its tokens are
+    compressed as one prefill), or ``None`` when it stays a transformers layer (a sliding layer its window
+    already bounds below the press's target, judged on the shortest row's real tokens of this ``q``-token
+    call). press() adopts every layer of every call through this; code that prepares a cache outside a
+    forward call (a shared prefill compressed per press) calls it too, so it compresses as press() would."""
     layers = cache.layers
     while len(layers) <= idx:
         if cache.layer_class_to_replicate is None:
@@ -112,12 +114,9 @@ def press(
     ``compile`` (static only): ``None`` follows transformers' rule (compile on accelerators), ``False``
     disables compilation, ``True`` or a ``transformers.CompileConfig`` compiles on every device, CPU included.
     """
-    if isinstance(p, str):
-        p = get_press(p, **settings)
-    elif settings:
-        raise TypeError("settings are only accepted with a press name, e.g. press(model, 'knorm', ratio=0.5)")
-    if not isinstance(p, Press):
-        raise TypeError(f"press() needs a kvpress_like Press or a registered name, got {type(p).__name__}")
+    p = resolve_press(p, settings)
+    if p is None:
+        raise TypeError("press() needs a kvpress_like Press or a registered name, got None")
     if static:
         check_static_press(p)
     elif compile is not None:
@@ -171,7 +170,7 @@ def press(
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         q = hidden.shape[1]
-        layer = _adopt(cache, idx, p, window_of[idx], q, real) if idx in compressed else None
+        layer = adopt_layer(cache, idx, p, window_of[idx], q, real) if idx in compressed else None
         if isinstance(layer, PressedLayer):
             layer.begin_call(None if real is None else real[:, -q:])
         elif layer is None:

@@ -42,14 +42,9 @@ splitting with ``parallelize=True`` work unchanged: each cache layer lives and i
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import difflib
 import importlib.util
 import json
-import re
-import types
-import typing
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,12 +62,13 @@ from transformers import DynamicCache
 
 from kvpress_like.base import Press
 from kvpress_like.cache import uncompressed
+from kvpress_like.cache_api import cache_kwargs
+from kvpress_like.cache_ops import chunked_prefill, fork_cache
 from kvpress_like.integrations.context import press as press_model
-from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import EMBEDDED_MODELS, _materialize
-from kvpress_like.registry import list_presses, press_class, press_settings
+from kvpress_like.registry import UnknownSettings, list_presses, press_class, press_settings, resolve_press
 
-__all__ = ["QFiltersHFLM", "batch_speed", "build_press", "press_options", "tasks_path", "MODEL_NAME", "ROLLING_CHUNK"]
+__all__ = ["QFiltersHFLM", "build_press", "press_options", "tasks_path", "MODEL_NAME", "ROLLING_CHUNK"]
 
 MODEL_NAME = "qfilters-hf"
 #: Chunk size of ``loglikelihood_rolling`` streaming for presses that cannot prune while decoding.
@@ -92,43 +88,6 @@ def tasks_path() -> Path:
 def press_options() -> dict[str, set[str]]:
     """Settable fields of every registered press: ``{press name: {option, ...}}``."""
     return {name: press_settings(press_class(name)) for name in list_presses()}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Turn a ``--model_args`` value (already parsed by lm-eval into bool/int/float/str/list) into ``hint``."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if value is None or (isinstance(value, str) and value.lower() == "none"):
-        if type(None) in args:
-            return None
-        raise ValueError(f"{name} cannot be None.")
-    if bool in args:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ValueError(f"{name} must be true or false, got {value!r}.")
-    if any(typing.get_origin(a) is tuple for a in args):
-        items = [value] if isinstance(value, int) else value
-        if isinstance(items, str):
-            items = [s for s in re.split(r"[,;:|+\s]+", items.strip("[]() ")) if s]
-        try:
-            return tuple(int(v) for v in items)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be integers such as [0,1] or 0;1, got {value!r}.") from None
-    if int in args:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{name} must be an integer, got {value!r}.")
-    if float in args:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {value!r}.") from None
-    return str(value) if isinstance(value, (int, float)) else value
 
 
 def _rejoin_lists(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -152,21 +111,14 @@ def _rejoin_lists(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_press(name: str, **options: Any) -> Press:
-    """A press from ``--model_args`` values; a ``ValueError`` naming valid presses/options otherwise."""
+    """A press from ``--model_args`` values (text, converted to each setting's type); a ``ValueError`` naming
+    valid presses/options otherwise."""
     try:
-        cls = press_class(name)
-    except KeyError:
+        return resolve_press(name, options, parse=True)
+    except UnknownSettings as err:
         raise ValueError(
-            f"unknown press={name!r} for {MODEL_NAME}; registered presses: {', '.join(list_presses())}"
+            f"option(s) {', '.join(err.unknown)} do not apply to press={name}; its options are: {', '.join(err.valid)}"
         ) from None
-    valid = press_options()[name]
-    wrong = sorted(set(options) - valid)
-    if wrong:
-        raise ValueError(
-            f"option(s) {', '.join(wrong)} do not apply to press={name}; its options are: {', '.join(sorted(valid))}"
-        )
-    hints = typing.get_type_hints(cls)
-    return cls(**{key: _coerce(key, value, hints.get(key, Any)) for key, value in options.items()})
 
 
 class QFiltersHFLM(HFLM):
@@ -238,28 +190,12 @@ class QFiltersHFLM(HFLM):
         return DynamicCache(config=self.model.config)
 
     def _prefill(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None) -> None:
-        """Run ``ids`` into ``cache`` under the press, ``prefill_chunk_size`` tokens per call.
-
-        ``mask`` marks the real tokens of a left-padded batch; each row then gets its true positions (as
-        ``generate()`` computes them from the mask) and every chunk the mask of everything seen so far.
-        """
-        chunk = getattr(self._press, "prefill_chunk_size", None) or ids.shape[1]
-        padded = mask is not None and not bool(mask.all())
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
-        for start in range(0, ids.shape[1], chunk):
-            end = start + chunk
-            rows = {"attention_mask": mask[:, :end], "position_ids": positions[:, start:end]} if padded else {}
-            self.model(ids[:, start:end], use_cache=True, logits_to_keep=1, **rows, **cache_kwargs(cache))
+        """Run ``ids`` (left-padded where ``mask`` says) into ``cache`` under the press, ``prefill_chunk_size``
+        tokens per call."""
+        chunked_prefill(self.model, ids, cache, self._press.prefill_chunk_size, mask)
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype or torch.float32)
-
-    def _copy_rows(self, cache: DynamicCache, rows: list[int], last: bool) -> DynamicCache:
-        """Cache whose batch rows are ``rows`` of ``cache`` (in place for the last use). The press is shared,
-        not copied: pressed layers must stay tied to the press that is active."""
-        target = cache if last else copy.deepcopy(cache, {id(self._press): self._press})
-        target.batch_select_indices(torch.tensor(rows))  # CPU indices work for layers on any device
-        return target
 
     # -- loglikelihood --------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
@@ -292,7 +228,7 @@ class QFiltersHFLM(HFLM):
                     for m in range(0, len(members), self._batch):
                         part = members[m : m + self._batch]
                         last = m + self._batch >= len(members)
-                        sub = self._copy_rows(cache, [row for row, _ in part], last) if length else self._new_cache()
+                        sub = fork_cache(cache, [row for row, _ in part], in_place=last) if length else self._new_cache()
                         self._score_tails(sub, part, tails, requests, results)
                         bar.update(len(part))
         bar.close()
@@ -428,60 +364,6 @@ class QFiltersHFLM(HFLM):
         )
 
 
-def batch_speed(
-    pretrained: str = "smollm2-135m",
-    batch_sizes: tuple[int, ...] = (1, 4),
-    context_tokens: int = 1024,
-    samples_per_depth: int = 4,
-    **press_args: Any,
-) -> dict[str, Any]:
-    """``generate_until`` requests/s of the offline pass-key task at each batch size, on one loaded model.
-
-    The requests are those of ``kvpress_passkey_<n>`` (lm-eval's generation settings from the task YAML);
-    each batch size answers all of them after one warm-up request. Prints and returns the rates, their
-    ratio to the first batch size and how many generations agree with the first batch size's.
-    """
-    import os
-    import sys
-    import time
-
-    from lm_eval.api.instance import Instance
-
-    sys.path.insert(0, str(tasks_path()))
-    from kvpress_tasks import passkey_dataset
-
-    docs = passkey_dataset(context_tokens, pretrained=pretrained, samples_per_depth=samples_per_depth)["test"]
-    settings = {"until": ["\n", "."], "max_gen_toks": 10, "do_sample": False, "temperature": 0.0}
-    requests = [Instance("generate_until", {}, (doc["context"], settings), i) for i, doc in enumerate(docs)]
-    lm = QFiltersHFLM(pretrained=pretrained, device="cpu", batch_size=batch_sizes[0], **press_args)
-    lengths = sorted({len(lm.tok_encode(doc["context"])) for doc in docs})
-    lm.generate_until(requests[:1], disable_tqdm=True)  # warm-up: filters, kernels
-    rates, outputs, load = {}, {}, os.getloadavg()[0]
-    for size in batch_sizes:
-        lm.batch_size_per_gpu = size
-        start = time.perf_counter()
-        outputs[size] = lm.generate_until(requests, disable_tqdm=True)
-        rates[size] = len(requests) / (time.perf_counter() - start)
-    first = batch_sizes[0]
-    result = {
-        "requests": len(requests),
-        "prompt_token_lengths": lengths,
-        "press": press_args or None,
-        "requests_per_s": rates,
-        "speedup": {size: rates[size] / rates[first] for size in batch_sizes},
-        "agreeing": {size: sum(a == b for a, b in zip(outputs[size], outputs[first], strict=True)) for size in batch_sizes},
-        "torch_threads": torch.get_num_threads(),
-        "load_average": (load, os.getloadavg()[0]),
-    }
-    print(f"{MODEL_NAME} generate_until on kvpress_passkey_{context_tokens}: {len(requests)} requests, prompt lengths "
-          f"{lengths}, press {press_args or 'none'}; torch threads {result['torch_threads']}, load average (1 min) "
-          f"{load:.1f} before, {result['load_average'][1]:.1f} after")
-    for size in batch_sizes:
-        print(f"  batch_size={size}: {rates[size]:.3f} requests/s (x{result['speedup'][size]:.2f}), "
-              f"{result['agreeing'][size]}/{len(requests)} generations equal to batch_size={first}'s")
-    return result
-
-
 if __name__ != "__main__":  # run as a script, this module only prints; the importable copy is the registered one
     register_model(MODEL_NAME)(QFiltersHFLM)
 else:
@@ -490,14 +372,7 @@ else:
     parser = argparse.ArgumentParser(description="kvpress_like's lm-eval integration")
     parser.add_argument("--tasks-path", action="store_true", help="print the directory for --include_path")
     parser.add_argument("--presses", action="store_true", help="list presses and their --model_args options")
-    parser.add_argument("--batch-speed", metavar="MODEL_ARGS", nargs="?", const="press=qfilters,ratio=0.875,window=16",
-                        help="time generate_until on the pass-key task at batch_size 1 and 4 (press args as for --model_args)")
-    parser.add_argument("--samples-per-depth", type=int, default=4, help="--batch-speed: prompts per needle depth")
     cli = parser.parse_args()
-    if cli.batch_speed is not None:
-        args = lm_utils.simple_parse_args_string(cli.batch_speed)
-        batch_speed(args.pop("pretrained", "smollm2-135m"), samples_per_depth=cli.samples_per_depth, **args)
-        raise SystemExit(0)
     if cli.presses:
         for press_name, fields in press_options().items():
             print(f"{press_name}: {', '.join(sorted(fields))}")

@@ -25,10 +25,7 @@ calling :func:`register`, idempotent) does.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
-import os
 import time
 from collections import defaultdict
 from contextlib import ExitStack, nullcontext
@@ -40,14 +37,15 @@ from transformers.cache_utils import Cache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from kvpress_like.base import Press
-from kvpress_like.cache import PressedLayer, cache_nbytes, uncompressed
+from kvpress_like.cache import cache_nbytes, uncompressed
+from kvpress_like.cache_api import cache_kwargs
+from kvpress_like.cache_ops import cache_presses, chunked_prefill, fork_cache
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.filters import expected_shape
-from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.models import model_identity
-from kvpress_like.registry import list_presses, press_class, press_settings
+from kvpress_like.registry import list_presses, press_class, press_settings, resolve_press
 
-__all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "benchmark", "TASK", "KVPRESS_TASK"]
+__all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "TASK", "KVPRESS_TASK"]
 
 TASK = "kvpress-qa"
 #: NVIDIA kvpress's task name, registered as an alias when free.
@@ -72,46 +70,22 @@ def model_key(model) -> tuple[str, str]:
 
 def cache_press(cache: Cache) -> Press | None:
     """The press that compressed ``cache`` (None for a plain cache); a cache must be continued under it."""
-    presses = {id(layer.press): layer.press for layer in cache.layers if isinstance(layer, PressedLayer)}
+    presses = cache_presses(cache)
     if len(presses) > 1:
         raise ValueError("this cache was compressed by several presses; continue it layer by layer with press().")
-    return next(iter(presses.values()), None)
+    return next(iter(presses), None)
 
 
 def fork(cache: Cache, rows: int = 1) -> Cache:
-    """An independent copy of ``cache`` repeated ``rows`` times along the batch (for ``rows`` questions).
-
-    The press is shared, not copied: pressed layers must stay tied to the press object that is active.
-    """
-    p = cache_press(cache)
-    copied = copy.deepcopy(cache, {} if p is None else {id(p): p})
-    if rows > 1:
-        copied.batch_repeat_interleave(rows)
-    return copied
+    """An independent copy of ``cache`` repeated ``rows`` times along the batch (for ``rows`` questions);
+    :func:`kvpress_like.cache_ops.fork_cache`, the copy every front-end makes."""
+    return fork_cache(cache, rows)
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two id lists."""
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-def resolve_press(p: Press | str | None, settings: dict) -> Press | None:
-    """A press from an instance or a registered name plus settings; a clear error otherwise."""
-    if isinstance(p, str):
-        try:
-            cls = press_class(p)
-        except KeyError:
-            raise ValueError(f"unknown press {p!r}; registered presses: {', '.join(list_presses())}") from None
-        return cls(**settings)
-    if settings:
-        raise TypeError(
-            f"press settings ({', '.join(sorted(settings))}) go with a press name, e.g. press='knorm', ratio=0.5; "
-            "set them on the instance instead."
-        )
-    if p is not None and not isinstance(p, Press):
-        raise TypeError(f"press must be a kvpress_like Press, a registered name or None, got {type(p).__name__}")
-    return p
 
 
 def _check_questions(question: Any, questions: Any) -> list[str]:
@@ -302,7 +276,7 @@ class KVPressQAPipeline(Pipeline):
             if cache is None:
                 start = time.perf_counter()
                 cache = DynamicCache(config=self.model.config)
-                self._prefill(context_ids, cache, press)
+                chunked_prefill(self.model, context_ids, cache, None if press is None else press.prefill_chunk_size)
                 setattr(cache, PROMPT_ATTR, context_ids)
                 setattr(cache, CONTEXT_ATTR, inputs["context"])
                 setattr(cache, MODEL_ATTR, model_key(self.model))
@@ -342,12 +316,6 @@ class KVPressQAPipeline(Pipeline):
         if return_cache:
             out["cache"] = cache
         return out
-
-    def _prefill(self, ids: torch.Tensor, cache: Cache, p: Press | None) -> None:
-        """The context into ``cache``, in chunks of the press's ``prefill_chunk_size`` when it has one."""
-        chunk = (p.prefill_chunk_size if p is not None else None) or ids.shape[1]
-        for lo in range(0, ids.shape[1], chunk):
-            self.model(ids[:, lo : lo + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
 
     def _prompt_of(self, cache: Cache) -> torch.Tensor:
         """Context ids of a cache passed back; placeholders (pad tokens) for a cache made outside the pipeline,
@@ -406,21 +374,12 @@ class KVPressQAPipeline(Pipeline):
         mask = torch.ones(rows, n + width, dtype=torch.long, device=ids.device)
         for row, q in enumerate(questions):
             mask[row, n : n + width - q.shape[1]] = 0
-        if in_place:
-            own = cache
-            if rows > 1:
-                own.batch_repeat_interleave(rows)
-        else:
-            own = fork(cache, rows)
+        own = fork_cache(cache, rows, in_place=in_place)
         # All question tokens but the last are appended here (kept whole unless compress_questions); the
         # last one starts generate(), whose decoding steps follow the press's decoding rules (budgets).
         if width > 1:
-            padded = {}
-            if not bool(mask.all()):  # true positions per row, as generate() derives them from the mask
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                padded = {"attention_mask": mask[:, :-1], "position_ids": positions[:, n:-1]}
             with nullcontext() if compress_questions else uncompressed(own):
-                self.model(ids[:, :-1], use_cache=True, logits_to_keep=1, **padded, **cache_kwargs(own))
+                chunked_prefill(self.model, ids[:, :-1], own, mask=mask[:, :-1])
         returned, expanded = sequences
         if expanded > 1:  # generate() expands the prompt per beam / sequence, and leaves the cache to its caller
             own.batch_repeat_interleave(expanded)
@@ -438,90 +397,6 @@ class KVPressQAPipeline(Pipeline):
         returned, _ = outputs.pop("sequences_per_question")
         outputs["answers"] = [text(a) if returned == 1 else [text(one) for one in a] for a in answers]
         return outputs
-
-
-#: The benchmark's ten questions about the opening of the Python language reference (the offline corpus).
-BENCHMARK_QUESTIONS = (
-    "What is this text about?",
-    "Summarize the first paragraph in one sentence.",
-    "Which Python keywords does the text mention?",
-    "What does the text say about the assert statement?",
-    "Name one built-in function that appears in the text.",
-    "What is an expression statement?",
-    "Give one example of Python syntax shown in the text.",
-    "Which exception can be raised, according to the text?",
-    "What is the last topic of the text?",
-    "Is the text written for beginners or for experts?",
-)
-
-
-def benchmark(
-    pipe: KVPressQAPipeline,
-    p: Press | None,
-    context_tokens: int = 4096,
-    questions: tuple[str, ...] = BENCHMARK_QUESTIONS,
-    max_new_tokens: int = 16,
-    separate_runs: int | None = None,
-) -> dict[str, Any]:
-    """Time ``questions`` on one context compressed once vs. one prefill per question; print and return numbers.
-
-    The context is the first ``context_tokens`` tokens of the offline corpus; answers are greedy. Both ways
-    use the same press; the per-question runs are exactly what a caller without the pipeline's cache reuse
-    pays. ``separate_runs`` (default: all) runs only the first questions that way, for slow machines: the
-    total for all questions is then their mean times the number of questions, and the printout says so.
-    Also reports peak KV bytes (compressed context + the copies of one batch of questions) and how many
-    answers agree between the two ways (batched equal-length questions may differ by float rounding).
-    """
-    from kvpress_like.data import corpus_ids
-
-    context = pipe.tokenizer.decode(corpus_ids(pipe.tokenizer)[:context_tokens])
-    gen = {"max_new_tokens": max_new_tokens, "do_sample": False}
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    many = pipe(context, questions=list(questions), press=p, **gen)
-    many_seconds = time.perf_counter() - start
-    print(f"compress once, ask many: {many_seconds:.1f} s", flush=True)
-    separate, times = [], []
-    for q in questions[: separate_runs or len(questions)]:
-        start = time.perf_counter()
-        separate.append(pipe(context, question=q, press=p, **gen))
-        times.append(time.perf_counter() - start)
-        print(f"one prefill per question, run {len(times)}: {times[-1]:.1f} s", flush=True)
-    measured = len(times)
-    separate_seconds = sum(times) / measured * len(questions)
-    result = {
-        "model": str(pipe.model.config._name_or_path),
-        "press": repr(p),
-        "context_tokens": many["context_tokens"],
-        "questions": len(questions),
-        "max_new_tokens": max_new_tokens,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "load_average": (load_before, os.getloadavg()[0]),
-        "once_seconds": many_seconds,
-        "once_prefill_seconds": many["prefill_seconds"],
-        "separate_seconds": separate_seconds,
-        "separate_measured_runs": measured,
-        "separate_run_seconds": times,
-        "speedup": separate_seconds / many_seconds,
-        "once_peak_kv_bytes": many["peak_kv_bytes"],
-        "once_context_kv_bytes": many["kv_bytes"],
-        "separate_peak_kv_bytes": max(s["peak_kv_bytes"] for s in separate),
-        "agreeing_answers": sum(a == s["answer"] for a, s in zip(many["answers"], separate)),
-        "answers": many["answers"],
-    }
-    mib = 2**20
-    print(f"kvpress-qa benchmark: {result['model']}, {result['press']}, context {result['context_tokens']} tokens, "
-          f"{len(questions)} questions, max_new_tokens {max_new_tokens}, greedy")
-    print(f"torch threads {result['torch_threads']} of {result['cpus']} CPUs, load average (1 min) "
-          f"{load_before:.1f} before, {result['load_average'][1]:.1f} after")
-    print(f"compress once, ask many: {many_seconds:7.1f} s total (prefill {many['prefill_seconds']:.1f} s) | "
-          f"KV peak {many['peak_kv_bytes'] / mib:.1f} MiB (compressed context {many['kv_bytes'] / mib:.1f} MiB)")
-    basis = "" if measured == len(questions) else f" ({measured} runs measured, mean x {len(questions)})"
-    print(f"one prefill per question: {separate_seconds:6.1f} s total{basis} | "
-          f"KV peak {result['separate_peak_kv_bytes'] / mib:.1f} MiB")
-    print(f"speed-up x{result['speedup']:.1f}; answers identical for {result['agreeing_answers']}/{measured} questions run both ways")
-    return result
 
 
 def register() -> None:

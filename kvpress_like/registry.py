@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
+import types
+import typing
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .base import Press
 
-__all__ = ["plugin_manager", "list_presses", "get_press", "press_class", "press_settings"]
+__all__ = [
+    "plugin_manager", "list_presses", "get_press", "press_class", "press_settings", "resolve_press", "UnknownPress",
+    "UnknownSettings",
+]
+
+
+class UnknownPress(KeyError, ValueError):
+    """A press name nobody registered. A ``KeyError`` (a failed look-up, as ``get_press`` always raised) and a
+    ``ValueError`` (bad input, as front-ends report it); the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError's str() quotes its argument
+        return str(self.args[0])
+
+
+class UnknownSettings(ValueError):
+    """Settings a press does not take; ``unknown`` and ``valid`` let a front-end word it in its own terms."""
+
+    def __init__(self, name: str, unknown: list[str], valid: list[str]):
+        self.name, self.unknown, self.valid = name, unknown, valid
+        super().__init__(f"{', '.join(unknown)} do not apply to press {name}; its settings: {', '.join(valid)}")
 
 
 @lru_cache(maxsize=1)
@@ -49,13 +73,87 @@ def press_class(name: str) -> type[Press]:
     """The press class registered as ``name``; ``KeyError`` listing valid names otherwise."""
     presses = _presses()
     if name not in presses:
-        raise KeyError(f"unknown press {name!r}; registered presses: {', '.join(sorted(presses))}")
+        raise UnknownPress(f"unknown press {name!r}; registered presses: {', '.join(sorted(presses))}")
     return presses[name]
 
 
 def get_press(name: str, **settings) -> Press:
     """Instantiate a registered press by name, e.g. ``get_press("qfilters", ratio=0.5)``."""
-    return press_class(name)(**settings)
+    return resolve_press(name, settings)
+
+
+def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = None, *, parse: bool = False) -> Press | None:
+    """The one way every front-end (``press()``, the pipeline, lm-eval, ``ask``, evaluations) turns what a user
+    gave into a press: an instance as is, a registered name built with ``settings``, or ``None``.
+
+    Settings a press class does not take fail here (:class:`UnknownSettings`, naming the valid ones) rather
+    than deep in a constructor; a wrapper press whose constructor takes ``**settings`` (AdaKV) forwards them
+    and checks them itself. ``parse=True``: values come from text (a command line, ``--model_args``) and are
+    converted to each field's annotated type (``"0;1"`` -> ``(0, 1)``, ``"true"`` -> ``True``).
+    """
+    settings = dict(settings or {})
+    if isinstance(p, str):
+        cls = press_class(p)
+        valid = press_settings(cls)
+        unknown = sorted(set(settings) - valid)
+        if unknown and not _forwards_settings(cls):
+            raise UnknownSettings(p, unknown, sorted(valid))
+        if parse:
+            hints = typing.get_type_hints(cls)
+            settings = {key: _parse(key, value, hints.get(key, Any)) for key, value in settings.items()}
+        return cls(**settings)
+    if settings:
+        raise TypeError(
+            f"press settings ({', '.join(sorted(settings))}) go with a press name, e.g. press(model, 'knorm', "
+            "ratio=0.5); set them on the instance instead."
+        )
+    if p is not None and not isinstance(p, Press):
+        raise TypeError(f"a press must be a kvpress_like Press, a registered name or None, got {type(p).__name__}")
+    return p
+
+
+def _forwards_settings(cls: type[Press]) -> bool:
+    """Whether the constructor takes ``**settings`` (a wrapper handing them to the press it builds)."""
+    if dataclasses.is_dataclass(cls):
+        return False
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+
+
+def _parse(name: str, value: Any, hint: Any) -> Any:
+    """A setting given as text (or as what a command-line parser made of it) converted to its field's type."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if type(None) in args:
+            return None
+        raise ValueError(f"{name} cannot be None.")
+    if bool in args:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    if any(typing.get_origin(a) is tuple for a in args):
+        items = [value] if isinstance(value, int) else value
+        if isinstance(items, str):
+            items = [s for s in re.split(r"[,;:|+\s]+", items.strip("[]() ")) if s]
+        try:
+            return tuple(int(v) for v in items)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be integers such as [0,1] or 0;1, got {value!r}.") from None
+    if int in args:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if float in args:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}.") from None
+    return str(value) if isinstance(value, (int, float)) else value
 
 
 def press_settings(cls: type[Press]) -> set[str]:

@@ -34,6 +34,7 @@ EVALUATIONS = {
     "correlation": ("kvpress_like.evaluations.correlation", "Spearman correlation of scores with received attention"),
     "perplexity": ("kvpress_like.evaluations.perplexity", "streaming perplexity with a capped KV cache"),
     "robustness": ("kvpress_like.evaluations.robustness", "Q-Filters stability across corpora and sample counts"),
+    "calibration-grid": ("kvpress_like.evaluations.calibration_grid", "Spearman of calibrated scorers' settings vs received attention"),
     "results": ("kvpress_like.evaluations.results", "regenerate evaluations/RESULTS.md from every evaluation"),
 }
 BENCHMARKS = {
@@ -45,6 +46,9 @@ BENCHMARKS = {
     "vllm": ("kvpress_like.evaluations.vllm_bench", "vLLM serving: running requests and tokens/s, stock vs a press (vLLM venv)"),
     "kvpress": ("kvpress_like.evaluations.kvpress_compare", "side by side with NVIDIA kvpress (separate venv)"),
     "kvzip": ("kvpress_like.evaluations.kvzip_cost", "KVzip reconstruction pass vs a plain prefill (time ratio)"),
+    "scorer-cost": ("kvpress_like.evaluations.scorer_cost", "per-step cost of each press's scoring in capped decoding"),
+    "qa": ("kvpress_like.evaluations.qa_bench", "kvpress-qa pipeline: one context compressed once vs one prefill per question"),
+    "lm-eval": ("kvpress_like.evaluations.lm_eval_speed", "lm-eval qfilters-hf generate_until requests/s per batch size"),
 }
 GROUPS = {"eval": EVALUATIONS, "bench": BENCHMARKS}
 

@@ -4,7 +4,7 @@
 
 Prints each answer with its time, the context's prefill time and the KV bytes kept. ``--benchmark`` instead
 times ten questions on one 4k-token context against ten separate prefills
-(:func:`kvpress_like.integrations.pipeline.benchmark`).
+(:func:`kvpress_like.evaluations.qa_bench.benchmark`, also ``kvpress-like bench qa``).
 """
 
 from __future__ import annotations
@@ -90,20 +90,6 @@ def _value(text: str):
         return text
 
 
-def _press_settings(args: argparse.Namespace) -> dict:
-    """``--ratio`` and ``--set`` values for the press; unknown names fail here rather than inside generate()."""
-    import dataclasses
-
-    from ..registry import press_class, press_settings
-
-    fields = press_settings(press_class(args.press))
-    settings = {"ratio": args.ratio, **{key: _value(value) for key, value in args.settings}}
-    unknown = sorted(set(settings) - fields)
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)} do not apply to press {args.press}; its settings: {', '.join(sorted(fields))}")
-    return settings
-
-
 def main(args: argparse.Namespace) -> int:
     context, error = _read_input(args)
     if error is not None:
@@ -112,17 +98,16 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from transformers import pipeline
 
+    from ..evaluations.qa_bench import benchmark
     from ..evaluations.support import benchmark_note
     from ..integrations import pipeline as qa
     from ..models import load_model
-    from ..registry import list_presses
+    from ..registry import resolve_press
 
     press = None if args.press.lower() == "none" else args.press
-    if press is not None and press not in list_presses():
-        return _fail(f"unknown press {press!r}; registered presses: {', '.join(list_presses())}")
-    try:
-        settings = {} if press is None else _press_settings(args)
-        p = qa.resolve_press(press, settings)
+    settings = {} if press is None else {"ratio": args.ratio, **{key: _value(value) for key, value in args.settings}}
+    try:  # unknown presses and settings fail here rather than inside generate()
+        p = resolve_press(press, settings, parse=True)
     except (TypeError, ValueError) as err:
         return _fail(str(err))
     model, tokenizer = load_model(args.model)
@@ -130,8 +115,8 @@ def main(args: argparse.Namespace) -> int:
     if p is not None:
         p.prepare(model)  # find or calibrate Q-Filters before anything is timed
     if args.benchmark:
-        qa.benchmark(pipe, p, context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens or 16,
-                     separate_runs=args.separate_runs)
+        benchmark(pipe, p, context_tokens=args.context_tokens, max_new_tokens=args.max_new_tokens or 16,
+                  separate_runs=args.separate_runs)
         return 0
     max_new_tokens = 50 if args.max_new_tokens is None else args.max_new_tokens
     with prefill_progress(model, desc=f"prefilling the context ({len(context):,} characters)"):
