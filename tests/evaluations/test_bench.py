@@ -81,3 +81,40 @@ def test_kvpress_compare_without_kvpress(tmp_path):
         {"knorm": dict(prefill_s=2.0, peak_rss=20, kept=[[[0, 1], [2, 4]]])},
     )
     assert rows["knorm"] == dict(time_ratio=0.5, memory_ratio=0.5, jaccard_mean=(1 + 1 / 3) / 2, jaccard_min=1 / 3)
+
+
+def test_qa_benchmark_through_the_cli_compresses_the_context_once(tiny_model_dir, tmp_path):
+    """``kvpress-like bench qa`` (moved out of the pipeline module): both ways run, the compressed context
+    holds about half the full context's bytes, and the result files are written."""
+    import json
+
+    from kvpress_like.cli import main
+
+    kv = {}
+    for name in ("no_press", "streaming_llm"):
+        out = tmp_path / name
+        argv = ["bench", "qa", "--model", str(tiny_model_dir), "--press", name, "--context-tokens", "64",
+                "--separate-runs", "1", "--max-new-tokens", "2", "--out", str(out)]
+        assert main(argv) == 0
+        result = json.loads((out / "qa_bench.json").read_text())
+        assert result["questions"] == 10 and result["separate_measured_runs"] == 1
+        assert result["once_context_kv_bytes"] <= result["once_peak_kv_bytes"]
+        assert "compress once, ask many" in (out / "qa_bench.md").read_text()
+        kv[name] = result["once_context_kv_bytes"]
+    assert kv["streaming_llm"] < 0.6 * kv["no_press"]  # ratio 0.5 keeps n - floor(n / 2) tokens
+
+
+def test_lm_eval_batch_speed_through_the_cli(tiny_model_dir, tmp_path):
+    """``kvpress-like bench lm-eval`` (formerly lm_eval.batch_speed behind a sys.path insert): left-padded
+    batches of two answer exactly as one request at a time."""
+    import json
+
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install kvpress_like[eval])")
+    from kvpress_like.cli import main
+
+    argv = ["bench", "lm-eval", "--model", str(tiny_model_dir), "--model-args", "press=knorm,ratio=0.5",
+            "--context-tokens", "256", "--samples-per-depth", "1", "--batch-sizes", "1", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "lm_eval_speed.json").read_text())
+    assert result["requests"] == 5 and result["press"] == {"press": "knorm", "ratio": 0.5}
+    assert result["agreeing"] == {"1": 5, "2": 5} and all(rate > 0 for rate in result["requests_per_s"].values())
