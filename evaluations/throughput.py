@@ -40,7 +40,10 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, command_line, environment, markdown_footer, set_threads, write_result
+from .common import (
+    RESULTS_DIR, command_line, environment, markdown_footer, query_free_presses, set_threads, write_result,
+)
+from kvpress_like.base import Scoring
 from kvpress_like.models import head_dim as head_dim_of
 
 NAME = "throughput"
@@ -140,8 +143,8 @@ def live_tokens(kind: str, press, context: int, new_tokens: int, budget: int | N
     if kind.startswith("static"):
         return float(budget)
     target = press.target_size(context, decoding=False)
-    cap = press.max_cache_tokens
-    grown = target + mid if not press.decoding else press.target_size(int(context + mid), decoding=True)
+    cap = press.policy.capacity
+    grown = target + mid if not press.policy.decoding else press.target_size(int(context + mid), decoding=True)
     return float(min(grown, cap) if cap is not None else grown)
 
 
@@ -208,12 +211,6 @@ class DecodePath:
     press: object = None
 
 
-def query_free_presses() -> list[str]:
-    from kvpress_like.registry import list_presses, press_class
-
-    return [name for name in list_presses() if press_class(name).query_free]
-
-
 def make_press(name: str, factor: int, filters):
     """A registered press at compression ``factor`` (ratio 1 - 1/factor), with Q-Filters' filters if it takes them."""
     from kvpress_like.registry import press_class
@@ -221,7 +218,7 @@ def make_press(name: str, factor: int, filters):
     if factor < 2:
         raise ValueError(f"compression factors must be >= 2 (x2 removes half), got {factor}")
     cls = press_class(name)
-    if not cls.query_free:
+    if cls.scoring is Scoring.QUERY:
         raise ValueError(f"{name} scores keys with queries; the throughput benchmark compares query-free presses "
                          f"({', '.join(query_free_presses())}).")
     settings = dict(ratio=1 - 1 / factor)

@@ -65,7 +65,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvpress_like.base import Press
+from kvpress_like.base import Press, Scoring
 from kvpress_like.cache import uncompressed
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
@@ -243,7 +243,7 @@ class QFiltersHFLM(HFLM):
         ``mask`` marks the real tokens of a left-padded batch; each row then gets its true positions (as
         ``generate()`` computes them from the mask) and every chunk the mask of everything seen so far.
         """
-        chunk = getattr(self._press, "prefill_chunk_size", None) or ids.shape[1]
+        chunk = (self._press.policy.prefill_chunk if self._press is not None else None) or ids.shape[1]
         padded = mask is not None and not bool(mask.all())
         positions = (mask.cumsum(-1) - 1).clamp(min=0) if padded else None
         for start in range(0, ids.shape[1], chunk):
@@ -340,10 +340,10 @@ class QFiltersHFLM(HFLM):
     @property
     def rolling_chunk(self) -> int:
         """Tokens per forward call when streaming a rolling window (see the module docstring)."""
-        p = self._press
-        if p.prefill_chunk_size:
-            return p.prefill_chunk_size
-        return 1 if p.max_cache_tokens is not None or p.decoding else ROLLING_CHUNK
+        policy = self._press.policy
+        if policy.prefill_chunk:
+            return policy.prefill_chunk
+        return 1 if policy.prunes_while_decoding else ROLLING_CHUNK
 
     def _stream(self, context: list[int], continuation: list[int]) -> float:
         """Log-likelihood of ``continuation`` when ``context + continuation`` streams through a pressed cache."""
@@ -367,7 +367,7 @@ class QFiltersHFLM(HFLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         # Prompts of different lengths share left-padded batches; a query-dependent press (SnapKV) scores
         # with each row's own last queries, which press() cannot do in a padded batch: equal lengths only.
-        pads_ok = self._press.query_free
+        pads_ok = self._press.scoring is not Scoring.QUERY
         groups: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
         settings = {}
         for i, request in enumerate(requests):

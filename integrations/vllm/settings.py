@@ -6,7 +6,7 @@ import json
 import logging
 from functools import lru_cache
 
-from kvpress_like.base import Press
+from kvpress_like.base import Press, Scoring
 
 __all__ = ["CONFIG_KEY", "press_from_settings", "engine_settings", "request_press", "request_settings", "kept_count"]
 
@@ -81,7 +81,7 @@ def _press(frozen: str) -> Press | None:
     if name is None:
         return None
     press = get_press(name, **settings)
-    if not press.query_free:
+    if press.scoring is Scoring.QUERY:
         raise ValueError(
             f"press {name!r} needs the queries' attention, which vLLM's fused paged attention never exposes; "
             "use a query-free press (qfilters, knorm, streaming_llm, ...)."
