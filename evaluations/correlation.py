@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.data import corpus_ids
 from kvpress_like.integrations.transformers import attention_layers, patched_attention
 
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     names = parse_list(args.methods) if args.methods else query_free_presses()
     for name in names:
-        if build_press(name).scoring is Scoring.QUERY:
+        if build_press(name).scoring.needs_queries:
             raise SystemExit(f"{name} needs queries to score keys; choose from {', '.join(query_free_presses())}")
     env = environment()
     results: dict = {}

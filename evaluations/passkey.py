@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from kvpress_like import press, uncompressed
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer
 from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.data import passkey_sample
@@ -142,7 +142,7 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
                 continue
             layer_class = HeadwisePressedLayer if is_headwise(p) else PressedLayer  # as press() would adopt it
             pressed = layer_class.from_dynamic(shared.cache.layers[idx], p, idx)
-            if p.scoring is Scoring.QUERY:
+            if p.scoring.needs_queries:
                 pressed.prune_with_queries(layer.module, shared.queries[idx])
             new.layers[idx] = pressed
     if kvzip:

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.registry import press_class
@@ -50,7 +50,7 @@ def default_methods() -> list[str]:
     """The full cache, StreamingLLM (the reference), then every other registered query-free press
     (position-dependent ones first: they are the newest)."""
     others = [m for m in query_free_presses() if m != REFERENCE]
-    return ["full", REFERENCE] + sorted(others, key=lambda m: press_class(m).scoring is not Scoring.READING_POSITION)
+    return ["full", REFERENCE] + sorted(others, key=lambda m: not press_class(m).scoring.rescores)
 
 
 def stored_budget(budget: int, chunk: int) -> int:
@@ -101,7 +101,7 @@ def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, windo
     """
     p = build_press(method, **press_settings(method, budget, chunk, n_sink, window, rescore_every))
     if p is not None:
-        if p.scoring is Scoring.QUERY:
+        if p.scoring.needs_queries:
             raise ValueError(f"{method} needs queries to score keys; streaming perplexity takes query-free presses")
         p.prepare(model)
     return p

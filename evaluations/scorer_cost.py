@@ -31,7 +31,6 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like import get_press
-from kvpress_like.base import Scoring
 from kvpress_like.cache import PressedCache
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.models import load_model
@@ -92,7 +91,7 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
             p.score(idx, k, k, positions, torch.full((b, 1, 1), n, dtype=torch.long))
 
     def step_scoring(p) -> None:
-        score_all(p, 0, budget) if p.scoring is Scoring.READING_POSITION else score_all(p, budget, budget + 1)
+        score_all(p, 0, budget) if p.scoring.rescores else score_all(p, budget, budget + 1)
 
     def per_step(p, seconds: list[float]) -> list[float]:  # a re-scoring every rescore_every steps
         return [t / p.policy.rescore_every for t in seconds]
@@ -112,7 +111,7 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
         out["presses"][name] = dict(
             prefill_scoring_seconds=full,
             prefill_overhead=full / prefill,
-            rescores=p.scoring is Scoring.READING_POSITION,
+            rescores=p.scoring.rescores,
             rescore_every=p.policy.rescore_every,
             step_scoring_seconds=statistics.median(per_step(p, rounds[name])),
             decode_overhead=statistics.median([r / s for r, s in zip(per_step(p, rounds[name]), steps)]),  # paired

@@ -43,7 +43,6 @@ import torch
 from .common import (
     RESULTS_DIR, command_line, environment, markdown_footer, query_free_presses, set_threads, write_result,
 )
-from kvpress_like.base import Scoring
 from kvpress_like.models import head_dim as head_dim_of
 
 NAME = "throughput"
@@ -218,7 +217,7 @@ def make_press(name: str, factor: int, filters):
     if factor < 2:
         raise ValueError(f"compression factors must be >= 2 (x2 removes half), got {factor}")
     cls = press_class(name)
-    if cls.scoring is Scoring.QUERY:
+    if cls.scoring.needs_queries:
         raise ValueError(f"{name} scores keys with queries; the throughput benchmark compares query-free presses "
                          f"({', '.join(query_free_presses())}).")
     settings = dict(ratio=1 - 1 / factor)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, layer_windows, stays_plain
 from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.integrations.generation import compile_settings, static_generation
@@ -56,7 +56,7 @@ def _adopt(
             f"given cache is a {type(layer).__name__}. Pass no cache, a DynamicCache, or a PressedCache."
         )
     if window is not None:
-        if p.scoring is Scoring.QUERY or layer.is_initialized:
+        if p.scoring.needs_queries or layer.is_initialized:
             return None
         if stays_plain(p, window, q if real is None else int(real[:, -q:].sum(-1).min())):
             return None
@@ -135,7 +135,7 @@ def press(
     if static and any(w is not None for w in window_of.values()):
         raise ValueError(f"static=True needs a model whose layers all use full attention; {type(model).__name__} "
                          "has sliding-window layers. Use static=False.")
-    if policy.scoring is Scoring.QUERY and all(window_of[idx] is not None for idx in window_of):
+    if policy.scoring.needs_queries and all(window_of[idx] is not None for idx in window_of):
         raise ValueError(
             f"{type(p).__name__} scores keys with queries after attention, which press() does not do for sliding-window "
             f"layers, and every layer of {type(model).__name__} is one: nothing would be compressed. Use a query-free "
@@ -189,7 +189,7 @@ def press(
         if owner is None:
             _OPEN[id(p)] = model
             stack.callback(_OPEN.pop, id(p), None)
-        stack.enter_context(patched_attention(model, layers, after_attention if policy.scoring is Scoring.QUERY else None))
+        stack.enter_context(patched_attention(model, layers, after_attention if policy.scoring.needs_queries else None))
         for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)
             stack.callback(handle.remove)

@@ -65,7 +65,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.cache import uncompressed
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.integrations.transformers import cache_kwargs
@@ -367,7 +367,7 @@ class QFiltersHFLM(HFLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         # Prompts of different lengths share left-padded batches; a query-dependent press (SnapKV) scores
         # with each row's own last queries, which press() cannot do in a padded batch: equal lengths only.
-        pads_ok = self._press.scoring is not Scoring.QUERY
+        pads_ok = not self._press.scoring.needs_queries
         groups: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
         settings = {}
         for i, request in enumerate(requests):

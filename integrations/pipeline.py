@@ -39,7 +39,7 @@ from transformers import DynamicCache, GenerationConfig, Pipeline
 from transformers.cache_utils import Cache
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer, cache_nbytes, uncompressed
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.filters import expected_shape
@@ -311,7 +311,7 @@ class KVPressQAPipeline(Pipeline):
             questions = inputs["question_ids"]
             # Left-padded batches of questions need a query-free press (or none): a query-dependent press
             # scores with each row's own last queries, so it only batches questions of equal length.
-            pads_ok = press is None or press.scoring is not Scoring.QUERY
+            pads_ok = press is None or not press.scoring.needs_queries
             groups: dict[int, list[int]] = defaultdict(list)
             for i in sorted(range(len(questions)), key=lambda i: -questions[i].shape[1]):
                 groups[0 if pads_ok else questions[i].shape[1]].append(i)

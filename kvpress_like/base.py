@@ -21,7 +21,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
 
@@ -47,6 +47,12 @@ class Scoring(Enum):
     #: then happens after attention, never inside the cache.
     QUERY = "query"
 
+    def __init__(self, value: str) -> None:
+        #: Scored with queries, after attention (``QUERY``): nothing is evicted inside the cache.
+        self.needs_queries = value == "query"
+        #: Re-scored at the reading position before evicting (``READING_POSITION``).
+        self.rescores = value == "reading_position"
+
 
 @dataclass(frozen=True)
 class EnginePolicy:
@@ -63,14 +69,15 @@ class EnginePolicy:
     rescore_every: int
     #: Whether the ratio's target also applies while decoding.
     decoding: bool
+    #: Whether slots keep a score: the one they got on entry, or (re-scoring every K > 1 steps) the last
+    #: re-scoring's. Presses re-scored at every eviction would waste a scoring call on entry. Derived, and
+    #: stored because a decoding step reads it per layer.
+    stores_scores: bool = field(init=False)
 
-    @property
-    def stores_scores(self) -> bool:
-        """Whether slots keep a score: the one they got on entry, or (re-scoring every K > 1 steps) the last
-        re-scoring's. Presses re-scored at every eviction would waste a scoring call on entry."""
-        if self.scoring is Scoring.READING_POSITION:
-            return self.rescore_every > 1
-        return self.scoring is Scoring.ENTRY_TIME
+    def __post_init__(self) -> None:
+        mode = self.scoring
+        stores = mode is Scoring.ENTRY_TIME or (mode is Scoring.READING_POSITION and self.rescore_every > 1)
+        object.__setattr__(self, "stores_scores", stores)
 
     @property
     def prunes_while_decoding(self) -> bool:
@@ -134,20 +141,20 @@ class Press(PressSettings, ABC):
     #: When keys are scored (see :class:`Scoring`); set it as a class attribute, e.g. ``scoring = Scoring.QUERY``.
     scoring: ClassVar[Scoring] = Scoring.ENTRY_TIME
 
-    query_free = _LegacyFlag(lambda scoring: scoring is not Scoring.QUERY)
-    position_dependent = _LegacyFlag(lambda scoring: scoring is Scoring.READING_POSITION)
+    query_free = _LegacyFlag(lambda scoring: not scoring.needs_queries)
+    position_dependent = _LegacyFlag(lambda scoring: scoring.rescores)
 
     def __init_subclass__(cls, **kwargs) -> None:
-        """Translate the older contract (module docstring of the class): legacy flags into :attr:`scoring`,
-        ``key_scores`` into :meth:`score`; refuse flags that mean nothing together."""
+        """The one adapter for the older contract (see the class docstring): legacy flags become :attr:`scoring`,
+        ``key_scores`` serves as :meth:`score`; flags that mean nothing together are refused."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__
         flags = {flag: own[flag] for flag in ("query_free", "position_dependent") if flag in own}
         if flags:
             if "scoring" in own:
                 raise TypeError(f"{cls.__name__} sets both scoring and {' and '.join(flags)}; set scoring only.")
-            query_free = bool(flags.get("query_free", cls.scoring is not Scoring.QUERY))
-            position_dependent = bool(flags.get("position_dependent", cls.scoring is Scoring.READING_POSITION))
+            query_free = bool(flags.get("query_free", not cls.scoring.needs_queries))
+            position_dependent = bool(flags.get("position_dependent", cls.scoring.rescores))
             if not query_free and position_dependent:
                 raise TypeError(
                     f"{cls.__name__} sets query_free = False and position_dependent = True, which mean nothing together: "
@@ -190,7 +197,7 @@ class Press(PressSettings, ABC):
         every = self.rescore_every
         if not _is_int(every) or every < 1:
             raise ValueError(f"rescore_every must be a positive integer, got {every!r}.")
-        if every > 1 and self.scoring is not Scoring.READING_POSITION:
+        if every > 1 and not self.scoring.rescores:
             raise ValueError(
                 f"rescore_every={every}: {type(self).__name__}'s scores do not depend on the reading position, so "
                 "keys are scored once on entry and never re-scored; leave rescore_every=1."

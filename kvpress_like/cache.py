@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .base import Scoring
 from .masks import positions_mask
 
 if TYPE_CHECKING:
@@ -79,7 +78,7 @@ def current_scores(press: Press, layer_idx: int, keys, values, positions, stored
     """Scores to evict by: re-computed at ``reading`` for position-dependent presses, else the stored
     entry-time ones. Empty slots score ``-inf`` (``empty=False``: the caller knows stored scores already do,
     the fast path of an unpadded full-attention layer)."""
-    if press.scoring is Scoring.READING_POSITION:
+    if press.scoring.rescores:
         return scores_for(press, layer_idx, keys(), values(), positions, reading, empty)
     return stored_scores(stored, positions, empty)
 
@@ -185,7 +184,7 @@ class SlotStore(CacheLayerMixin):
         until the next re-scoring)."""
         if not self.stores_scores:
             return None
-        if self.policy.scoring is Scoring.READING_POSITION:
+        if self.policy.scoring.rescores:
             return torch.full(pos.shape, float("inf"), device=pos.device)
         return scores_for(self.press, self.layer_idx, k, v, pos, reading, empty)
 
@@ -216,7 +215,7 @@ class SlotStore(CacheLayerMixin):
             pos = torch.cat([self._pos[:, :, :n], pos], dim=-1)
             score = None if score is None else torch.cat([self._score[:, :, :n], score], dim=-1)
         live_pos = live(pos)
-        if self.policy.scoring is not Scoring.QUERY:
+        if not self.policy.scoring.needs_queries:
             score = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, live_pos, score, reading)
         return k, v, pos, live_pos, score
 
@@ -320,7 +319,7 @@ class PressedLayer(SlotStore):
             reading = (self.rows + new).view(batch, 1, 1)
             targets = self._row_targets(reading, q == 1)
             return self._plan_rows(q, positions, reading, targets, new)
-        if self.policy.scoring is Scoring.QUERY or targets is None:
+        if self.policy.scoring.needs_queries or targets is None:
             plan = "append"
         elif q == 1 and self.n > 0 and all(t == self.n for t in targets):
             plan = "overwrite"
@@ -334,7 +333,7 @@ class PressedLayer(SlotStore):
         """A padded call: each row's plan is the one above with the row's own slot count (a row with no real
         new token does nothing, as no call at all)."""
         slots = self.row_slots
-        if self.policy.scoring is Scoring.QUERY or targets is None:
+        if self.policy.scoring.needs_queries or targets is None:
             plans = torch.full_like(new, APPEND)
         else:
             t = torch.tensor(targets, device=new.device)
@@ -342,7 +341,7 @@ class PressedLayer(SlotStore):
             plans = torch.where(overwrite, OVERWRITE, torch.where((slots + new <= t) | (new == 0), APPEND, PRUNE))
         if bool((plans == PRUNE).any()):
             plan = "prune"
-        elif q == 1 and self.n > 0 and targets is not None and self.policy.scoring is not Scoring.QUERY:
+        elif q == 1 and self.n > 0 and targets is not None and not self.policy.scoring.needs_queries:
             plan = "overwrite"  # rows that append fill an empty slot
         else:
             plan = "append"
@@ -394,7 +393,7 @@ class PressedLayer(SlotStore):
             keep, widths = self._select(full_score, live, seen, call.targets)
             if call.row_plans is not None:
                 pruned = call.row_plans == PRUNE
-                if stale is not None and self.policy.scoring is Scoring.READING_POSITION:  # rows that do not prune keep stale scores
+                if stale is not None and self.policy.scoring.rescores:  # rows that do not prune keep stale scores
                     stale = torch.cat([stale, score], dim=-1)
                     full_score = torch.where(pruned.view(b, 1, 1), full_score, stale.masked_fill(live < 0, float("-inf")))
                 self._rescored_rows = torch.where(pruned, call.reading.view(b), self._rescored_rows)
@@ -490,7 +489,7 @@ class PressedLayer(SlotStore):
 
     def prune_with_queries(self, module: torch.nn.Module, queries: torch.Tensor) -> None:
         """Prune after attention for presses whose scores need the latest queries (e.g. SnapKV)."""
-        if self.policy.scoring is not Scoring.QUERY or self.n == 0 or not self.compressing:
+        if not self.policy.scoring.needs_queries or self.n == 0 or not self.compressing:
             return
         if self.rows is not None:
             raise ValueError(
@@ -699,7 +698,7 @@ class PressedCache(Cache):
     """
 
     def __init__(self, press: Press, config=None):
-        if press.scoring is Scoring.QUERY:
+        if press.scoring.needs_queries:
             raise ValueError(
                 f"{type(press).__name__} scores keys with queries; use `with press(model, ...)` instead of a bare cache."
             )

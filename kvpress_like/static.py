@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .base import Scoring
 from .cache import SlotStore, current_scores, gather_kept, refuse_crop
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ def _is_tracing() -> bool:
 def check_static_press(press: Press) -> None:
     """Raise ``ValueError`` when a press cannot drive a fixed-size cache."""
     name = type(press).__name__
-    if press.scoring is Scoring.QUERY:
+    if press.scoring.needs_queries:
         raise ValueError(
             f"{name} scores keys with queries, after attention; the static cache evicts inside the cache and needs "
             "a query-free press (QFilterPress, KnormPress, StreamingLLMPress). Use static=False."

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from kvpress_like.base import Press, Scoring, _is_int
+from kvpress_like.base import Press, _is_int
 
 NORMALIZATIONS = ("softmax", "none")
 
@@ -76,7 +76,7 @@ class AdaptivePress(Press):
             raise TypeError(f"AdaptivePress needs a kvpress_like Press (or a registered name) as base, got {type(base).__name__}.")
         if getattr(base, "headwise", False):
             raise ValueError("AdaptivePress cannot wrap another head-wise press; wrap the scorer press itself.")
-        if base.scoring is Scoring.QUERY:
+        if base.scoring.needs_queries:
             raise ValueError(
                 f"AdaptivePress allocates budgets inside the cache from key scores; {type(base).__name__} scores keys "
                 "with queries after attention. Wrap a query-free press (qfilters, knorm, expected_attention, ...)."

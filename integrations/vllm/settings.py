@@ -6,7 +6,7 @@ import json
 import logging
 from functools import lru_cache
 
-from kvpress_like.base import Press, Scoring
+from kvpress_like.base import Press
 
 __all__ = ["CONFIG_KEY", "press_from_settings", "engine_settings", "request_press", "request_settings", "kept_count"]
 
@@ -81,7 +81,7 @@ def _press(frozen: str) -> Press | None:
     if name is None:
         return None
     press = get_press(name, **settings)
-    if press.scoring is Scoring.QUERY:
+    if press.scoring.needs_queries:
         raise ValueError(
             f"press {name!r} needs the queries' attention, which vLLM's fused paged attention never exposes; "
             "use a query-free press (qfilters, knorm, streaming_llm, ...)."

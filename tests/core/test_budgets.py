@@ -274,7 +274,10 @@ def test_keys_scored_once_and_buffers_reused_while_decoding(kind):
         for i in range(prompt, prompt + 6):
             model(ids[:, i : i + 1], **cache_kwargs(cache))
     for layer in cache.layers:
-        torch.testing.assert_close(layer.scores, original(layer.layer_idx, layer.keys, layer.positions))
+        reading = torch.full((1, 1, 1), layer.seen, dtype=torch.long)
+        torch.testing.assert_close(
+            layer.scores, original(layer.layer_idx, layer.keys, layer.values, layer.positions, reading)
+        )
 
 
 # -- QFiltersCache: the original repository's entry point ------------------------------------------------------

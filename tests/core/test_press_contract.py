@@ -7,19 +7,20 @@ those documents showed them, and must behave as the same press written with ``sc
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 from helpers import pressed_and_reference
+from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.methods.adaptive import AdaptivePress
+from tiny import tiny_model
 from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like import PressedCache, ScorerPress, Scoring, press
 from kvpress_like.base import EnginePolicy, Press, PressSettings
-from kvpress_like.integrations.transformers import cache_kwargs
-from kvpress_like.methods.adaptive import AdaptivePress
 from kvpress_like.registry import press_settings
-from tiny import tiny_model
 
 
 # -- presses written as the older README / ARCHITECTURE documented them ---------------------------------
@@ -78,6 +79,11 @@ def _prompt(n=20, batch=1, seed=0):
 
 
 def test_legacy_flags_become_the_scoring_mode():
+    @dataclass
+    class Annotated(ScorerPress):  # the built-ins' own older spelling
+        position_dependent: ClassVar[bool] = True
+
+    assert Annotated.scoring is Scoring.READING_POSITION and "position_dependent" not in {f.name for f in dataclasses.fields(Annotated)}
     assert LegacyRecencyBand.scoring is Scoring.READING_POSITION
     assert LegacyQueryPress.scoring is Scoring.QUERY
     assert LegacyKeyScores.scoring is Scoring.READING_POSITION
