@@ -151,7 +151,7 @@ def write_result(out_dir: Path, name: str, payload: dict, markdown: str, figures
 
 def query_free_presses() -> list[str]:
     """Registered presses whose scores need no queries (every one a shared prefill can evaluate)."""
-    return [name for name in list_presses() if press_class(name).query_free]
+    return [name for name in list_presses() if not press_class(name).scoring.needs_queries]
 
 
 def build_press(name: str, **settings) -> Press | None:
@@ -169,9 +169,9 @@ def build_press(name: str, **settings) -> Press | None:
 
 
 def rescore_setting(method: str, rescore_every: int) -> dict:
-    """``rescore_every`` for a registered position-dependent press (the others refuse it), else nothing, so one
+    """``rescore_every`` for a registered reading-position press (the others refuse it), else nothing, so one
     command-line value can apply to a list of methods."""
-    if rescore_every != 1 and method in list_presses() and press_class(method).position_dependent:
+    if rescore_every != 1 and method in list_presses() and press_class(method).scoring.rescores:
         return dict(rescore_every=rescore_every)
     return {}
 

@@ -203,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     names = parse_list(args.methods) if args.methods else query_free_presses()
     for name in names:
-        if build_press(name).query_free is False:
+        if build_press(name).scoring.needs_queries:
             raise SystemExit(f"{name} needs queries to score keys; choose from {', '.join(query_free_presses())}")
     env = environment()
     results: dict = {}

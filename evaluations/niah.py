@@ -77,8 +77,9 @@ class NeedleOraclePress(QFilterPress):
     name = "needle_oracle"
     needle_span: tuple[int, int] = (0, 0)
 
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        scores = super().key_scores(layer_idx, keys, positions)
+    def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              reading_position: torch.Tensor) -> torch.Tensor:
+        scores = super().score(layer_idx, keys, values, positions, reading_position)
         start, end = self.needle_span
         return scores.masked_fill((positions >= start) & (positions < end), 1e9)
 

@@ -139,7 +139,7 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
             if layer.sliding or not p.compresses_layer(idx):
                 continue
             pressed = adopt_layer(new, idx, p)
-            if not p.query_free:
+            if p.scoring.needs_queries:
                 pressed.prune_with_queries(layer.module, shared.queries[idx])
     if kvzip:
         p.compress(model, new, shared.ids.to(model.device))

@@ -50,7 +50,7 @@ def default_methods() -> list[str]:
     """The full cache, StreamingLLM (the reference), then every other registered query-free press
     (position-dependent ones first: they are the newest)."""
     others = [m for m in query_free_presses() if m != REFERENCE]
-    return ["full", REFERENCE] + sorted(others, key=lambda m: not press_class(m).position_dependent)
+    return ["full", REFERENCE] + sorted(others, key=lambda m: not press_class(m).scoring.rescores)
 
 
 def stored_budget(budget: int, chunk: int) -> int:
@@ -75,7 +75,7 @@ def stream_nll(
     device = next(model.parameters()).device
     ids = ids.to(device)
     total = ids.shape[1]
-    budget = None if p is None else p.max_cache_tokens
+    budget = None if p is None else p.policy.capacity
     cache = DynamicCache(config=model.config) if p is None else PressedCache(p, config=model.config)
     first = min(total, budget if budget is not None else chunk)
     bounds = [(0, first)] + [(s, min(s + chunk, total)) for s in range(first, total, chunk)]
@@ -101,7 +101,7 @@ def budget_press(method: str, model, budget: int, chunk: int, n_sink: int, windo
     """
     p = build_press(method, **press_settings(method, budget, chunk, n_sink, window, rescore_every))
     if p is not None:
-        if not p.query_free:
+        if p.scoring.needs_queries:
             raise ValueError(f"{method} needs queries to score keys; streaming perplexity takes query-free presses")
         p.prepare(model)
     return p

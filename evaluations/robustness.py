@@ -107,7 +107,8 @@ class RowFilterPress(QFilterPress):
 
     rows: torch.Tensor | None = None  # [variants, num_layers, num_kv_heads, head_dim]
 
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              reading_position: torch.Tensor) -> torch.Tensor:
         return -torch.einsum("bhnd,bhd->bhn", keys.float(), self.rows[:, layer_idx].to(keys.device, torch.float32))
 
 

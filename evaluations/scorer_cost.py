@@ -92,10 +92,10 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
             p.score(idx, k, k, positions, torch.full((b, 1, 1), n, dtype=torch.long))
 
     def step_scoring(p) -> None:
-        score_all(p, 0, budget) if p.position_dependent else score_all(p, budget, budget + 1)
+        score_all(p, 0, budget) if p.scoring.rescores else score_all(p, budget, budget + 1)
 
     def per_step(p, seconds: list[float]) -> list[float]:  # a re-scoring every rescore_every steps
-        return [t / p.rescore_every for t in seconds]
+        return [t / p.policy.rescore_every for t in seconds]
 
     # interleaved round by round, so a load change hits both sides of a ratio
     rounds = {name: [] for name in presses}
@@ -112,8 +112,8 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
         out["presses"][name] = dict(
             prefill_scoring_seconds=full,
             prefill_overhead=full / prefill,
-            rescores=p.position_dependent,
-            rescore_every=p.rescore_every,
+            rescores=p.scoring.rescores,
+            rescore_every=p.policy.rescore_every,
             step_scoring_seconds=statistics.median(per_step(p, rounds[name])),
             decode_overhead=statistics.median([r / s for r, s in zip(per_step(p, rounds[name]), steps)]),  # paired
             decode_overhead_min=min(per_step(p, rounds[name])) / min(steps),  # the least-disturbed run of each

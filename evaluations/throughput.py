@@ -93,8 +93,8 @@ def live_tokens(kind: str, press, context: int, new_tokens: int, budget: int | N
     if kind.startswith("static"):
         return float(budget)
     target = press.target_size(context, decoding=False)
-    cap = press.max_cache_tokens
-    grown = target + mid if not press.decoding else press.target_size(int(context + mid), decoding=True)
+    cap = press.policy.capacity
+    grown = target + mid if not press.policy.decoding else press.target_size(int(context + mid), decoding=True)
     return float(min(grown, cap) if cap is not None else grown)
 
 
@@ -157,7 +157,7 @@ def make_press(name: str, factor: int, filters):
     if factor < 2:
         raise ValueError(f"compression factors must be >= 2 (x2 removes half), got {factor}")
     cls = press_class(name)
-    if not cls.query_free:
+    if cls.scoring.needs_queries:
         raise ValueError(f"{name} scores keys with queries; the throughput benchmark compares query-free presses "
                          f"({', '.join(query_free_presses())}).")
     settings = dict(ratio=1 - 1 / factor)

@@ -58,7 +58,7 @@ def adopt_layer(
             f"given cache is a {type(layer).__name__}. Pass no cache, a DynamicCache, or a PressedCache."
         )
     if window is not None:
-        if not p.query_free or layer.is_initialized:
+        if p.scoring.needs_queries or layer.is_initialized:
             return None
         if stays_plain(p, window, q if real is None else int(real[:, -q:].sum(-1).min())):
             return None
@@ -130,10 +130,11 @@ def press(
     windows = layer_windows(model.config)
     window_of = {layer.layer_idx: windows[layer.layer_idx] if layer.layer_idx < len(windows) else None for layer in layers}
     p.validate(num_layers=len(windows))
+    policy = p.policy
     if static and any(w is not None for w in window_of.values()):
         raise ValueError(f"static=True needs a model whose layers all use full attention; {type(model).__name__} "
                          "has sliding-window layers. Use static=False.")
-    if not p.query_free and all(window_of[idx] is not None for idx in window_of):
+    if policy.scoring.needs_queries and all(window_of[idx] is not None for idx in window_of):
         raise ValueError(
             f"{type(p).__name__} scores keys with queries after attention, which press() does not do for sliding-window "
             f"layers, and every layer of {type(model).__name__} is one: nothing would be compressed. Use a query-free "
@@ -187,14 +188,14 @@ def press(
         if owner is None:
             _OPEN[id(p)] = model
             stack.callback(_OPEN.pop, id(p), None)
-        stack.enter_context(patched_attention(model, layers, None if p.query_free else after_attention))
+        stack.enter_context(patched_attention(model, layers, after_attention if policy.scoring.needs_queries else None))
         for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)
             stack.callback(handle.remove)
         handle = model.register_forward_pre_hook(check_call, with_kwargs=True)
         stack.callback(handle.remove)
         stack.enter_context(p.attach(model))
-        chunk = p.prefill_chunk_size
+        chunk = policy.prefill_chunk
         if chunk is not None and generation_config is not None:
             stack.callback(setattr, generation_config, "prefill_chunk_size", generation_config.prefill_chunk_size)
             generation_config.prefill_chunk_size = chunk

@@ -192,7 +192,7 @@ class QFiltersHFLM(HFLM):
     def _prefill(self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None = None) -> None:
         """Run ``ids`` (left-padded where ``mask`` says) into ``cache`` under the press, ``prefill_chunk_size``
         tokens per call."""
-        chunked_prefill(self.model, ids, cache, self._press.prefill_chunk_size, mask)
+        chunked_prefill(self.model, ids, cache, self._press.policy.prefill_chunk if self._press is not None else None, mask)
 
     def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype or torch.float32)
@@ -276,10 +276,10 @@ class QFiltersHFLM(HFLM):
     @property
     def rolling_chunk(self) -> int:
         """Tokens per forward call when streaming a rolling window (see the module docstring)."""
-        p = self._press
-        if p.prefill_chunk_size:
-            return p.prefill_chunk_size
-        return 1 if p.max_cache_tokens is not None or p.decoding else ROLLING_CHUNK
+        policy = self._press.policy
+        if policy.prefill_chunk:
+            return policy.prefill_chunk
+        return 1 if policy.prunes_while_decoding else ROLLING_CHUNK
 
     def _stream(self, context: list[int], continuation: list[int]) -> float:
         """Log-likelihood of ``continuation`` when ``context + continuation`` streams through a pressed cache."""
@@ -303,7 +303,7 @@ class QFiltersHFLM(HFLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         # Prompts of different lengths share left-padded batches; a query-dependent press (SnapKV) scores
         # with each row's own last queries, which press() cannot do in a padded batch: equal lengths only.
-        pads_ok = self._press.query_free
+        pads_ok = not self._press.scoring.needs_queries
         groups: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
         settings = {}
         for i, request in enumerate(requests):

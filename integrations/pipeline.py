@@ -276,7 +276,7 @@ class KVPressQAPipeline(Pipeline):
             if cache is None:
                 start = time.perf_counter()
                 cache = DynamicCache(config=self.model.config)
-                chunked_prefill(self.model, context_ids, cache, None if press is None else press.prefill_chunk_size)
+                chunked_prefill(self.model, context_ids, cache, None if press is None else press.policy.prefill_chunk)
                 setattr(cache, PROMPT_ATTR, context_ids)
                 setattr(cache, CONTEXT_ATTR, inputs["context"])
                 setattr(cache, MODEL_ATTR, model_key(self.model))
@@ -285,7 +285,7 @@ class KVPressQAPipeline(Pipeline):
             questions = inputs["question_ids"]
             # Left-padded batches of questions need a query-free press (or none): a query-dependent press
             # scores with each row's own last queries, so it only batches questions of equal length.
-            pads_ok = press is None or press.query_free
+            pads_ok = press is None or not press.scoring.needs_queries
             groups: dict[int, list[int]] = defaultdict(list)
             for i in sorted(range(len(questions)), key=lambda i: -questions[i].shape[1]):
                 groups[0 if pads_ok else questions[i].shape[1]].append(i)

@@ -18,6 +18,7 @@ __version__ = "0.1.0"  # the only place the version is written (pyproject.toml r
 _EXPORTS = {
     "Press": ".base",
     "ScorerPress": ".base",
+    "Scoring": ".base",
     "press": ".integrations.context",
     "get_press": ".registry",
     "list_presses": ".registry",

@@ -22,47 +22,157 @@ import warnings
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["Press", "ScorerPress"]
+__all__ = ["EnginePolicy", "Press", "PressSettings", "ScorerPress", "Scoring"]
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class Press(ABC):
+class Scoring(Enum):
+    """When a press scores keys, which decides where and how often the cache engine asks it (one per press)."""
+
+    #: :meth:`Press.score` once, when keys enter the cache; the engine stores the score and evicts by it.
+    ENTRY_TIME = "entry_time"
+    #: :meth:`Press.score` again at the reading position (where the next query reads) before each eviction, at
+    #: most every ``rescore_every`` decoding steps; nothing is scored on entry.
+    READING_POSITION = "reading_position"
+    #: :meth:`Press.query_scores` right after a multi-token attention call, with its queries (SnapKV): pruning
+    #: then happens after attention, never inside the cache.
+    QUERY = "query"
+
+    def __init__(self, value: str) -> None:
+        #: Scored with queries, after attention (``QUERY``): nothing is evicted inside the cache.
+        self.needs_queries = value == "query"
+        #: Re-scored at the reading position before evicting (``READING_POSITION``).
+        self.rescores = value == "reading_position"
+
+
+@dataclass(frozen=True)
+class EnginePolicy:
+    """What the cache engine and ``generate()`` read of a press: :attr:`Press.policy`, taken once where a cache
+    layer or a ``press()`` context is made (settings were validated there), instead of press fields read
+    everywhere."""
+
+    scoring: Scoring
+    #: Hard budget per layer and KV head (``max_cache_tokens``); ``None``: no budget.
+    capacity: int | None
+    #: ``generate()`` / front-ends prefill in chunks of this many tokens (``prefill_chunk_size``); ``None``: one call.
+    prefill_chunk: int | None
+    #: Reading-position presses: re-score live slots at most every this many decoding steps.
+    rescore_every: int
+    #: Whether the ratio's target also applies while decoding.
+    decoding: bool
+    #: Whether slots keep a score: the one they got on entry, or (re-scoring every K > 1 steps) the last
+    #: re-scoring's. Presses re-scored at every eviction would waste a scoring call on entry. Derived, and
+    #: stored because a decoding step reads it per layer.
+    stores_scores: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        mode = self.scoring
+        stores = mode is Scoring.ENTRY_TIME or (mode is Scoring.READING_POSITION and self.rescore_every > 1)
+        object.__setattr__(self, "stores_scores", stores)
+
+    @property
+    def prunes_while_decoding(self) -> bool:
+        """Whether one-token calls can evict (a budget, or ``decoding=True``)."""
+        return self.capacity is not None or self.decoding
+
+
+def _score_with_key_scores(self, layer_idx, keys, values, positions, reading_position):
+    """:meth:`Press.score` of a press that implements the older ``key_scores(layer_idx, keys, positions)``."""
+    return self.key_scores(layer_idx, keys, positions)
+
+
+class _LegacyFlag:
+    """Read-only ``query_free`` / ``position_dependent`` for code written against the two booleans that
+    :class:`Scoring` replaced (the project reads ``scoring``)."""
+
+    def __init__(self, test):
+        self.test = test
+
+    def __get__(self, obj, owner) -> bool:
+        return self.test((owner if obj is None else obj).scoring)
+
+
+@dataclass(kw_only=True, eq=False, repr=False, init=False)
+class PressSettings:
+    """The settings the engine reads of every press, declared once: class defaults for presses that are not
+    dataclasses, keyword-only constructor fields of dataclass presses (:class:`ScorerPress` and its
+    subclasses: ``QFilterPress(ratio=0.5, max_cache_tokens=512)``). The engine reads them through
+    :attr:`Press.policy`; :meth:`Press.validate` checks them."""
+
+    #: Full-attention layers left uncompressed (the Q-Filters paper leaves the first two alone in its needle test).
+    skip_layers: tuple[int, ...] = ()
+    #: Hard budget per layer and KV head, enforced after every forward call (``None``: no budget).
+    max_cache_tokens: int | None = None
+    #: Whether :meth:`Press.target_size` also applies while decoding one token at a time (a ratio then keeps the
+    #: cache near ``(1 - ratio) x tokens seen``).
+    decoding: bool = False
+    #: Under :func:`kvpress_like.press`, ``generate()`` prefills long prompts in chunks of this many tokens
+    #: (``None``: in one call), so peak KV memory stays near ``max_cache_tokens + prefill_chunk_size``.
+    prefill_chunk_size: int | None = None
+    #: Reading-position presses: re-score the live slots at most every this many decoding steps (1: at every
+    #: eviction, exact). In between, evictions use the last re-scoring's scores and keys that entered since are
+    #: kept; this divides the re-scoring cost of decoding by up to ``rescore_every``. Dynamic cache only.
+    rescore_every: int = 1
+
+
+class Press(PressSettings, ABC):
     """Abstract compression policy shared by every method.
 
-    The core reads exactly what is declared here, nothing else: the class flags, the four settings
-    below (plain attributes with their defaults; :class:`ScorerPress` makes them dataclass fields) and
-    the methods. :meth:`validate` is the one place that checks them; the core calls it on entry.
+    The core reads exactly what is declared here, nothing else: the scoring mode :attr:`scoring`, the
+    settings of :class:`PressSettings` (as :attr:`policy`) and the methods. :meth:`validate` is the one place
+    that checks them; the core calls it on entry.
+
+    Presses written for the older contract keep working through :meth:`__init_subclass__`, the one adapter:
+    class attributes ``query_free = False`` / ``position_dependent = True`` become :attr:`scoring`, and a
+    ``key_scores(layer_idx, keys, positions)`` method becomes :meth:`score`.
     """
 
     #: Registry name (set by subclasses; used by :func:`kvpress_like.get_press`).
     name: ClassVar[str] = ""
-    #: True when scores need only the cached keys/values and positions (no queries): eviction can then
-    #: happen inside the cache, during prefill and decoding alike.
-    query_free: ClassVar[bool] = True
-    #: True when a key's score depends on the *reading position* (where the next query sits): the cache then
-    #: re-scores its live slots whenever it must evict, instead of reusing the score a key got on entry.
-    position_dependent: ClassVar[bool] = False
+    #: When keys are scored (see :class:`Scoring`); set it as a class attribute, e.g. ``scoring = Scoring.QUERY``.
+    scoring: ClassVar[Scoring] = Scoring.ENTRY_TIME
 
-    #: Full-attention layers left uncompressed.
-    skip_layers: tuple[int, ...] = ()
-    #: Hard budget per layer and KV head, enforced after every forward call (``None``: no budget).
-    max_cache_tokens: int | None = None
-    #: Whether :meth:`target_size` also applies while decoding one token at a time.
-    decoding: bool = False
-    #: ``generate()`` prefills long prompts in chunks of this many tokens (``None``: in one call).
-    prefill_chunk_size: int | None = None
-    #: Position-dependent presses: re-score the live slots at most every this many decoding steps (1: at every
-    #: eviction, exact). In between, evictions use the last re-scoring's scores and keys that entered since are
-    #: kept; this divides the re-scoring cost of decoding by up to ``rescore_every``. Dynamic cache only.
-    rescore_every: int = 1
+    query_free = _LegacyFlag(lambda scoring: not scoring.needs_queries)
+    position_dependent = _LegacyFlag(lambda scoring: scoring.rescores)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """The one adapter for the older contract (see the class docstring): legacy flags become :attr:`scoring`,
+        ``key_scores`` serves as :meth:`score`; flags that mean nothing together are refused."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        flags = {flag: own[flag] for flag in ("query_free", "position_dependent") if flag in own}
+        if flags:
+            if "scoring" in own:
+                raise TypeError(f"{cls.__name__} sets both scoring and {' and '.join(flags)}; set scoring only.")
+            query_free = bool(flags.get("query_free", not cls.scoring.needs_queries))
+            position_dependent = bool(flags.get("position_dependent", cls.scoring.rescores))
+            if not query_free and position_dependent:
+                raise TypeError(
+                    f"{cls.__name__} sets query_free = False and position_dependent = True, which mean nothing together: "
+                    "a press that needs queries is scored with them after attention, never re-scored at a reading "
+                    "position. Set scoring = Scoring.QUERY, or Scoring.READING_POSITION for a query-free press."
+                )
+            cls.scoring = (Scoring.QUERY if not query_free
+                           else Scoring.READING_POSITION if position_dependent else Scoring.ENTRY_TIME)
+            for flag in flags:  # read back from ``scoring`` from now on, so the two can never disagree
+                delattr(cls, flag)
+        if "key_scores" in own and "score" not in own:
+            cls.score = _score_with_key_scores
+
+    @property
+    def policy(self) -> EnginePolicy:
+        """The engine policy these settings give (see :class:`EnginePolicy`)."""
+        return EnginePolicy(self.scoring, self.max_cache_tokens, self.prefill_chunk_size, self.rescore_every,
+                            self.decoding)
 
     def validate(self, num_layers: int | None = None) -> None:
         """Raise ``ValueError``/``TypeError`` for settings the core cannot honour (and for layer indices
@@ -87,7 +197,7 @@ class Press(ABC):
         every = self.rescore_every
         if not _is_int(every) or every < 1:
             raise ValueError(f"rescore_every must be a positive integer, got {every!r}.")
-        if every > 1 and not self.position_dependent:
+        if every > 1 and not self.scoring.rescores:
             raise ValueError(
                 f"rescore_every={every}: {type(self).__name__}'s scores do not depend on the reading position, so "
                 "keys are scored once on entry and never re-scored; leave rescore_every=1."
@@ -118,18 +228,15 @@ class Press(ABC):
         positions: torch.Tensor,
         reading_position: torch.Tensor,
     ) -> torch.Tensor:
-        """Scores ``(batch, kv_heads, n)`` of cached entries; higher is kept (``query_free`` presses).
+        """Scores ``(batch, kv_heads, n)`` of cached entries; higher is kept (``ENTRY_TIME`` and
+        ``READING_POSITION`` presses).
 
         ``keys``/``values`` are ``(batch, kv_heads, n, head_dim)`` as stored (post-RoPE), ``positions`` their
         true positions (``-1`` marks an empty or padding slot, whose score is ignored) and
         ``reading_position`` a ``(batch, 1, 1)`` long tensor: the position of the next query that will
-        read these keys. The default calls :meth:`key_scores`, the original one-argument-less API.
+        read these keys.
         """
-        return self.key_scores(layer_idx, keys, positions)
-
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Scores ``(batch, kv_heads, n)`` of new keys (the original scorer API; see :meth:`score`)."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither score() nor key_scores()")
+        raise NotImplementedError(f"{type(self).__name__} implements no score() (nor the older key_scores())")
 
     def query_scores(
         self,
@@ -139,7 +246,7 @@ class Press(ABC):
         positions: torch.Tensor,
         seen: int,
     ) -> torch.Tensor:
-        """Scores ``(batch, kv_heads, n)`` of cached keys given the latest queries (query-dependent presses)."""
+        """Scores ``(batch, kv_heads, n)`` of cached keys given the latest queries (``Scoring.QUERY`` presses)."""
         raise NotImplementedError
 
     @abstractmethod
@@ -162,24 +269,13 @@ class ScorerPress(Press):
         ratio: fraction of KV pairs removed per layer and KV head, in ``[0, 1)``.
         n_sink: number of first tokens never evicted (attention sinks).
         window: number of most recent tokens never evicted.
-        skip_layers: indices of full-attention layers left uncompressed (the Q-Filters paper leaves the
-            first two layers alone in its needle test).
-        max_cache_tokens: hard budget per layer and KV head, enforced during prefill and decoding.
-        decoding: also apply ``ratio`` while decoding, keeping the cache near ``(1 - ratio) x tokens seen``.
-        prefill_chunk_size: under :func:`kvpress_like.press`, ``generate()`` prefills long prompts in chunks of
-            this many tokens, so peak KV memory stays near ``max_cache_tokens + prefill_chunk_size``.
-        rescore_every: position-dependent presses re-score live slots at most every this many decoding steps
-            (1: exact at every eviction; dynamic cache only).
+        **settings: the keyword-only engine settings of :class:`PressSettings` (``skip_layers``,
+            ``max_cache_tokens``, ``decoding``, ``prefill_chunk_size``, ``rescore_every``).
     """
 
     ratio: float = 0.0
     n_sink: int = 0
     window: int = 0
-    skip_layers: tuple[int, ...] = field(default_factory=tuple)
-    max_cache_tokens: int | None = None
-    decoding: bool = False
-    prefill_chunk_size: int | None = None
-    rescore_every: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:

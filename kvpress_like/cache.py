@@ -20,7 +20,7 @@ transformers gives new tokens their true RoPE positions. Left-padded rows count 
 real ones, and each row keeps what the press promises for its own length: every row is planned as it would
 be alone (its own slot count, target and re-scoring clock), so batching never changes a row's result. Sliding-window layers evict the
 tokens that left the window first and never attend past it. Presses whose scores depend on the reading
-position (``position_dependent``) have the live slots re-scored whenever the layer must evict.
+position (``Scoring.READING_POSITION``) have the live slots re-scored whenever the layer must evict.
 
 Masks: when every slot is valid and the layer attends fully, transformers' causal mask (aligned by
 :func:`kvpress_like.masks.align_mask`) is right. Otherwise (padding, empty slots,
@@ -78,7 +78,7 @@ def current_scores(press: Press, layer_idx: int, keys, values, positions, stored
     """Scores to evict by: re-computed at ``reading`` for position-dependent presses, else the stored
     entry-time ones. Empty slots score ``-inf`` (``empty=False``: the caller knows stored scores already do,
     the fast path of an unpadded full-attention layer)."""
-    if press.position_dependent:
+    if press.scoring.rescores:
         return scores_for(press, layer_idx, keys(), values(), positions, reading, empty)
     return stored_scores(stored, positions, empty)
 
@@ -171,12 +171,8 @@ class SlotStore(CacheLayerMixin):
 
     @property
     def stores_scores(self) -> bool:
-        """Whether slots keep a score: the one they got on entry for query-free presses whose scores do not
-        depend on the reading position; the last re-scoring's for position-dependent ones with
-        ``rescore_every > 1``. Other position-dependent presses are re-scored whenever the layer evicts, so
-        scoring keys on entry would be wasted work (a second scoring call per layer and decode step)."""
-        press = self.press
-        return press.query_free and (not press.position_dependent or press.rescore_every > 1)
+        """Whether slots keep a score (:attr:`~kvpress_like.base.EnginePolicy.stores_scores`)."""
+        return self.policy.stores_scores
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -188,7 +184,7 @@ class SlotStore(CacheLayerMixin):
         until the next re-scoring)."""
         if not self.stores_scores:
             return None
-        if self.press.position_dependent:
+        if self.policy.scoring.rescores:
             return torch.full(pos.shape, float("inf"), device=pos.device)
         return scores_for(self.press, self.layer_idx, k, v, pos, reading, empty)
 
@@ -219,7 +215,7 @@ class SlotStore(CacheLayerMixin):
             pos = torch.cat([self._pos[:, :, :n], pos], dim=-1)
             score = None if score is None else torch.cat([self._score[:, :, :n], score], dim=-1)
         live_pos = live(pos)
-        if self.press.query_free:
+        if not self.policy.scoring.needs_queries:
             score = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, live_pos, score, reading)
         return k, v, pos, live_pos, score
 
@@ -234,6 +230,7 @@ class PressedLayer(SlotStore):
     def __init__(self, press: Press, layer_idx: int, sliding_window: int | None = None):
         super().__init__()
         self.press = press
+        self.policy = press.policy
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.n = 0  # slots in use (live or empty), the same for every row and head
@@ -322,7 +319,7 @@ class PressedLayer(SlotStore):
             reading = (self.rows + new).view(batch, 1, 1)
             targets = self._row_targets(reading, q == 1)
             return self._plan_rows(q, positions, reading, targets, new)
-        if not self.press.query_free or targets is None:
+        if self.policy.scoring.needs_queries or targets is None:
             plan = "append"
         elif q == 1 and self.n > 0 and all(t == self.n for t in targets):
             plan = "overwrite"
@@ -336,7 +333,7 @@ class PressedLayer(SlotStore):
         """A padded call: each row's plan is the one above with the row's own slot count (a row with no real
         new token does nothing, as no call at all)."""
         slots = self.row_slots
-        if not self.press.query_free or targets is None:
+        if self.policy.scoring.needs_queries or targets is None:
             plans = torch.full_like(new, APPEND)
         else:
             t = torch.tensor(targets, device=new.device)
@@ -344,7 +341,7 @@ class PressedLayer(SlotStore):
             plans = torch.where(overwrite, OVERWRITE, torch.where((slots + new <= t) | (new == 0), APPEND, PRUNE))
         if bool((plans == PRUNE).any()):
             plan = "prune"
-        elif q == 1 and self.n > 0 and targets is not None and self.press.query_free:
+        elif q == 1 and self.n > 0 and targets is not None and not self.policy.scoring.needs_queries:
             plan = "overwrite"  # rows that append fill an empty slot
         else:
             plan = "append"
@@ -396,7 +393,7 @@ class PressedLayer(SlotStore):
             keep, widths = self._select(full_score, live, seen, call.targets)
             if call.row_plans is not None:
                 pruned = call.row_plans == PRUNE
-                if stale is not None and self.press.position_dependent:  # rows that do not prune keep stale scores
+                if stale is not None and self.policy.scoring.rescores:  # rows that do not prune keep stale scores
                     stale = torch.cat([stale, score], dim=-1)
                     full_score = torch.where(pruned.view(b, 1, 1), full_score, stale.masked_fill(live < 0, float("-inf")))
                 self._rescored_rows = torch.where(pruned, call.reading.view(b), self._rescored_rows)
@@ -420,7 +417,7 @@ class PressedLayer(SlotStore):
         press: validated) the stored ones until that many steps have passed since the last re-scoring, whose
         result is stored. Padded batches keep that count per row; only ``rows`` (those that evict, as they
         would alone) may re-score."""
-        every = self.press.rescore_every
+        every = self.policy.rescore_every
         if every > 1 and self.rows is not None:
             due = rows & (reading.view(-1) - self._rescored_rows >= every)
             if bool(due.any()):
@@ -492,7 +489,7 @@ class PressedLayer(SlotStore):
 
     def prune_with_queries(self, module: torch.nn.Module, queries: torch.Tensor) -> None:
         """Prune after attention for presses whose scores need the latest queries (e.g. SnapKV)."""
-        if self.press.query_free or self.n == 0 or not self.compressing:
+        if not self.policy.scoring.needs_queries or self.n == 0 or not self.compressing:
             return
         if self.rows is not None:
             raise ValueError(
@@ -565,7 +562,7 @@ class PressedLayer(SlotStore):
         return self.seen
 
     def get_max_length(self) -> int:
-        budget = self.press.max_cache_tokens
+        budget = self.policy.capacity
         return -1 if budget is None else budget
 
     # -- buffer management --------------------------------------------------------------------------
@@ -589,7 +586,7 @@ class PressedLayer(SlotStore):
         q = k.shape[-2]
         capacity = 0 if self._k is None else self._k.shape[-2]
         if self.n + q > capacity:
-            budget = self.press.max_cache_tokens
+            budget = self.policy.capacity
             if budget is not None and self.n + q <= budget:
                 new_capacity = budget  # a budgeted layer allocates its budget once, like a static cache
             elif q == 1:
@@ -615,7 +612,7 @@ class PressedLayer(SlotStore):
         if self.sliding_window is not None:
             kept_pos = self._live_positions(kept_pos, self.seen if self.rows is None else self.rows.view(-1, 1, 1))
         m = keep.shape[-1]
-        budget = self.press.max_cache_tokens
+        budget = self.policy.capacity
         if budget is not None and m <= budget:
             if self._k is None or self._k.shape[-2] != budget:
                 self.n = 0
@@ -701,7 +698,7 @@ class PressedCache(Cache):
     """
 
     def __init__(self, press: Press, config=None):
-        if not press.query_free:
+        if press.scoring.needs_queries:
             raise ValueError(
                 f"{type(press).__name__} scores keys with queries; use `with press(model, ...)` instead of a bare cache."
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 import types
@@ -157,9 +156,7 @@ def _parse(name: str, value: Any, hint: Any) -> Any:
 
 
 def press_settings(cls: type[Press]) -> set[str]:
-    """The settings a press class takes: its dataclass fields, or its constructor's named parameters (wrapper
-    presses such as AdaKV, whose ``**settings`` go to the press they wrap, are not dataclasses)."""
-    if dataclasses.is_dataclass(cls):
-        return {f.name for f in dataclasses.fields(cls) if f.init}
+    """The settings a press class takes: its constructor's named parameters (a dataclass press's fields; for
+    wrapper presses such as AdaKV, whose ``**settings`` go to the press they wrap, the named ones only)."""
     params = inspect.signature(cls.__init__).parameters.values()
     return {p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -59,7 +59,7 @@ def _is_tracing() -> bool:
 def check_static_press(press: Press) -> None:
     """Raise ``ValueError`` when a press cannot drive a fixed-size cache."""
     name = type(press).__name__
-    if not press.query_free:
+    if press.scoring.needs_queries:
         raise ValueError(
             f"{name} scores keys with queries, after attention; the static cache evicts inside the cache and needs "
             "a query-free press (QFilterPress, KnormPress, StreamingLLMPress). Use static=False."
@@ -70,9 +70,9 @@ def check_static_press(press: Press) -> None:
     if press.skip_layers:
         raise ValueError("skip_layers leaves layers uncompressed, which a fixed-size static cache cannot hold; "
                          "drop skip_layers or use static=False.")
-    if press.rescore_every > 1:
+    if press.policy.rescore_every > 1:
         raise ValueError(
-            f"{name}(rescore_every={press.rescore_every}): a compiled static step cannot skip re-scoring on some "
+            f"{name}(rescore_every={press.policy.rescore_every}): a compiled static step cannot skip re-scoring on some "
             "steps without branching; use rescore_every=1 or static=False."
         )
     if press.decoding:
@@ -88,7 +88,7 @@ def static_budget(press: Press, prompt_tokens: int, max_tokens: int | None = Non
     ``max_cache_tokens`` when set, otherwise what the ratio keeps of the prompt; capped by ``max_tokens``
     (the most tokens the cache will ever see), since slots beyond it would stay empty.
     """
-    budget = press.max_cache_tokens
+    budget = press.policy.capacity
     if budget is None:
         budget = press.target_size(prompt_tokens, decoding=False)
     if budget is None:
@@ -113,6 +113,7 @@ class StaticPressedLayer(SlotStore):
         if budget < 1:
             raise ValueError(f"budget must be a positive number of slots, got {budget}")
         self.press = press
+        self.policy = press.policy
         self.layer_idx = layer_idx
         self.budget = int(budget)
         # 0-d tensors updated in place: a compiled step reads them without guarding on their values.
@@ -290,7 +291,7 @@ class StaticPressedCache(Cache):
                 f"the static compressed cache supports models whose layers all use full attention; this "
                 f"{text.model_type} model has {', '.join(others) or 'sliding-window'} layers. Use static=False."
             )
-        budget = budget if budget is not None else press.max_cache_tokens
+        budget = budget if budget is not None else press.policy.capacity
         if budget is None:
             raise ValueError("StaticPressedCache needs budget=<slots per layer and KV head> (or a press with "
                              "max_cache_tokens).")

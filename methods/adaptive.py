@@ -76,7 +76,7 @@ class AdaptivePress(Press):
             raise TypeError(f"AdaptivePress needs a kvpress_like Press (or a registered name) as base, got {type(base).__name__}.")
         if getattr(base, "headwise", False):
             raise ValueError("AdaptivePress cannot wrap another head-wise press; wrap the scorer press itself.")
-        if not base.query_free:
+        if base.scoring.needs_queries:
             raise ValueError(
                 f"AdaptivePress allocates budgets inside the cache from key scores; {type(base).__name__} scores keys "
                 "with queries after attention. Wrap a query-free press (qfilters, knorm, expected_attention, ...)."
@@ -91,7 +91,7 @@ class AdaptivePress(Press):
             raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
         self.base, self.floor, self.normalization = base, float(floor), normalization
         self.temperature, self.pyramid = temperature, float(pyramid)
-        self.position_dependent = base.position_dependent
+        self.scoring = base.scoring  # an instance's mode is its base press's
         self._num_layers: int | None = None
         self.validate()
 

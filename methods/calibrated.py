@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from kvpress_like.base import ScorerPress
+from kvpress_like.base import ScorerPress, Scoring
 from kvpress_like.filters import STATS_FILE, check_query_stats, filters_dir, load_query_stats, query_stats_for, store_key
 from kvpress_like.rope import Rotary, rotary
 from kvpress_like.models import head_dim as head_dim_of, kv_heads
@@ -37,7 +36,7 @@ class CalibratedPress(ScorerPress):
     Subclasses implement :meth:`build` (per-layer tensors from the statistics) and :meth:`score`.
     """
 
-    position_dependent: ClassVar[bool] = True
+    scoring = Scoring.READING_POSITION
     stats: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:

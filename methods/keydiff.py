@@ -5,9 +5,9 @@ unit-normalized keys. Keys pointing where most keys point carry little that the 
 first. No queries, no calibration.
 
 "The others" are the keys a layer holds when it evicts: the live slots plus the call's new tokens (empty,
-padding and out-of-window slots excluded). As the cache changes, so does the anchor, so the press is
-``position_dependent``: the cache re-scores its live slots at each eviction instead of reusing entry-time
-scores. That is the paper's rule (the anchor of the current cache and incoming block) and costs one
+padding and out-of-window slots excluded). As the cache changes, so does the anchor, so the press scores
+at the reading position (``Scoring.READING_POSITION``): the cache re-scores its live slots at each eviction
+instead of reusing entry-time scores. That is the paper's rule (the anchor of the current cache and incoming block) and costs one
 normalization and one dot product per live key and layer, about ``3 x slots x head_dim`` flops per step,
 a fraction of the step's own attention; ``rescore_every=K`` divides it further.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvpress_like.base import ScorerPress
+from kvpress_like.base import ScorerPress, Scoring
 
 __all__ = ["KeyDiffPress"]
 
@@ -28,7 +28,7 @@ class KeyDiffPress(ScorerPress):
     """Keep the keys with the lowest cosine similarity to the mean normalized key of their head."""
 
     name = "keydiff"
-    position_dependent = True
+    scoring = Scoring.READING_POSITION
 
     def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
               reading_position: torch.Tensor) -> torch.Tensor:

@@ -13,5 +13,6 @@ class KnormPress(ScorerPress):
 
     name = "knorm"
 
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              reading_position: torch.Tensor) -> torch.Tensor:
         return -keys.float().norm(dim=-1)

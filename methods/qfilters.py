@@ -94,7 +94,8 @@ class QFilterPress(ScorerPress):
         check_filters(self._active, model)
         self._on.clear()
 
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              reading_position: torch.Tensor) -> torch.Tensor:
         if self._active is None:
             raise ValueError(
                 "QFilterPress has no filters: pass filters=<path or tensor>, or use it inside "

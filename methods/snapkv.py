@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpress_like.base import ScorerPress
+from kvpress_like.base import ScorerPress, Scoring
 
 
 @dataclass
@@ -23,7 +23,7 @@ class SnapKVPress(ScorerPress):
     """
 
     name = "snapkv"
-    query_free = False
+    scoring = Scoring.QUERY
     window_size: int = 64
     kernel_size: int = 5
 

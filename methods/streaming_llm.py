@@ -14,5 +14,6 @@ class StreamingLLMPress(ScorerPress):
     name = "streaming_llm"
     n_sink: int = 4
 
-    def key_scores(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+              reading_position: torch.Tensor) -> torch.Tensor:
         return positions.float()

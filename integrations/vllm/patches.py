@@ -276,7 +276,7 @@ def planned_shifts(spans: dict, prompt_tokens, press_of, shift: dict, block: int
             dropped = after - kept_count(press, after, block)
         else:
             done = shift.get(req_id, 0)
-            budget = press.max_cache_tokens
+            budget = press.policy.capacity
             live = after - done
             dropped = done + (live - budget) // block * block if budget is not None and live >= budget + block else 0
         if dropped:

@@ -81,7 +81,7 @@ def _press(frozen: str) -> Press | None:
     if name is None:
         return None
     press = get_press(name, **settings)
-    if not press.query_free:
+    if press.scoring.needs_queries:
         raise ValueError(
             f"press {name!r} needs the queries' attention, which vLLM's fused paged attention never exposes; "
             "use a query-free press (qfilters, knorm, streaming_llm, ...)."

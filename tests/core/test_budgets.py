@@ -253,13 +253,13 @@ def test_keys_scored_once_and_buffers_reused_while_decoding(kind):
     model = tiny_model("llama", attn_implementation="sdpa")
     p = make_press(kind, model, max_cache_tokens=budget, window=2, n_sink=1)
     scored: dict[int, int] = {}
-    original = p.key_scores
+    original = p.score
 
-    def counting(layer_idx, keys, positions):
+    def counting(layer_idx, keys, values, positions, reading_position):
         scored[layer_idx] = scored.get(layer_idx, 0) + keys.shape[-2]
-        return original(layer_idx, keys, positions)
+        return original(layer_idx, keys, values, positions, reading_position)
 
-    object.__setattr__(p, "key_scores", counting)
+    object.__setattr__(p, "score", counting)
     with StepRecorder(model) as rec:
         generate(model, ids_for(2, prompt), p, max_new_tokens=new)
     # prompt + every fed-back token (the last generated token is never fed), once per layer
@@ -274,7 +274,10 @@ def test_keys_scored_once_and_buffers_reused_while_decoding(kind):
         for i in range(prompt, prompt + 6):
             model(ids[:, i : i + 1], **cache_kwargs(cache))
     for layer in cache.layers:
-        torch.testing.assert_close(layer.scores, original(layer.layer_idx, layer.keys, layer.positions))
+        reading = torch.full((1, 1, 1), layer.seen, dtype=torch.long)
+        torch.testing.assert_close(
+            layer.scores, original(layer.layer_idx, layer.keys, layer.values, layer.positions, reading)
+        )
 
 
 # -- QFiltersCache: the original repository's entry point ------------------------------------------------------

@@ -13,20 +13,21 @@ from transformers import DynamicCache
 
 import kvpress_like as kp
 from kvpress_like import PressedCache, PressedLayer, ScorerPress, press
+from kvpress_like.base import Scoring
 from kvpress_like.integrations.transformers import cache_kwargs
 from tiny import tiny_model
 
 
 @dataclass
 class RecencyBandPress(ScorerPress):
-    """A position-dependent scorer: keys are worth more the closer ``(reading - position) % 5`` is to zero.
+    """A reading-position scorer: keys are worth more the closer ``(reading - position) % 5`` is to zero.
 
     Entry-time scores and scores at a later reading position rank keys differently, so a cache that
     forgot to re-score would evict other keys than the masked reference (which is told what was kept).
     """
 
     name = "test_recency_band"
-    position_dependent = True
+    scoring = Scoring.READING_POSITION
 
     def score(self, layer_idx, keys, values, positions, reading_position):
         self.readings.append(reading_position.flatten().tolist())
@@ -199,7 +200,7 @@ def test_rescoring_changes_what_is_evicted():
     @dataclass
     class EntryTime(RecencyBandPress):
         name = "test_entry_time"
-        position_dependent = False
+        scoring = Scoring.ENTRY_TIME
 
     kept = {}
     for cls in (RecencyBandPress, EntryTime):

@@ -85,7 +85,8 @@ def test_sign_convention_on_queries_with_a_known_direction():
         keys = 0.1 * torch.randn(1, n_kv, 10, d, generator=gen)
         keys[0, :, 3] = 2 * directions[layer_idx]
         keys[0, :, 5] = -2 * directions[layer_idx]
-        scores = p.key_scores(layer_idx, keys, torch.arange(10).expand(1, n_kv, 10))
+        positions = torch.arange(10).expand(1, n_kv, 10)
+        scores = p.score(layer_idx, keys, keys, positions, torch.tensor([[[10]]]))
         assert (scores.argmax(-1) == 3).all() and (scores.argmin(-1) == 5).all()
 
 
@@ -324,9 +325,10 @@ def test_array_like_filters_are_converted():
     filters = torch.randn(4, 2, 16)
     keys = torch.randn(1, 2, 10, 16)
     positions = torch.arange(10).expand(1, 2, 10)
-    want = QFilterPress(filters=filters).key_scores(1, keys, positions)
+    reading = torch.tensor([[[10]]])
+    want = QFilterPress(filters=filters).score(1, keys, keys, positions, reading)
     for value in (filters.numpy(), filters.double().numpy(), filters.tolist()):
-        assert torch.equal(QFilterPress(filters=value).key_scores(1, keys, positions), want)
+        assert torch.equal(QFilterPress(filters=value).score(1, keys, keys, positions, reading), want)
     with pytest.raises(TypeError, match="array-like or a path"):
         QFilterPress(filters=object())
     with pytest.raises(ValueError, match="shape"):

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from kvpress_like import get_press, press
+from kvpress_like import Scoring, get_press, press
 from kvpress_like.integrations import calibration
 from kvpress_like.filters import save_query_stats, store_path
 from kvpress_like.methods import TargetedQFilterPress
@@ -61,7 +61,7 @@ def test_score_is_the_projection_on_the_direction_rotated_to_the_reading_positio
 def test_registry_store_lookup_and_clear_errors(tmp_path, store):
     model = tiny_model("qwen3")
     assert isinstance(get_press("qfilters_targeted", ratio=0.5), TargetedQFilterPress)
-    assert TargetedQFilterPress.position_dependent
+    assert TargetedQFilterPress.scoring is Scoring.READING_POSITION
     with pytest.raises(ValueError, match="no query statistics found.*kvpress-like calibrate"), press(model, TargetedQFilterPress(ratio=0.5)):
         pass
     with pytest.raises(ValueError, match="no query statistics for layer 1"):
