@@ -113,8 +113,6 @@ def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = No
 
 def _forwards_settings(cls: type[Press]) -> bool:
     """Whether the constructor takes ``**settings`` (a wrapper handing them to the press it builds)."""
-    if dataclasses.is_dataclass(cls):
-        return False
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
 
 
