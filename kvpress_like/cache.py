@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from .plan import Call, Plan
 from .rows import PaddedRows, UniformRows
-from .slots import SlotStore, gather_kept, refuse_crop
+from .slots import GrowingSlots, SlotStore
 from .windows import attention_span
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def layer_windows(config) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
-class PressedLayer(SlotStore):
+class PressedLayer(GrowingSlots):
     """Full- or sliding-attention cache layer whose contents are chosen by a :class:`~kvpress_like.base.Press`."""
 
     is_compileable = False
@@ -78,7 +78,6 @@ class PressedLayer(SlotStore):
         self.layer_idx = layer_idx
         self.span = attention_span(sliding_window)
         self.rows: UniformRows | PaddedRows = UniformRows()
-        self.n = 0  # slots in use (live or empty), the same for every row and head
         self.tokens_given = 0  # tokens given to this layer, padding included (transformers' sequence length)
         self.compressing = True  # False inside `uncompressed(cache)`
         self.observers: list[Observer] = []
@@ -87,10 +86,6 @@ class PressedLayer(SlotStore):
         self._announced: torch.Tensor | None | object = _NOT_ANNOUNCED
         self._attn_positions: torch.Tensor | None = None  # (batch, kv_heads, kv) keys the last call attended to
         self._query_positions: torch.Tensor | None = None  # (batch, q) its new tokens' positions (-1: padding)
-
-    @property
-    def n_slots(self) -> int:
-        return self.n
 
     @property
     def sliding_window(self) -> int | None:
@@ -204,7 +199,7 @@ class PressedLayer(SlotStore):
             full_score = full_score.masked_fill(hidden, float("-inf"))
         keep, widths = self.rows.select(self.press, full_score, live, at, call.targets)
         full_score = self.rows.pruned(self.press, call, widths, full_score, stale, score, live)
-        self._store(full_k, full_v, full_pos, full_score, keep)
+        self._store(full_k, full_v, live, full_score, keep)
         self._attn_positions = full_pos
         return full_k, full_v
 
@@ -218,7 +213,7 @@ class PressedLayer(SlotStore):
             return
         scores = self.press.query_scores(module, queries, self.keys, self.positions, self.tokens_given)
         keep = self.press.select(scores, self.positions, self.tokens_given, target)
-        self._store(self.keys, self.values, self.positions, None, keep)
+        self._store(self.keys, self.values, self.span.live(self.positions, self.tokens_given), None, keep)
 
     def prune_by(self, scores: torch.Tensor) -> None:
         """Evict down to the press's target now, ranking the slots by ``scores`` ``(batch, kv_heads, slots)``
@@ -232,7 +227,7 @@ class PressedLayer(SlotStore):
         if targets is not None and any(self.n > t for t in targets):
             keep, widths = self.rows.select(self.press, scores, live, reading, targets)
             self.rows.kept(widths)
-            self._store(self.keys, self.values, self.positions, scores, keep)
+            self._store(self.keys, self.values, live, scores, keep)
 
     # -- the attention function's contract (kvpress_like.attention_api.ServedLayer) -----------------
     def wants_own_mask(self, attention_mask: torch.Tensor | None, key: torch.Tensor) -> bool:
@@ -270,75 +265,8 @@ class PressedLayer(SlotStore):
         budget = self.press.max_cache_tokens
         return -1 if budget is None else budget
 
-    # -- buffer management --------------------------------------------------------------------------
-    def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
-        """(Re)allocate buffers of ``capacity`` slots, keeping the live contents."""
-        b, h, _, dk = like_k.shape
-        dv = like_v.shape[-1]
-        k = like_k.new_empty(b, h, capacity, dk)
-        v = like_v.new_empty(b, h, capacity, dv)
-        pos = torch.empty(b, h, capacity, dtype=torch.long, device=like_k.device)
-        score = torch.empty(b, h, capacity, dtype=torch.float32, device=like_k.device) if self.stores_scores else None
-        if self.n:
-            k[:, :, : self.n] = self.keys
-            v[:, :, : self.n] = self.values
-            pos[:, :, : self.n] = self.positions
-            if score is not None and self._score is not None:
-                score[:, :, : self.n] = self.scores
-        self._k, self._v, self._pos, self._score = k, v, pos, score
-
-    def _append(self, k, v, pos, score) -> None:
-        q = k.shape[-2]
-        capacity = 0 if self._k is None else self._k.shape[-2]
-        if self.n + q > capacity:
-            budget = self.press.max_cache_tokens
-            if budget is not None and self.n + q <= budget:
-                new_capacity = budget  # a budgeted layer allocates its budget once, like a static cache
-            elif q == 1:
-                new_capacity = self.n + 1 + max(16, self.n // 8)  # amortized growth while decoding
-            else:
-                new_capacity = self.n + q  # prefill: exact, so KV bytes match what is kept
-            self._allocate(k, v, new_capacity)
-        self._write(slice(self.n, self.n + q), k, v, pos, score)
-        self.n += q
-
-    def _append_empty_slot(self) -> None:
-        """One more slot, empty in every row and head (a padded row that must append while others overwrite)."""
-        b, h = self._k.shape[:2]
-        self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
-                     self._pos.new_full((b, h, 1), -1),
-                     None if self._score is None else self._score.new_full((b, h, 1), float("-inf")))
-
-    def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
-        """Store the ``keep`` indices of the given tokens as the new contents (index ``len`` = an empty slot)."""
-        if not self.stores_scores:
-            full_score = None
-        if bool((keep == full_pos.shape[-1]).any()):
-            b, h = full_pos.shape[:2]
-            full_k = torch.cat([full_k, full_k.new_zeros(b, h, 1, full_k.shape[-1])], dim=-2)
-            full_v = torch.cat([full_v, full_v.new_zeros(b, h, 1, full_v.shape[-1])], dim=-2)
-            full_pos = torch.cat([full_pos, full_pos.new_full((b, h, 1), -1)], dim=-1)
-            if full_score is not None:
-                full_score = torch.cat([full_score, full_score.new_full((b, h, 1), float("-inf"))], dim=-1)
-        kept_k, kept_v, kept_pos, kept_score = gather_kept(keep, full_k, full_v, full_pos, full_score)
-        kept_pos = self.span.live(kept_pos, self.rows.reading(self))
-        m = keep.shape[-1]
-        budget = self.press.max_cache_tokens
-        if budget is not None and m <= budget:
-            if self._k is None or self._k.shape[-2] != budget:
-                self.n = 0
-                self._allocate(kept_k, kept_v, budget)
-            self._write(slice(0, m), kept_k, kept_v, kept_pos, kept_score)
-        else:
-            self._k, self._v, self._pos = kept_k, kept_v, kept_pos
-            self._score = kept_score
-        self.n = m
-
     def _map_buffers(self, fn) -> None:
-        for name in ("_k", "_v", "_pos", "_score"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
+        super()._map_buffers(fn)
         self.rows = self.rows.map(fn)
 
     def reset(self) -> None:
@@ -346,25 +274,6 @@ class PressedLayer(SlotStore):
         self.rows = UniformRows()
         self.n = self.tokens_given = 0
         self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        refuse_crop(tokens_to_remove)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_buffers(lambda t: t[indices, ...])
-
-    def offload(self) -> None:
-        self._map_buffers(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self._k is not None and self._k.device != self.device:
-            self._map_buffers(lambda t: t.to(self.device, non_blocking=True))
 
     def __repr__(self) -> str:
         return (f"PressedLayer(layer={self.layer_idx}, slots={self.n}, tokens_given={self.tokens_given}{self.span!r}, "

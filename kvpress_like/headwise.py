@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import PressedLayer
-from .slots import current_scores, stored_scores
 from .masks import positions_mask
+from .slots import current_scores
 
 if TYPE_CHECKING:
     from .base import Press

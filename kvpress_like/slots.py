@@ -19,7 +19,7 @@ from .attention_api import ServedLayerDefaults
 if TYPE_CHECKING:
     from .base import Press
 
-__all__ = ["SlotStore", "current_scores", "gather_kept", "refuse_crop", "scores_for", "stored_scores"]
+__all__ = ["GrowingSlots", "SlotStore", "current_scores", "gather_kept", "refuse_crop", "scores_for", "stored_scores"]
 
 
 def gather_kept(keep: torch.Tensor, keys, values, positions, scores=None) -> tuple:
@@ -160,3 +160,112 @@ class SlotStore(ServedLayerDefaults, CacheLayerMixin):
         if self.press.query_free:
             score = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, live_pos, score, reading)
         return k, v, pos, live_pos, score
+
+
+class GrowingSlots(SlotStore):
+    """Slots that grow to what is kept (the dynamic layers): ``n`` slots in use, the same for every row and
+    head, in buffers allocated exactly at prefill, once at the press's budget, or amortized while decoding."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0  # slots in use (live or empty)
+
+    @property
+    def n_slots(self) -> int:
+        return self.n
+
+    def _allocate(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int) -> None:
+        """(Re)allocate buffers of ``capacity`` slots, keeping the live contents."""
+        b, h, _, dk = like_k.shape
+        dv = like_v.shape[-1]
+        k = like_k.new_empty(b, h, capacity, dk)
+        v = like_v.new_empty(b, h, capacity, dv)
+        pos = torch.empty(b, h, capacity, dtype=torch.long, device=like_k.device)
+        score = torch.empty(b, h, capacity, dtype=torch.float32, device=like_k.device) if self.stores_scores else None
+        if self.n:
+            k[:, :, : self.n] = self.keys
+            v[:, :, : self.n] = self.values
+            pos[:, :, : self.n] = self.positions
+            if score is not None and self._score is not None:
+                score[:, :, : self.n] = self.scores
+        self._k, self._v, self._pos, self._score = k, v, pos, score
+
+    def _append(self, k, v, pos, score) -> None:
+        q = k.shape[-2]
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        if self.n + q > capacity:
+            budget = self.press.max_cache_tokens
+            if budget is not None and self.n + q <= budget:
+                new_capacity = budget  # a budgeted layer allocates its budget once, like a static cache
+            elif q == 1:
+                new_capacity = self.n + 1 + max(16, self.n // 8)  # amortized growth while decoding
+            else:
+                new_capacity = self.n + q  # prefill: exact, so KV bytes match what is kept
+            self._allocate(k, v, new_capacity)
+        self._write(slice(self.n, self.n + q), k, v, pos, score)
+        self.n += q
+
+    def _append_empty_slot(self) -> None:
+        """One more slot, empty in every row and head (a padded row that must append while others overwrite)."""
+        b, h = self._k.shape[:2]
+        self._append(self._k.new_zeros(b, h, 1, self._k.shape[-1]), self._v.new_zeros(b, h, 1, self._v.shape[-1]),
+                     self._pos.new_full((b, h, 1), -1),
+                     None if self._score is None else self._score.new_full((b, h, 1), float("-inf")))
+
+    def _store(self, full_k, full_v, full_pos, full_score, keep: torch.Tensor) -> None:
+        """Store the ``keep`` indices of the given tokens as the new contents (index ``len`` = an empty slot).
+
+        ``full_pos`` are the positions to store: the caller marks those its queries can no longer see."""
+        if not self.stores_scores:
+            full_score = None
+        if bool((keep == full_pos.shape[-1]).any()):
+            b, h = full_pos.shape[:2]
+            full_k = torch.cat([full_k, full_k.new_zeros(b, h, 1, full_k.shape[-1])], dim=-2)
+            full_v = torch.cat([full_v, full_v.new_zeros(b, h, 1, full_v.shape[-1])], dim=-2)
+            full_pos = torch.cat([full_pos, full_pos.new_full((b, h, 1), -1)], dim=-1)
+            if full_score is not None:
+                full_score = torch.cat([full_score, full_score.new_full((b, h, 1), float("-inf"))], dim=-1)
+        kept_k, kept_v, kept_pos, kept_score = gather_kept(keep, full_k, full_v, full_pos, full_score)
+        m = keep.shape[-1]
+        budget = self.press.max_cache_tokens
+        if budget is not None and m <= budget:
+            if self._k is None or self._k.shape[-2] != budget:
+                self.n = 0
+                self._allocate(kept_k, kept_v, budget)
+            self._write(slice(0, m), kept_k, kept_v, kept_pos, kept_score)
+        else:
+            self._k, self._v, self._pos = kept_k, kept_v, kept_pos
+            self._score = kept_score
+        self.n = m
+
+    def _map_buffers(self, fn) -> None:
+        for name in ("_k", "_v", "_pos", "_score"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+        self.rows = self.rows.map(fn)
+
+    def _map_buffers(self, fn) -> None:
+        for name in ("_k", "_v", "_pos", "_score"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        refuse_crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_buffers(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map_buffers(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self._k is not None and self._k.device != self.device:
+            self._map_buffers(lambda t: t.to(self.device, non_blocking=True))
