@@ -3,8 +3,10 @@
 transformers' attention modules look their attention function up at every call with
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)``. Inside
 :func:`patched_attention`, each patched module's ``config`` attribute is replaced by a view of the same
-config whose ``_attn_implementation`` names our function, which then calls the original implementation
-(eager, sdpa, flash_attention_2, ...) and hands the post-RoPE queries to a callback. Nothing global is
+config whose ``_attn_implementation`` names our function. The function serves the cache layer of the call
+through :class:`~kvpress_like.attention_api.ServedLayer` (mask, optional kernel of its own, post-RoPE
+queries), calls the original implementation (eager, sdpa, flash_attention_2, ...) and hands the queries to
+an optional callback; the per-module state lives in an :class:`AttentionRoute` on the module. Nothing global is
 patched: the model-level config, masks and every other module are untouched, and leaving the context puts
 each module's own ``config`` back. Our function is registered under :data:`ATTENTION_NAME` in transformers'
 ``ALL_ATTENTION_FUNCTIONS`` while a context is open (reference-counted), never at import.

@@ -165,7 +165,7 @@ class PressedLayer(GrowingSlots):
             self.lazy_initialization(key_states, value_states)
         call, announced = self._start_call(key_states)
         empty = self._may_hold_empty
-        score = self._entry_scores(key_states, value_states, call.positions, call.reading, empty=empty)
+        score = self._entry_scores(key_states, value_states, call.positions, call.reading_position, empty=empty)
         if call.plan is Plan.PRUNE:
             out = self._prune(call, key_states, value_states, score)
         else:
@@ -186,8 +186,8 @@ class PressedLayer(GrowingSlots):
 
     def _prune(self, call: Call, key_states, value_states, score) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend over the kept slots plus every new token, then store the best of them."""
-        reading = call.reading
-        at = call.reading_int if call.reading_int is not None else reading
+        reading = call.reading_position
+        at = call.reading_position_int if call.reading_position_int is not None else reading
         hidden = self.rows.hidden_before_prune(self, call)
         stale = self.scores
         full_k, full_v, full_pos, live, full_score = self._candidates(
@@ -218,7 +218,7 @@ class PressedLayer(GrowingSlots):
     def prune_by(self, scores: torch.Tensor) -> None:
         """Evict down to the press's target now, ranking the slots by ``scores`` ``(batch, kv_heads, slots)``
         (higher kept), which also become their stored scores: for presses that score after a call (KVzip)."""
-        reading = self.rows.reading(self)
+        reading = self.rows.reading_position(self)
         live = self.span.live(self.positions, reading)
         scores = scores.float().masked_fill(live < 0, float("-inf"))
         if self._score is not None:

@@ -162,8 +162,8 @@ class HeadwisePressedLayer(PressedLayer):
                 "a head-wise compressed cache keeps a different number of tokens per KV head, which transformers' "
                 "masks cannot describe: use it inside `with press(model, p):` with the press that filled it."
             )
-        reading = call.reading
-        seen = call.reading_int if call.reading_int is not None else reading
+        reading = call.reading_position
+        seen = call.reading_position_int if call.reading_position_int is not None else reading
         score = self._entry_scores(key_states, value_states, call.positions, reading)
         index = self._index()
         _, _, old_pos, old_score = self._padded(index, "ps")

@@ -89,9 +89,9 @@ class Call:
     plan: Plan
     q: int  # new tokens (pad tokens included)
     positions: torch.Tensor  # (batch, kv_heads, q) true positions of the new tokens, -1 for padding
-    reading: torch.Tensor  # (batch, 1, 1) reading position: where the next query sits after this call
+    reading_position: torch.Tensor  # (batch, 1, 1) where the next query sits after this call
     targets: list[int] | None  # per row; None: no limit
-    reading_int: int | None  # ``reading`` as an int when every row agrees (no padding): cheaper to compare
+    reading_position_int: int | None  # the same as an int when every row agrees (no padding): cheaper to compare
     #: Padded batches: per row, what the row run alone would do (``ROW_*`` codes) and how many of the new tokens
     #: are real; ``None`` without padding.
     row_plans: torch.Tensor | None = None

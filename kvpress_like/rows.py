@@ -59,7 +59,7 @@ class UniformRows:
             return self
         return PaddedRows.start(real.shape[0], layer, NEVER if self.rescored_at is None else self.rescored_at)
 
-    def reading(self, layer: PressedLayer) -> int:
+    def reading_position(self, layer: PressedLayer) -> int:
         """Where the next query sits."""
         return layer.tokens_given
 
@@ -80,9 +80,9 @@ class UniformRows:
 
     def overwrite_slot(self, layer: PressedLayer, call: Call, empty: bool) -> torch.Tensor:
         """The slot ``(batch, kv_heads)`` each head's new token overwrites in a decoding step."""
-        reading = call.reading_int
+        reading = call.reading_position_int
         live = layer.span.live(layer.positions, reading - 1)
-        return layer.press.victims(self.eviction_scores(layer, live, call.reading, reading, empty), live, reading)
+        return layer.press.victims(self.eviction_scores(layer, live, call.reading_position, reading, empty), live, reading)
 
     def eviction_scores(self, layer: PressedLayer, live, reading: torch.Tensor, at: int, empty: bool) -> torch.Tensor:
         """Scores of the live slots for a decoding eviction. With ``rescore_every > 1`` (a position-dependent
@@ -108,7 +108,7 @@ class UniformRows:
 
     def pruned(self, press: Press, call: Call, widths: list[int], full_score, stale, score, live) -> torch.Tensor | None:
         """After a pruning call's selection: the scores to store with the kept slots; the kept scores are fresh."""
-        self.rescored_at = call.reading_int
+        self.rescored_at = call.reading_position_int
         return full_score
 
     def kept(self, widths: list[int]) -> None:
@@ -147,7 +147,7 @@ class PaddedRows:
     def admit(self, real: torch.Tensor | None, layer: PressedLayer) -> PaddedRows:
         return self
 
-    def reading(self, layer: PressedLayer) -> torch.Tensor:
+    def reading_position(self, layer: PressedLayer) -> torch.Tensor:
         return self.tokens.view(-1, 1, 1)
 
     def plan(self, layer: PressedLayer, q: int, batch: int, heads: int, device, real=None) -> Call:
@@ -164,7 +164,7 @@ class PaddedRows:
         return self.plan(layer, q, self.tokens.shape[0], 1, self.tokens.device).plan
 
     def advance(self, call: Call) -> None:
-        self.tokens = call.reading.view(-1)
+        self.tokens = call.reading_position.view(-1)
 
     def overwrite_slot(self, layer: PressedLayer, call: Call, empty: bool) -> torch.Tensor:
         return self._victims(layer, call)
@@ -176,7 +176,7 @@ class PaddedRows:
 
         Returns the slot ``(batch, kv_heads)`` the new token goes to; with ``hide`` (the step prunes other
         rows), a ``(batch, kv_heads, n + 1)`` mask of the live slots evicted before attention instead."""
-        reading = call.reading
+        reading = call.reading_position
         b = reading.shape[0]
         overwrite = call.row_plans == ROW_OVERWRITE
         targets = torch.tensor(call.targets, device=reading.device).view(b, 1, 1)
@@ -221,7 +221,7 @@ class PaddedRows:
         if stale is not None and press.position_dependent:  # rows that do not prune keep their stale scores
             stale = torch.cat([stale, score], dim=-1)
             full_score = torch.where(pruned.view(b, 1, 1), full_score, stale.masked_fill(live < 0, float("-inf")))
-        self.rescored = torch.where(pruned, call.reading.view(b), self.rescored)
+        self.rescored = torch.where(pruned, call.reading_position.view(b), self.rescored)
         kept = torch.minimum(torch.tensor(widths, device=pruned.device), self.slots + call.row_new)
         self.slots = torch.where(pruned, kept, self.slots + call.row_new)
         return full_score

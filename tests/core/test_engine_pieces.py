@@ -3,16 +3,13 @@ attention contract every layer served by our attention function implements."""
 
 import pytest
 import torch
-from kvpress_like.integrations.transformers import (
-    TRANSFORMERS_MASKS,
-    PlainLayerGeometry,
-)
 from transformers.cache_utils import DynamicLayer
 
 import kvpress_like as kp
 from kvpress_like.attention_api import ServedLayer
 from kvpress_like.cache import PressedLayer
 from kvpress_like.headwise import HeadwisePressedLayer
+from kvpress_like.integrations.transformers import TRANSFORMERS_MASKS, PlainLayerGeometry
 from kvpress_like.plan import ROW_APPEND, ROW_OVERWRITE, ROW_PRUNE, Plan, plan_call
 from kvpress_like.static import StaticPressedLayer
 from kvpress_like.windows import FullAttention, SlidingWindow, attention_span
