@@ -17,7 +17,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["Plan", "Call", "CallPlan", "plan_call", "ROW_APPEND", "ROW_OVERWRITE", "ROW_PRUNE"]
+__all__ = ["ROW_APPEND", "ROW_OVERWRITE", "ROW_PRUNE", "Call", "CallPlan", "Plan", "plan_call"]
 
 
 class Plan(str, Enum):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .base import Press
     from .cache import PressedLayer
 
-__all__ = ["UniformRows", "PaddedRows", "select_rows"]
+__all__ = ["PaddedRows", "UniformRows", "select_rows"]
 
 #: A padded row's last re-scoring when it was never scored: its first eviction re-scores.
 NEVER = -(1 << 62)
@@ -97,7 +97,7 @@ class UniformRows:
             self.rescored_at = at
         return scores
 
-    def hidden_before_prune(self, layer: PressedLayer, call: Call) -> None:
+    def hidden_before_prune(self, layer: PressedLayer, call: Call) -> torch.Tensor | None:
         """Slots evicted before a pruning call's attention (only padded decoding steps have any)."""
         return None
 
@@ -140,9 +140,8 @@ class PaddedRows:
     @classmethod
     def start(cls, batch: int, layer: PressedLayer, rescored_at: int) -> PaddedRows:
         """Rows of a layer that held only unpadded rows so far (each row then holds what the layer holds)."""
-        device = layer.device
-        full = lambda value: torch.full((batch,), value, dtype=torch.long, device=device)  # noqa: E731
-        return cls(full(layer.tokens_given), full(layer.n), full(rescored_at))
+        tokens = torch.full((batch,), layer.tokens_given, dtype=torch.long, device=layer.device)
+        return cls(tokens, torch.full_like(tokens, layer.n), torch.full_like(tokens, rescored_at))
 
     def admit(self, real: torch.Tensor | None, layer: PressedLayer) -> PaddedRows:
         return self
