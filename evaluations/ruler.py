@@ -30,7 +30,6 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpress_like import press, uncompressed
-from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.registry import list_presses
 
 from . import stats

@@ -14,10 +14,10 @@ from kvpress_like.cache import PressedLayer, layer_windows, stays_plain
 from kvpress_like.headwise import HeadwisePressedLayer, is_headwise
 from kvpress_like.integrations.generation import compile_settings, static_generation
 from kvpress_like.integrations.transformers import (
+    TRANSFORMERS_MASKS,
     PlainLayerGeometry,
     attention_layers,
     cache_argument,
-    cache_layer,
     patched_attention,
     set_cache_layer,
 )
@@ -161,13 +161,13 @@ def press(
         if real is not None and static:
             raise ValueError("the static compressed cache has one length for every row: padded batches need static=False.")
 
-    # The layer of each call is kept on the module's attention state (not in a dict here): a compiled
+    # The layer of each call is kept on the module's attention route (not in a dict here): a compiled
     # decode step traces this hook, and a store on an object adds no guard, so no recompilation follows.
     def adopt_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = cache_argument(kwargs)
         idx, real = module.layer_idx, call["real"]
         if cache is None:
-            set_cache_layer(module, None)
+            set_cache_layer(module, TRANSFORMERS_MASKS)
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         q = hidden.shape[1]
@@ -178,17 +178,12 @@ def press(
             layer = PlainLayerGeometry(window_of[idx], real)
         set_cache_layer(module, layer)
 
-    def after_attention(module: nn.Module, query: torch.Tensor, key, value) -> None:
-        layer = cache_layer(module)
-        if isinstance(layer, PressedLayer):
-            layer.prune_with_queries(module, query)
-
     generation_config = getattr(model, "generation_config", None)
     with ExitStack() as stack:
         if owner is None:
             _OPEN[id(p)] = model
             stack.callback(_OPEN.pop, id(p), None)
-        stack.enter_context(patched_attention(model, layers, after_attention if policy.scoring.needs_queries else None))
+        stack.enter_context(patched_attention(model, layers))  # queries reach the layers (ServedLayer.after_attention)
         for layer in layers:
             handle = layer.module.register_forward_pre_hook(adopt_cache, with_kwargs=True)
             stack.callback(handle.remove)

@@ -3,8 +3,10 @@
 transformers' attention modules look their attention function up at every call with
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)``. Inside
 :func:`patched_attention`, each patched module's ``config`` attribute is replaced by a view of the same
-config whose ``_attn_implementation`` names our function, which then calls the original implementation
-(eager, sdpa, flash_attention_2, ...) and hands the post-RoPE queries to a callback. Nothing global is
+config whose ``_attn_implementation`` names our function. The function serves the cache layer of the call
+through :class:`~kvpress_like.attention_api.ServedLayer` (mask, optional kernel of its own, post-RoPE
+queries), calls the original implementation (eager, sdpa, flash_attention_2, ...) and hands the queries to
+an optional callback; the per-module state lives in an :class:`AttentionRoute` on the module. Nothing global is
 patched: the model-level config, masks and every other module are untouched, and leaving the context puts
 each module's own ``config`` back. Our function is registered under :data:`ATTENTION_NAME` in transformers'
 ``ALL_ATTENTION_FUNCTIONS`` while a context is open (reference-counted), never at import.
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from kvpress_like.cache_api import CACHE_KEYWORDS, cache_argument, cache_keyword, cache_kwargs  # noqa: F401 (re-exported)
+from kvpress_like.attention_api import ServedLayer, ServedLayerDefaults
 from kvpress_like.masks import align_mask, positions_mask
 
 ATTENTION_NAME = "kvpress_like"
@@ -130,14 +133,30 @@ def attention_implementation(model: nn.Module) -> str:
     return impl
 
 
-class _State:
-    """Per-module state of a patched attention module (lives only inside the context)."""
+class _ImplementationName:
+    """The attention implementation a patched module's config view names: ours, or the original one while
+    the original kernel runs (``flash_attention_forward`` reads ``module.config`` too)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self):
+        self.current = ATTENTION_NAME
+
+
+class AttentionRoute:
+    """How one patched module's attention calls are served while :func:`patched_attention` is open.
+
+    Kept on the module (``_kvpress_like_route``, removed on exit), read by our attention function: the
+    original kernel, the optional callback and :attr:`layer`, the cache layer of the current call (set by
+    :func:`set_cache_layer`), which the function talks to only through
+    :class:`~kvpress_like.attention_api.ServedLayer`.
+    """
 
     def __init__(self, module: nn.Module, original_impl: str, callback: AttentionCallback | None):
         self.original_impl = original_impl
-        self.current_impl = ATTENTION_NAME
         self.callback = callback
-        self.layer = None  # cache layer of the current call (set by press()); may take over decode attention
+        self.name = _ImplementationName()
+        self.layer: ServedLayer = TRANSFORMERS_MASKS
         if original_impl == "eager":
             modeling = sys.modules[type(module).__module__]
             self.inner = getattr(modeling, "eager_attention_forward", None)
@@ -152,6 +171,15 @@ class _State:
             self.inner = ALL_ATTENTION_FUNCTIONS[original_impl]
 
 
+#: attribute of a patched module holding its :class:`AttentionRoute`
+ROUTE_ATTRIBUTE = "_kvpress_like_route"
+
+
+def route_of(module: nn.Module) -> AttentionRoute:
+    """The route of a module patched by :func:`patched_attention`."""
+    return module.__dict__[ROUTE_ATTRIBUTE]
+
+
 class _ConfigView:
     """Marker base of the config views :func:`_config_view` makes."""
 
@@ -164,7 +192,7 @@ def _view_class(config_class: type) -> type:
     plain = getattr(config_class, "_attn_implementation", None)
 
     def get(self) -> str:
-        return self._state.current_impl
+        return self._implementation.current
 
     def set_(self, value) -> None:  # writes reach the real config (the view shares its __dict__)
         if isinstance(plain, property) and plain.fset is not None:
@@ -175,27 +203,28 @@ def _view_class(config_class: type) -> type:
     def eq(self, other) -> bool:  # the dataclass __eq__ would require the exact same class
         return isinstance(other, config_class) and self.__dict__ == other.__dict__
 
-    namespace = {"__slots__": ("_state",), "_attn_implementation": property(get, set_), "__eq__": eq,
+    namespace = {"__slots__": ("_implementation",), "_attn_implementation": property(get, set_), "__eq__": eq,
                  "__hash__": config_class.__hash__, "__module__": config_class.__module__}
     return type(config_class.__name__, (_ConfigView, config_class), namespace)
 
 
-def _config_view(config, state: _State):
+def _config_view(config, name: _ImplementationName):
     """The module's config, except for ``_attn_implementation`` (see module docstring).
 
     The view is an instance of a subclass of the config's class that shares the config's ``__dict__``:
     ``isinstance(view, PretrainedConfig)`` holds, every read sees the config's current values and every
-    write lands in the config itself; only ``_attn_implementation`` (and the per-module ``_state``,
-    stored in a slot) differ.
+    write lands in the config itself; only ``_attn_implementation`` differs, read from ``name`` (stored in a
+    slot; nothing else about the module's calls lives on the view).
     """
     view = object.__new__(_view_class(type(config)))
     object.__setattr__(view, "__dict__", config.__dict__)
-    object.__setattr__(view, "_state", state)
+    object.__setattr__(view, "_implementation", name)
     return view
 
 
-class PlainLayerGeometry:
-    """What the mask of an uncompressed layer under press() must be, when transformers' cannot say it.
+class PlainLayerGeometry(ServedLayerDefaults):
+    """The adapter that serves transformers' own (uncompressed) cache layers under press(): their mask, when
+    transformers' cannot say it.
 
     transformers builds one mask per layer type, from the first layer of that type; under a press that
     layer may hold another number of tokens. A plain layer's keys are its last ``kv`` tokens (all of them,
@@ -221,12 +250,15 @@ class PlainLayerGeometry:
         return positions_mask(positions[:, None], positions[:, -q:], self.sliding_window, query, impl)
 
 
-def _fit_mask(state: _State, attention_mask, query, key):
+#: a call whose keys transformers' (aligned) mask describes: no cache layer, or outside press()
+TRANSFORMERS_MASKS = PlainLayerGeometry(None, None)
+
+
+def _fit_mask(route: AttentionRoute, layer: ServedLayer, attention_mask, query, key):
     """The mask this layer's call needs: transformers' (aligned) when it describes the keys, else the
-    layer's own, built from true positions (``wants_own_mask`` / ``attention_mask`` of the call's layer)."""
-    layer, impl = state.layer, state.original_impl
-    wants_own = getattr(layer, "wants_own_mask", None)
-    if wants_own is None or not wants_own(attention_mask, key):
+    layer's own, built from true positions."""
+    impl = route.original_impl
+    if not layer.wants_own_mask(attention_mask, key):
         return align_mask(attention_mask, query, key, impl)
     if impl.startswith("flash"):
         raise ValueError(
@@ -237,22 +269,19 @@ def _fit_mask(state: _State, attention_mask, query, key):
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
-    state: _State = module.config._state
-    decode = getattr(state.layer, "decode_attention", None) if query.shape[-2] == 1 else None
-    decode = getattr(state.layer, "own_attention", decode)  # a layer that computes every call's attention
-    out = None if decode is None else decode(module, query, key, value, **kwargs)
-    if out is not None:  # e.g. the static cache: maskless GQA attention over its slots
-        if state.callback is not None:
-            state.callback(module, query, key, value)
-        return out
-    attention_mask = _fit_mask(state, attention_mask, query, key)
-    state.current_impl = state.original_impl  # flash_attention_forward reads module.config too
-    try:
-        out = state.inner(module, query, key, value, attention_mask, *args, **kwargs)
-    finally:
-        state.current_impl = ATTENTION_NAME
-    if state.callback is not None:
-        state.callback(module, query, key, value)
+    route = route_of(module)
+    layer = route.layer
+    out = layer.own_attention(module, query, key, value, **kwargs)  # e.g. the static cache's maskless decode
+    if out is None:
+        attention_mask = _fit_mask(route, layer, attention_mask, query, key)
+        route.name.current = route.original_impl
+        try:
+            out = route.inner(module, query, key, value, attention_mask, *args, **kwargs)
+        finally:
+            route.name.current = ATTENTION_NAME
+    layer.after_attention(module, query)
+    if route.callback is not None:
+        route.callback(module, query, key, value)
     return out
 
 
@@ -301,25 +330,20 @@ def patched_attention(
             module = layer.module
             if isinstance(module.__dict__.get("config"), _ConfigView):
                 raise RuntimeError(f"{layer.name} is already patched: press() contexts cannot be nested.")
+            route = AttentionRoute(module, impl, callback)
             originals.append((module, module.__dict__["config"]))
-            module.config = _config_view(module.config, _State(module, impl, callback))
+            module.__dict__[ROUTE_ATTRIBUTE] = route
+            module.config = _config_view(module.config, route.name)
         yield
     finally:
         for module, config in originals:
             module.config = config
+            del module.__dict__[ROUTE_ATTRIBUTE]
         _unregister()
 
 
-def set_cache_layer(module: nn.Module, layer) -> None:
-    """Tell a patched module's attention function which cache layer the current call uses.
+def set_cache_layer(module: nn.Module, layer: ServedLayer) -> None:
+    """Tell a patched module's attention function which cache layer serves the current call (see
+    :class:`~kvpress_like.attention_api.ServedLayer`: masks, an optional kernel of its own, the queries)."""
+    route_of(module).layer = layer
 
-    A layer with a ``decode_attention(module, query, key, value, **kwargs)`` method computes single-query
-    attention itself (returning ``None`` to decline), one with ``own_attention`` (same signature) every call's
-    (KVzip's read-only scoring view); other layers get the model's implementation.
-    """
-    module.config._state.layer = layer
-
-
-def cache_layer(module: nn.Module):
-    """The cache layer :func:`set_cache_layer` gave a patched module for its current call (or None)."""
-    return module.config._state.layer

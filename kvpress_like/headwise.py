@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import PressedLayer, current_scores, stored_scores
+from .cache import PressedLayer
 from .masks import positions_mask
+from .slots import current_scores
 
 if TYPE_CHECKING:
     from .base import Press
@@ -133,7 +134,7 @@ class HeadwisePressedLayer(PressedLayer):
         """The kept mask: each row's layer budget (``target x kv_heads``) shared across its heads by the press."""
         rows = []
         for r, target in enumerate(targets):
-            seen = reading[r : r + 1] if self.rows is not None else int(reading[r])
+            seen = reading[r : r + 1] if self.rows.padded else int(reading[r])
             rows.append(self.press.allocate(scores[r : r + 1], pos[r : r + 1], seen, target, head_dim))
         return torch.cat(rows, dim=0)
 
@@ -155,18 +156,14 @@ class HeadwisePressedLayer(PressedLayer):
             self._score = torch.empty(0, device=key_states.device) if self.stores_scores else None
             self.lengths = torch.zeros(b, h, dtype=torch.long, device=key_states.device)
             self.offsets = torch.zeros_like(self.lengths)
-        call = self._plan_call(q, b, h, key_states.device)
-        in_context, self._in_context, self._valid, self._call = self._in_context, False, None, None
+        call, in_context = self._start_call(key_states)
         if not in_context:
             raise ValueError(
                 "a head-wise compressed cache keeps a different number of tokens per KV head, which transformers' "
                 "masks cannot describe: use it inside `with press(model, p):` with the press that filled it."
             )
-        if self.rows is not None:
-            self.rows = call.reading.view(b)
-        self.seen += q
-        reading = call.reading
-        seen = call.reading_int if call.reading_int is not None else reading
+        reading = call.reading_position
+        seen = call.reading_position_int if call.reading_position_int is not None else reading
         score = self._entry_scores(key_states, value_states, call.positions, reading)
         index = self._index()
         _, _, old_pos, old_score = self._padded(index, "ps")
@@ -228,7 +225,7 @@ class HeadwisePressedLayer(PressedLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Our own mask replaces transformers' (wants_own_mask); these sizes only keep its builder consistent.
         kv_length = self.n_slots + query_length
-        return kv_length, max(0, self.seen + query_length - kv_length)
+        return kv_length, max(0, self.tokens_given + query_length - kv_length)
 
     # -- batch operations ---------------------------------------------------------------------------------
     def _refuse_batch_ops(self, *args) -> None:
@@ -240,10 +237,11 @@ class HeadwisePressedLayer(PressedLayer):
     reorder_cache = batch_repeat_interleave = batch_select_indices = _refuse_batch_ops
 
     def _map_buffers(self, fn) -> None:  # device moves (offload/prefetch) only
-        for name in ("_k", "_v", "_pos", "_score", "rows", "lengths", "offsets"):
+        for name in ("_k", "_v", "_pos", "_score", "lengths", "offsets"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
+        self.rows = self.rows.map(fn)
 
     def reset(self) -> None:
         super().reset()
@@ -251,5 +249,5 @@ class HeadwisePressedLayer(PressedLayer):
 
     def __repr__(self) -> str:
         lengths = None if self.lengths is None else self.lengths.tolist()
-        return (f"HeadwisePressedLayer(layer={self.layer_idx}, lengths={lengths}, seen={self.seen}, "
+        return (f"HeadwisePressedLayer(layer={self.layer_idx}, lengths={lengths}, tokens_given={self.tokens_given}, "
                 f"press={type(self.press).__name__})")

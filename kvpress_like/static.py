@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .cache import SlotStore, current_scores, gather_kept, refuse_crop
+from .slots import SlotStore, current_scores, gather_kept, refuse_crop
 
 if TYPE_CHECKING:
     from .base import Press

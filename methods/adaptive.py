@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from kvpress_like.base import Press, _is_int
+from kvpress_like.base import Press
 
 NORMALIZATIONS = ("softmax", "none")
 

@@ -254,7 +254,7 @@ def test_combination(kind, rows, cache_kind, size, every, model_kind, impl, stat
         for i, layer in enumerate(cache.layers):
             if isinstance(layer, PressedLayer) and isinstance(row_cache.layers[i], PressedLayer):
                 seen = row_cache.layers[i].seen
-                assert _live_sets(layer, layer.rows[r].item())[r] == _live_sets(row_cache.layers[i], seen)[0], (r, i)
+                assert _live_sets(layer, layer.rows.tokens[r].item())[r] == _live_sets(row_cache.layers[i], seen)[0], (r, i)
 
 
 # -- combinations outside the matrix: refused with a clear error -------------------------------------------
