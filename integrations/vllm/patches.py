@@ -62,6 +62,8 @@ CALLED = {
     ("vllm._custom_ops", None, "cpu_attn_reshape_and_cache"): (
         "key", "value", "key_cache", "value_cache", "slot_mapping", "isa", "k_scale", "v_scale", "kv_cache_dtype"),
     ("vllm.model_executor.models.utils", None, "extract_layer_index"): ("layer_name",),
+    ("vllm.distributed", None, "get_tensor_model_parallel_rank"): (),
+    ("vllm.config.model", "ModelConfig", "get_total_num_kv_heads"): (),
 }
 #: Fields of vLLM dataclasses the plugin reads or replaces.
 FIELDS = {
@@ -329,8 +331,9 @@ def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
     if len(kv_cache_config.kv_cache_groups) != 1:
         raise ValueError("kvpress_like's vLLM plugin supports models with one KV cache group (full attention only).")
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-        raise ValueError("kvpress_like's vLLM plugin runs with tensor_parallel_size=1 and pipeline_parallel_size=1 only.")
+    if parallel.pipeline_parallel_size != 1 or getattr(parallel, "data_parallel_size", 1) != 1:
+        raise ValueError("kvpress_like's vLLM plugin runs with pipeline_parallel_size=1 and data_parallel_size=1 only "
+                         "(tensor parallelism is supported).")
     if vllm_config.speculative_config is not None:
         raise ValueError("kvpress_like's vLLM plugin does not support speculative decoding.")
 
@@ -367,6 +370,7 @@ class RunnerState:
         self._layout: PageLayout | None = None
         self._prepared: set[int] = set()
         self._hf_model = None
+        self.heads = tensor_parallel_heads(runner.model_config, runner.parallel_config)
 
     def forget(self, finished, restarted) -> None:
         for req_id in (*finished, *restarted):
@@ -429,7 +433,7 @@ class RunnerState:
                 else:  # kept pairs at their true positions, then the tokens decoded since
                     fresh = torch.arange(self._end[req_id], end).expand(heads, -1)
                     positions = torch.cat([previous[idx], fresh], dim=-1)
-                scores = press.score(idx, keys[None], values[None], positions[None], torch.full((1, 1, 1), end))
+                scores = self._score(press, idx, keys, values, positions, end)
                 keep = press.select(scores, positions[None], end, keep_n)[0]  # (heads, K), in position order
                 gather = keep[..., None].expand(-1, -1, keys.shape[-1])
                 write_request(write, kv_cache, keys.gather(1, gather), values.gather(1, gather), target)
@@ -444,6 +448,36 @@ class RunnerState:
         log.info("kvpress_like: request %s compressed by %s: kept %d of %d pairs per (layer, KV head), %d blocks "
                  "released, %.2f s", req_id, type(press).__name__, keep_n, end - start,
                  (shift - start) // self.block_size, self.seconds[-1])
+
+
+    def _score(self, press, idx: int, keys, values, positions, end: int) -> torch.Tensor:
+        """Scores ``(1, local heads, n)`` of this rank's KV heads. Under tensor parallelism a rank holds a
+        slice of the heads: they are scored in their places among all the model's heads (the others zero),
+        so head-specific settings such as Q-Filters' filters meet their own head."""
+        first, total = self.heads
+        args = (torch.full((1, 1, 1), end),)
+        if total == keys.shape[0]:
+            return press.score(idx, keys[None], values[None], positions[None], *args)
+        local = slice(first, first + keys.shape[0])
+        full = keys.new_zeros((1, total, *keys.shape[1:]))
+        full_values = values.new_zeros((1, total, *values.shape[1:]))
+        full[0, local], full_values[0, local] = keys, values
+        full_positions = positions[:1].expand(total, -1).clone()
+        full_positions[local] = positions
+        return press.score(idx, full, full_values, full_positions[None], *args)[:, local]
+
+
+def tensor_parallel_heads(model_config, parallel_config) -> tuple[int, int]:
+    """``(first KV head of this rank, KV heads of the model)``: vLLM gives rank ``r`` of ``tp`` the heads
+    ``[r * h / tp, (r + 1) * h / tp)``, or, with more ranks than heads, replicates head ``r * h // tp``."""
+    total = model_config.get_total_num_kv_heads()
+    world = parallel_config.tensor_parallel_size
+    if world == 1:
+        return 0, total
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    rank = get_tensor_model_parallel_rank()
+    return (rank * total // world if world >= total else rank * (total // world)), total
 
 
 def load_hf_model(path: str):

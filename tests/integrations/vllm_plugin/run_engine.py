@@ -12,6 +12,17 @@ import json
 import sys
 
 
+def kept_positions(worker) -> dict | None:
+    """On a worker: the plugin's kept positions, request id (engine suffix removed) -> layer -> per head."""
+    from kvpress_like.integrations.vllm.patches import runner_state
+
+    state = runner_state(worker.model_runner)
+    if state is None:
+        return None
+    return {internal.rsplit("-", 1)[0]: {layer: k.tolist() for layer, k in kept.items()}
+            for internal, kept in state.kept.items()}
+
+
 def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -42,13 +53,11 @@ def main() -> None:
     if core is not None:
         pool = core.scheduler.kv_cache_manager.block_pool
         result.update(preemptions=len(preemptions), free_blocks=pool.get_num_free_blocks(), blocks=pool.num_gpu_blocks - 1)
-        from kvpress_like.integrations.vllm.patches import runner_state
-
-        state = runner_state(core.model_executor.driver_worker.worker.model_runner)
-        if state is not None:  # the engine core suffixes request ids: "<id>-<random>"
-            by_id = {internal.rsplit("-", 1)[0]: kept for internal, kept in state.kept.items()}
+        ranks = llm.collective_rpc(kept_positions)  # one dict per tensor-parallel rank, in rank order
+        if ranks[0] is not None:  # heads of all ranks side by side, as one rank would hold them
             result["kept"] = [
-                {layer: k.tolist() for layer, k in by_id[o.request_id].items()} if o.request_id in by_id else None
+                {layer: [h for rank in ranks for h in rank[o.request_id][layer]] for layer in ranks[0][o.request_id]}
+                if o.request_id in ranks[0] else None
                 for o in outs
             ]
     print("RESULT", json.dumps(result))

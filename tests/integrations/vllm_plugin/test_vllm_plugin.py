@@ -310,6 +310,29 @@ def test_prefix_caching_serves_uncompressed_requests_and_compressed_ones_stay_ou
     assert run["free_blocks"] == run["blocks"]
 
 
+def test_tensor_parallel_ranks_score_their_own_heads_and_keep_the_same_count(engine, model_dir, hf_model, filters,
+                                                                             monkeypatch):
+    """TP=2 on CPU (two worker processes, one KV head each; vLLM's automatic thread binding wants one NUMA node
+    per rank, so the test binds one core per rank by hand): each rank scores its own head, in its place among
+    the model's heads, so Q-Filters' per-head filters apply; both keep the same count and together keep what
+    ``press()`` keeps; greedy tokens equal the masking reference; an uncompressed request equals TP=1's."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1" if (os.cpu_count() or 1) > 1 else "0|0")
+    qfilters = {"press": "qfilters", "ratio": 0.5, "filters": filters}
+    knorm = {"press": "knorm", "ratio": 0.5}
+    prompts = [prompt(22), prompt(23), prompt(24)]
+    run = run_engine(model_dir, prompts, [greedy(settings=qfilters), greedy(settings=knorm), greedy(settings=None)],
+                     multiprocess=False, tensor_parallel_size=2, additional_config={"kvpress_like": {}})
+    for i, (settings, ids) in enumerate(zip((qfilters, knorm), prompts)):
+        kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][i].items()}
+        p = get_press(settings["press"], **{k: v for k, v in settings.items() if k != "press"})
+        for layer, positions in pressed_kept(hf_model, p, ids).items():
+            assert kept[layer].shape == (2, N_PROMPT // 2)  # rank 0's head, then rank 1's, the same count
+            assert torch.equal(kept[layer], positions), f"layer {layer}: kept sets differ from press()"
+        assert run["tokens"][i] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
+    assert run["tokens"][2] == generate(engine, prompts[2:], params(None))[0]
+    assert run["free_blocks"] == run["blocks"]
+
+
 def test_default_multiprocess_engine_gives_the_same_tokens(engine, model_dir):
     prompts = [prompt(8, 160), prompt(9, 128)]
     settings = {"press": "knorm", "ratio": 0.75}
@@ -348,7 +371,9 @@ def test_engine_settings_the_plugin_cannot_honour_are_refused(engine):
     config.cache_config.enable_prefix_caching = True
     _refuse_unsupported(config, scheduler.kv_cache_config)  # prefix caching: compressed requests stay out of it
     config.parallel_config.tensor_parallel_size = 2
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+    _refuse_unsupported(config, scheduler.kv_cache_config)  # tensor parallelism: each rank compacts its heads
+    config.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1"):
         _refuse_unsupported(config, scheduler.kv_cache_config)
 
 
