@@ -316,7 +316,8 @@ def test_tensor_parallel_ranks_score_their_own_heads_and_keep_the_same_count(eng
     per rank, so the test binds one core per rank by hand): each rank scores its own head, in its place among
     the model's heads, so Q-Filters' per-head filters apply; both keep the same count and together keep what
     ``press()`` keeps; greedy tokens equal the masking reference; an uncompressed request equals TP=1's."""
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1" if (os.cpu_count() or 1) > 1 else "0|0")
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one core per rank (shared if only one)
     qfilters = {"press": "qfilters", "ratio": 0.5, "filters": filters}
     knorm = {"press": "knorm", "ratio": 0.5}
     prompts = [prompt(22), prompt(23), prompt(24)]
