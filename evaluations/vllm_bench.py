@@ -135,8 +135,9 @@ def main(args: argparse.Namespace) -> int:
     setup = (f"{args.model} {args.dtype}, vllm {vllm.__version__}, {args.requests} requests of {min(lengths)}-"
              f"{max(lengths)} prompt tokens + {args.new_tokens} new, KV space {args.kv_mib} MiB = {cache.num_gpu_blocks} "
              f"blocks of {cache.block_size}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, load average {load:.1f}")
-    lines = [setup, f"{'':>14} {'peak running':>12} {'mean running':>12} {'steps':>6} {'wall s':>7} {'out tok/s':>9}"
-             "  pass-key correct [95% CI]  RULER-style score"]
+    header = (f"{'':>14} {'peak running':>12} {'mean running':>12} {'steps':>6} {'wall s':>7} {'out tok/s':>9}"
+              "  pass-key correct [95% CI]  RULER-style score")
+    lines = [setup, header]
     rows = {}
     for name, r in results.items():
         pk = [sc for s, sc in zip(samples, r["scores"]) if s["kind"] == "passkey"]
