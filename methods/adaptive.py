@@ -17,7 +17,8 @@ by. ``normalization="none"`` compares raw scores, for presses whose scores are a
 probabilities.
 
 Memory: under :func:`kvpress_like.press` the full-attention layers become
-:class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store exactly the kept pairs (see that module).
+:class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store the kept pairs, at most ``memory_slack``
+(5%) more slots, with no per-step copy at decoding (see that module).
 Sliding-window layers stay uniform (the base press's rule, as without the wrapper).
 
 Layer budgets (PyramidKV, Cai et al., 2024): ``pyramid=s`` scales layer ``l`` of ``n`` by
@@ -50,6 +51,9 @@ class AdaptivePress(Press):
         normalization: ``"softmax"`` (per-head distributions, see module docstring) or ``"none"``.
         temperature: softmax temperature (``None``: ``sqrt(head_dim)``).
         pyramid: PyramidKV slope of per-layer budgets in ``[0, 1)`` (0: the same budget in every layer).
+        memory_slack: how many more key/value slots than kept pairs a layer may hold (a fraction) so that
+            attention reads narrower windows (:func:`kvpress_like.headwise.layout`); 0 stores exactly the kept
+            pairs.
         **settings: settings of ``base`` when it is given by name, e.g. ``AdaptivePress("qfilters", ratio=0.75)``.
     """
 
@@ -64,6 +68,7 @@ class AdaptivePress(Press):
         normalization: str = "softmax",
         temperature: float | None = None,
         pyramid: float = 0.0,
+        memory_slack: float = 0.05,
         **settings,
     ):
         if isinstance(base, str):
@@ -89,7 +94,10 @@ class AdaptivePress(Press):
             raise ValueError(f"temperature must be a positive number or None, got {temperature!r}.")
         if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0 <= pyramid < 1:
             raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
+        if isinstance(memory_slack, bool) or not isinstance(memory_slack, (int, float)) or not 0 <= memory_slack <= 1:
+            raise ValueError(f"memory_slack must be a fraction in [0, 1] (0.05: at most 5% more slots than kept pairs), got {memory_slack!r}.")
         self.base, self.floor, self.normalization = base, float(floor), normalization
+        self.memory_slack = float(memory_slack)
         self.temperature, self.pyramid = temperature, float(pyramid)
         self.position_dependent = base.position_dependent
         self._num_layers: int | None = None
@@ -97,7 +105,7 @@ class AdaptivePress(Press):
 
     def __repr__(self) -> str:
         return (f"AdaptivePress(base={self.base!r}, floor={self.floor}, normalization={self.normalization!r}, "
-                f"temperature={self.temperature}, pyramid={self.pyramid})")
+                f"temperature={self.temperature}, pyramid={self.pyramid}, memory_slack={self.memory_slack})")
 
     # -- the base press's settings, read through -------------------------------------------------------
     skip_layers = property(lambda self: self.base.skip_layers)

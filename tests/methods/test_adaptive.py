@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from helpers import pressed_and_reference
 from kvpress_like import KnormPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
-from kvpress_like.headwise import HeadwisePressedLayer
+from kvpress_like.headwise import HeadwisePressedLayer, layout
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.adaptive import AdaptivePress
 from tiny import tiny_model
@@ -129,9 +129,10 @@ def test_floor_one_is_the_uniform_press():
         torch.testing.assert_close(a.keys, u.keys, rtol=0, atol=0)
 
 
-def test_cache_nbytes_counts_exactly_the_kept_pairs():
+@pytest.mark.parametrize("slack", [0.0, 0.05])
+def test_cache_nbytes_counts_the_kept_pairs_within_the_slack(slack):
     model = tiny_model("gemma3", seed=6)  # sliding layers stay uniform PressedLayers, full layers head-wise
-    p = AdaptivePress(KnormPress(max_cache_tokens=6))
+    p = AdaptivePress(KnormPress(max_cache_tokens=6), memory_slack=slack)
     _, cache = run(model, p, [ids_for(2, 40, seed=8)] + [ids_for(2, 1, seed=i) for i in range(3)])
     head_dim, itemsize = 16, 4
     expected = 0
@@ -139,13 +140,47 @@ def test_cache_nbytes_counts_exactly_the_kept_pairs():
         if isinstance(layer, HeadwisePressedLayer):
             kept = int(layer.lengths.sum())
             assert layer.kept_pairs == kept == 2 * 2 * 6  # rows x kv heads x budget
-            assert layer.bookkeeping_nbytes() == kept * (8 + 4) + 2 * 2 * 8 * 2
+            slots = layer._k.shape[0]
+            assert kept <= slots <= kept + int(slack * kept)
+            assert layer.bookkeeping_nbytes() == slots * (8 + 4) + 2 * 2 * 8 * 3  # per slot; lengths, starts, caps
+            if slack == 0:
+                assert slots == kept
         else:
-            kept = layer.keys.shape[0] * layer.keys.shape[1] * layer._k.shape[2]  # allocated slots
-        expected += kept * 2 * head_dim * itemsize
+            slots = layer.keys.shape[0] * layer.keys.shape[1] * layer._k.shape[2]  # allocated slots
+        expected += slots * 2 * head_dim * itemsize
     assert cache_nbytes(cache) == expected
     assert any(isinstance(layer, HeadwisePressedLayer) for layer in cache.layers)
     assert any(type(layer) is PressedLayer for layer in cache.layers)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("slack", [0.0, 0.05, 0.3])
+def test_layout_places_segments_disjoint_inside_their_windows(seed, slack):
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.randint(1, 60, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist()
+    starts, stride, width, slots = layout(caps, slack)
+    total = sum(caps)
+    assert total <= slots <= total + int(slack * total)
+    owner = [-1] * slots
+    for s, (start, cap) in enumerate(zip(starts, caps)):
+        assert s * stride <= start and start + cap <= s * stride + width, "a segment leaves its window"
+        for i in range(start, start + cap):
+            assert owner[i] == -1, "two segments share a slot"
+            owner[i] = s
+    assert (len(caps) - 1) * stride + width <= slots  # every window is inside the buffer
+    assert width >= max(caps)
+    if slack >= 0.3 and max(caps) * len(caps) <= total * 1.3:
+        assert width == max(caps)  # the padded layout fits the slack: windows as narrow as the longest head
+
+
+def test_budgeted_decoding_writes_in_place():
+    model = tiny_model("llama", seed=2, attn_implementation="sdpa")
+    p = AdaptivePress(KnormPress(max_cache_tokens=8, n_sink=1, window=2))
+    ids = ids_for(1, 30, seed=3)
+    _, cache = run(model, p, [ids[:, :20]])
+    buffers = [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)]
+    _, cache = run(model, p, [ids[:, i : i + 1] for i in range(20, 30)], cache)
+    assert [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)] == buffers
 
 
 # -- a third-party scorer gets head-wise budgets by wrapping ---------------------------------------------------
