@@ -19,8 +19,8 @@ holds ``N(S) = n S + maxsub(caps - S)`` slots and the windows are ``W(S) = S + m
 (``maxsub``: the largest sum of consecutive entries, ``n`` segments). ``N`` grows and ``W`` shrinks with
 ``S``: ``S = 0`` stores exactly the kept pairs but every window spans the whole layer; ``S = max cap`` is
 the padded layout (each window the longest head). :func:`layout` takes the largest ``S`` with
-``N <= (1 + slack) x sum(caps)`` (``press.memory_slack``, 5% by default), so the key/value bytes are at
-most 5% above the kept pairs and attention reads ``batch x kv_heads x W`` slots, ``W`` no less than the
+``N <= (1 + slack) x sum(caps)`` (``press.memory_slack``, 2.5% by default: with the bookkeeping below, a
+float32 cache with 64-dim heads stays within 5% of the kept pairs' bytes), and attention reads ``batch x kv_heads x W`` slots, ``W`` no less than the
 longest head (what any dense-kernel layout reads).
 
 Capacity: after a prune, ``caps = lengths`` (exact). Appends write into a segment's free slots; a segment

@@ -18,7 +18,7 @@ probabilities.
 
 Memory: under :func:`kvpress_like.press` the full-attention layers become
 :class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store the kept pairs, at most ``memory_slack``
-(5%) more slots, with no per-step copy at decoding (see that module).
+(2.5%) more slots, with no per-step copy at decoding (see that module).
 Sliding-window layers stay uniform (the base press's rule, as without the wrapper).
 
 Layer budgets (PyramidKV, Cai et al., 2024): ``pyramid=s`` scales layer ``l`` of ``n`` by
@@ -68,7 +68,7 @@ class AdaptivePress(Press):
         normalization: str = "softmax",
         temperature: float | None = None,
         pyramid: float = 0.0,
-        memory_slack: float = 0.05,
+        memory_slack: float = 0.025,
         **settings,
     ):
         if isinstance(base, str):
@@ -95,7 +95,7 @@ class AdaptivePress(Press):
         if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0 <= pyramid < 1:
             raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
         if isinstance(memory_slack, bool) or not isinstance(memory_slack, (int, float)) or not 0 <= memory_slack <= 1:
-            raise ValueError(f"memory_slack must be a fraction in [0, 1] (0.05: at most 5% more slots than kept pairs), got {memory_slack!r}.")
+            raise ValueError(f"memory_slack must be a fraction in [0, 1] (0.025: at most 2.5% more slots than kept pairs), got {memory_slack!r}.")
         self.base, self.floor, self.normalization = base, float(floor), normalization
         self.memory_slack = float(memory_slack)
         self.temperature, self.pyramid = temperature, float(pyramid)
