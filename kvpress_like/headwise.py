@@ -278,6 +278,19 @@ class HeadwisePressedLayer(PressedLayer):
             observer(self, plan, q)
         return out
 
+    def prune_by(self, scores: torch.Tensor) -> None:
+        """Re-allocate across heads now, ranking the kept pairs by ``scores`` ``(batch, kv_heads, W)`` (higher
+        kept; they become the stored scores): for presses that score after a call (KVzip)."""
+        b = self.lengths.shape[0]
+        reading = torch.full((b, 1, 1), self.seen, device=scores.device) if self.rows is None else self.rows.view(-1, 1, 1)
+        live = self.positions
+        scores = scores.float().masked_fill(live < 0, float("-inf"))
+        targets = self._row_targets(reading, decoding=False)
+        keep = live >= 0
+        if targets is not None and any(int(n) > t * self.lengths.shape[1] for n, t in zip(self.lengths.sum(-1), targets)):
+            keep = self._allocate_rows(scores, live, reading, targets, self._k.shape[-1])
+        self._keep(self.keys, self.values, live, scores, keep)
+
     def wants_own_mask(self, attention_mask, key) -> bool:
         return True  # heads hold different tokens: only a per-head mask from true positions describes them
 

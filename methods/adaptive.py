@@ -126,6 +126,11 @@ class AdaptivePress(Press):
         self.base.prepare(model)
         self._num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
 
+    def attach(self, model):
+        """The base press's hooks around model calls (KVzip's reconstruction pass, whose scores then prune each
+        head-wise layer through :meth:`~kvpress_like.headwise.HeadwisePressedLayer.prune_by`)."""
+        return self.base.attach(model)
+
     def compresses_layer(self, layer_idx: int) -> bool:
         return self.base.compresses_layer(layer_idx)
 

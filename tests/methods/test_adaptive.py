@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from helpers import pressed_and_reference
-from kvpress_like import KnormPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
+from kvpress_like import KnormPress, KVzipPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
 from kvpress_like.headwise import HeadwisePressedLayer, layout
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.adaptive import AdaptivePress
@@ -181,6 +181,26 @@ def test_budgeted_decoding_writes_in_place():
     buffers = [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)]
     _, cache = run(model, p, [ids[:, i : i + 1] for i in range(20, 30)], cache)
     assert [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)] == buffers
+
+
+@pytest.mark.parametrize("settings", [dict(ratio=0.5), dict(max_cache_tokens=12, n_sink=1, window=2)], ids=["ratio", "budget"])
+def test_kvzip_scores_allocate_across_heads(settings):
+    """KVzip scores after the call (a reconstruction pass): wrapped, its scores re-allocate each layer across
+    heads, and pruning still equals masking through decoding and a second prompt."""
+    model, reference = tiny_model("llama", seed=1), tiny_model("llama", seed=1)
+    g = torch.Generator().manual_seed(1)
+    calls = [torch.randint(8, 100, (2, 30), generator=g)] + [torch.randint(8, 100, (2, 1), generator=g) for _ in range(6)]
+    calls += [torch.randint(8, 100, (2, 5), generator=g), torch.randint(8, 100, (2, 1), generator=g)]
+    p = AdaptivePress(KVzipPress(prompt_ids=(5, 6, 7), **settings), normalization="none")
+    pressed, expected, cache = pressed_and_reference(model, reference, p, calls[:1])
+    for layer in headwise_layers(cache):
+        assert int(layer.lengths.sum()) == 2 * layer.lengths.shape[1] * (15 if "ratio" in settings else 12)
+        kept = layer.scores[layer.positions >= 0]
+        assert bool(((kept >= 0) & (kept <= 1)).all()), "not ranked by reconstruction attention weights"
+    assert any(len(set(layer.lengths.flatten().tolist())) > 1 for layer in headwise_layers(cache)), "heads were not ragged"
+    pressed, expected, _ = pressed_and_reference(model, reference, p, calls)
+    for i, (a, b) in enumerate(zip(pressed, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
 
 
 # -- a third-party scorer gets head-wise budgets by wrapping ---------------------------------------------------
