@@ -246,6 +246,30 @@ def test_pyramid_layer_budgets_decrease_and_keep_the_total():
     assert abs(sum(totals) - 4 * 12 * 4) <= 4 * 4  # the same total as uniform layers, up to rounding per layer
 
 
+@pytest.mark.parametrize("skip", [(), (0,)], ids=["all-layers", "skip-layer-0"])
+def test_layer_weights_set_layer_budgets_with_the_uniform_total(skip):
+    model = tiny_model("gpt_neox", seed=8)  # 4 full-attention layers, 4 KV heads
+    weights = (3.0, 2.0, 1.0, 2.0)
+    p = AdaptivePress(KnormPress(max_cache_tokens=12, skip_layers=skip), layer_weights=weights)
+    ids = ids_for(1, 60, seed=3)
+    _, cache = run(model, p, [ids])
+    compressed = [i for i in range(4) if i not in skip]
+    mean = sum(weights[i] for i in compressed) / len(compressed)
+    totals = {layer.layer_idx: int(layer.lengths.sum()) for layer in headwise_layers(cache)}
+    assert totals == {i: round(12 * weights[i] / mean) * 4 for i in compressed}
+    for i in skip:  # the degenerate case: an uncompressed layer keeps every token
+        assert not isinstance(cache.layers[i], HeadwisePressedLayer) and cache.layers[i].get_seq_length() == 60
+    pressed, expected, _ = pressed_and_reference(model, tiny_model("gpt_neox", seed=8), p, [ids, ids_for(1, 1, seed=4)])
+    for a, b in zip(pressed, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_weights_of_the_wrong_length_are_refused_at_entry():
+    model = tiny_model("gpt_neox")
+    with pytest.raises(ValueError, match="one weight per layer"), press(model, AdaptivePress(KnormPress(ratio=0.5), layer_weights=(1, 2))):
+        pass
+
+
 # -- refusals ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "make, error, match",
@@ -255,6 +279,9 @@ def test_pyramid_layer_budgets_decrease_and_keep_the_total():
         (lambda: AdaptivePress(KnormPress(), normalization="zscore"), ValueError, "normalization"),
         (lambda: AdaptivePress(KnormPress(), ratio=0.5), TypeError, "base press"),
         (lambda: AdaptivePress(AdaptivePress()), ValueError, "another head-wise"),
+        (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 0)), ValueError, "positive"),
+        (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 2), pyramid=0.3), ValueError, "pyramid"),
+        (lambda: AdaptivePress(KnormPress(), memory_slack=2), ValueError, "memory_slack"),
         (lambda: PressedCache(AdaptivePress(KnormPress(ratio=0.5))), ValueError, "press\\(\\)"),
     ],
 )
