@@ -35,10 +35,10 @@ positions (:func:`~kvpress_like.masks.positions_mask`). Single-token calls use :
 each KV head's ``num_heads / kv_heads`` query heads become that head's queries (``(batch, kv_heads,
 group, head_dim)``), so sdpa reads the strided view once per KV head without repeating keys for GQA.
 
-GPU path (not implemented here): flash-attn's ``flash_attn_varlen_func`` takes the flat buffers with
-``cu_seqlens_k`` from ``starts`` and ``lengths`` (each segment one sequence, its group of query heads its
-queries, ``num_heads=group``, ``num_kv_heads=1``); gaps between segments are skipped by giving each sequence
-its own start (``seqused_k`` / paged variants), and no mask is needed.
+GPU path (not implemented here): flash-attn's variable-length kernel takes the flat buffers directly, each
+segment one sequence whose queries are its group of query heads (``num_heads=group``, ``num_kv_heads=1``):
+``cu_seqlens_k`` from ``starts`` (a segment's run reaches the next segment's start, gap included) and
+``seqused_k = lengths`` so the gap is not read; no mask, no window, exactly the kept pairs read.
 
 Decoding: a new token enters every head. With a budget (``max_cache_tokens``, or ``decoding=True``) a row whose
 kept pairs already fill its layer budget evicts, in each head, that head's own lowest-scoring unprotected pair
@@ -105,6 +105,7 @@ class HeadwisePressedLayer(PressedLayer):
         self.caps: torch.Tensor | None = None  # (batch, kv_heads) slots each segment owns (>= lengths)
         self.stride = 0  # S: window s begins at slot s x S
         self.width = 0  # W: slots per window (what attention reads per KV head)
+        self._owned_for: tuple | None = None  # (the (lengths, starts, width) it was built for, _owned())
 
     # -- the strided view (what attention, masks and tests read) ---------------------------------------------
     def _view(self, t: torch.Tensor) -> torch.Tensor:
@@ -115,11 +116,17 @@ class HeadwisePressedLayer(PressedLayer):
         return t.as_strided((b, h, self.width, *t.shape[1:]), (h * self.stride * step, self.stride * step, step, *inner))
 
     def _owned(self) -> torch.Tensor:
-        """``(batch, kv_heads, W)``: which slots of each window hold that segment's pairs."""
+        """``(batch, kv_heads, W)``: which slots of each window hold that segment's pairs (cached until the
+        lengths or the layout change: a budgeted decoding step changes neither)."""
+        key = (self.lengths, self.starts, self.width)
+        if self._owned_for is not None and all(a is b for a, b in zip(self._owned_for[0], key)):
+            return self._owned_for[1]
         b, h = self.lengths.shape
         first = self.starts - torch.arange(b * h, device=self.starts.device).view(b, h) * self.stride
         slot = torch.arange(self.width, device=self.starts.device)
-        return (slot >= first[..., None]) & (slot < (first + self.lengths)[..., None])
+        owned = (slot >= first[..., None]) & (slot < (first + self.lengths)[..., None])
+        self._owned_for = (key, owned)
+        return owned
 
     @property
     def n_slots(self) -> int:
@@ -255,7 +262,8 @@ class HeadwisePressedLayer(PressedLayer):
                 victim = self.press.victims(scores.masked_fill(live < 0, float("inf")), live, seen)  # (batch, kv_heads)
                 where = torch.where(full, segment + victim, where)
             self._write(where[..., None], key_states, value_states, positions, score)
-            self.lengths = self.lengths + (~full).long()
+            if not bool(full.all()):
+                self.lengths = self.lengths + (~full).long()
         if plan == "prune":
             k = torch.cat([self.keys, key_states], dim=-2)
             v = torch.cat([self.values, value_states], dim=-2)
@@ -335,7 +343,7 @@ class HeadwisePressedLayer(PressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.lengths = self.starts = self.caps = None
+        self.lengths = self.starts = self.caps = self._owned_for = None
         self.stride = self.width = 0
 
     def __repr__(self) -> str:
