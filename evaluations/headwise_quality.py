@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, checkpoint: Path) -> None:
 
 
 def summarize(args: argparse.Namespace, checkpoints: list[Path]) -> dict:
+    set_threads(args.threads)  # the footer reports the workers' thread count
     rows = [r for c in checkpoints if c.exists() for r in json.loads(c.read_text())["rows"]]
     factors, tasks = parse_list(args.factors, float), parse_list(args.tasks)
     key = lambda r: (r["seed"], r["task"])  # noqa: E731
@@ -124,7 +125,8 @@ def summarize(args: argparse.Namespace, checkpoints: list[Path]) -> dict:
           "Score: RULER string match in % (mean over prompts); paired differences in points with a bootstrap 95% "
           "interval over prompts and an exact sign test (wins/losses). `headwise`: softmax-normalised scores per "
           "head (default); `headwise_raw`: raw scores compete (`normalization=\"none\"`). Bytes: mean `cache_nbytes` "
-          "of the compressed context (keys + values), before the question.", ""]
+          "of the compressed context (keys + values), before the question. Scores do not depend on the storage layout "
+          "(attention is exact), so they hold for any `memory_slack`.", ""]
     for c in cells:
         md += [f"### x{c['factor']:g} (n = {c['n']} prompts, {len(tasks)} tasks)", "",
                "| variant | mean | " + " | ".join(tasks) + " | K/V bytes |", "|---" * (len(tasks) + 3) + "|"]
