@@ -106,6 +106,7 @@ class HeadwisePressedLayer(PressedLayer):
         self.stride = 0  # S: window s begins at slot s x S
         self.width = 0  # W: slots per window (what attention reads per KV head)
         self._owned_for: tuple | None = None  # (the (lengths, starts, width) it was built for, _owned())
+        self._totals_for: tuple | None = None  # (the lengths it was built for, kept pairs per row)
 
     # -- the strided view (what attention, masks and tests read) ---------------------------------------------
     def _view(self, t: torch.Tensor) -> torch.Tensor:
@@ -127,6 +128,18 @@ class HeadwisePressedLayer(PressedLayer):
         owned = (slot >= first[..., None]) & (slot < (first + self.lengths)[..., None])
         self._owned_for = (key, owned)
         return owned
+
+    def _row_totals(self) -> list[int]:
+        """Kept pairs per row (Python ints: a decoding step plans without reading tensors back, once per layout)."""
+        if self._totals_for is None or self._totals_for[0] is not self.lengths:
+            self._totals_for = (self.lengths, self.lengths.sum(-1).tolist())
+        return self._totals_for[1]
+
+    @property
+    def _segments(self) -> torch.Tensor:
+        """``(batch, kv_heads)``: the flat slot where each window begins (``s x S``)."""
+        b, h = self.lengths.shape
+        return torch.arange(b * h, device=self.lengths.device).view(b, h) * self.stride
 
     @property
     def n_slots(self) -> int:
@@ -233,16 +246,16 @@ class HeadwisePressedLayer(PressedLayer):
         seen = call.reading_int if call.reading_int is not None else reading
         score = self._entry_scores(key_states, value_states, positions, reading)
         targets = call.targets
-        total = self.lengths.sum(-1)  # (batch,)
-        budget = None if targets is None else torch.tensor(targets, device=device) * h
+        total = self._row_totals()
+        budget = None if targets is None else [t * h for t in targets]
         real = self.rows is None or bool((positions >= 0).all())
-        if budget is None or bool((total + q * h <= budget).all()):
+        if budget is None or all(n + q * h <= m for n, m in zip(total, budget)):
             plan = "append" if real else "prune"  # pads are never kept: a padded append re-stores (keeps all real)
-        elif q == 1 and bool((total > 0).all()) and bool((total <= budget).all()):
+        elif q == 1 and all(0 < n <= m for n, m in zip(total, budget)):
             plan = "overwrite"
         else:
             plan = "prune"
-        segment = torch.arange(b * h, device=device).view(b, h) * self.stride
+        live = None
         if plan == "append":
             if bool((self.lengths + q > self.caps).any()):
                 self._relayout(q + (torch.clamp(self.lengths // 8, min=16) if q == 1 else 0))
@@ -250,27 +263,36 @@ class HeadwisePressedLayer(PressedLayer):
             self._write(where, key_states, value_states, positions, score)
             self.lengths = self.lengths + q
         elif plan == "overwrite":  # rows at their budget evict one pair per head before attention; others append
-            full = (total + h > budget).view(b, 1)
-            grow = ~full & (self.lengths >= self.caps)
-            if bool(grow.any()):
+            full_rows = [n + h > m for n, m in zip(total, budget)]
+            full = torch.tensor(full_rows, device=device).view(b, 1)
+            if not all(full_rows) and bool((~full & (self.lengths >= self.caps)).any()):
                 self._relayout(torch.where(~full, 1 + torch.clamp(self.lengths // 8, min=16), 0))
-                segment = torch.arange(b * h, device=device).view(b, h) * self.stride
-            live, stored = self.positions, self.scores
-            where = self.starts + self.lengths
-            if bool(full.any()):
-                scores = current_scores(self.press, self.layer_idx, lambda: self.keys, lambda: self.values, live, stored, reading)
-                victim = self.press.victims(scores.masked_fill(live < 0, float("inf")), live, seen)  # (batch, kv_heads)
-                where = torch.where(full, segment + victim, where)
-            self._write(where[..., None], key_states, value_states, positions, score)
-            if not bool(full.all()):
+            owned = self._owned()
+            live = self._view(self._pos).masked_fill(~owned, -1)
+            if self.press.position_dependent or self._score is None:
+                scores = current_scores(self.press, self.layer_idx, lambda: self.keys, lambda: self.values, live,
+                                        self.scores, reading)
+                scores = scores.masked_fill(~owned, float("inf"))
+            else:  # stored entry scores; slots not the segment's are never victims
+                scores = self._view(self._score).masked_fill(~owned, float("inf"))
+            victim = self.press.victims(scores, live, seen) if any(full_rows) else None  # (batch, kv_heads)
+            if all(full_rows):
+                where = self._segments + victim
+                live.scatter_(-1, victim[..., None], positions)  # the ownership mask is unchanged
+            else:
+                where = self.starts + self.lengths
+                if victim is not None:
+                    where = torch.where(full, self._segments + victim, where)
                 self.lengths = self.lengths + (~full).long()
+                live = None
+            self._write(where[..., None], key_states, value_states, positions, score)
         if plan == "prune":
             k = torch.cat([self.keys, key_states], dim=-2)
             v = torch.cat([self.values, value_states], dim=-2)
             pos = torch.cat([self.positions, positions], dim=-1)
             stored = self.scores
             cand_score = None if score is None or stored is None else torch.cat([stored, score.float()], dim=-1)
-            if targets is None or not bool((total + q * h > budget).any()):
+            if targets is None or all(n + q * h <= m for n, m in zip(total, budget)):
                 keep = pos >= 0  # a padded call under budget: keep every real token
             else:
                 scores = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, pos, cand_score, reading)
@@ -280,7 +302,7 @@ class HeadwisePressedLayer(PressedLayer):
             self._attn_positions = pos
         else:
             out = self.keys, self.values
-            self._attn_positions = self.positions
+            self._attn_positions = self.positions if live is None else live
         self._query_positions = positions[:, 0]
         for observer in self.observers:
             observer(self, plan, q)
@@ -314,9 +336,7 @@ class HeadwisePressedLayer(PressedLayer):
             return None
         b, heads, _, d = query.shape
         h = key.shape[1]
-        kpos, qpos = self._attn_positions, self._query_positions
-        visible = (kpos >= 0) & (kpos <= qpos.view(b, 1, 1))
-        visible |= ~visible.any(-1, keepdim=True)
+        visible = self._attn_positions >= 0  # every kept pair precedes the new token, which every head holds
         out = F.scaled_dot_product_attention(query.view(b, h, heads // h, d), key, value, attn_mask=visible[:, :, None],
                                              scale=kwargs.get("scaling"))
         return out.reshape(b, heads, 1, -1).transpose(1, 2), None
@@ -343,7 +363,7 @@ class HeadwisePressedLayer(PressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.lengths = self.starts = self.caps = self._owned_for = None
+        self.lengths = self.starts = self.caps = self._owned_for = self._totals_for = None
         self.stride = self.width = 0
 
     def __repr__(self) -> str:
