@@ -1,41 +1,51 @@
 """Head-wise budgets with the memory really freed: a cache layer whose KV heads keep different numbers of pairs.
 
 :class:`HeadwisePressedLayer` is the cache layer :func:`kvpress_like.press` gives the full-attention layers of a
-head-wise press (``press.headwise``, e.g. :class:`~kvpress_like.methods.adaptive.AdaptivePress`). Storage is
-flattened per layer, the layout flash-attn's variable-length kernels take:
+head-wise press (``press.headwise``, e.g. :class:`~kvpress_like.methods.adaptive.AdaptivePress`).
 
-* ``_k`` / ``_v``: ``(total kept pairs, head_dim)``, the segments of every (batch row, KV head) one after the
-  other (row-major), each in position order after a prune (overwritten slots stay where they are);
-* ``_pos``: ``(total,)`` true positions (int64); ``_score``: ``(total,)`` float32 scores for presses that store
-  them (the uniform :class:`~kvpress_like.cache.PressedLayer` keeps the same two per slot);
-* ``lengths`` / ``offsets``: ``(batch, kv_heads)`` int64, each segment's length and start.
+Storage: one flat buffer per layer (``_k`` / ``_v``: ``(N, head_dim)``; ``_pos``: ``(N,)`` true positions,
+``-1`` for a slot no segment owns; ``_score``: ``(N,)`` float32 scores for presses that store them). Each
+(batch row, KV head) *segment* ``s = row x kv_heads + head`` owns the contiguous slots
+``[starts[s], starts[s] + caps[s])``, of which the first ``lengths[s]`` hold its pairs. Attention reads a
+**strided view** ``(batch, kv_heads, W, head_dim)`` of the buffer whose window ``s`` begins at slot ``s x S``:
+windows overlap, so no slot is stored twice and nothing is copied; each segment lies inside its window, and
+the slots of its window that it does not own (its neighbours' pairs, or unowned zeros) are masked per head
+from ``lengths`` and ``starts``. So attention is exact with eager and sdpa, and a decoding step writes the
+new token of every head at an explicit slot (a victim's, or the segment's next free one) in place, as the
+uniform layer (gpt-fast) does: no per-step gather.
 
-So the key/value bytes are exactly ``kept pairs x 2 x head_dim x dtype bytes`` (what
-:func:`~kvpress_like.cache.cache_nbytes` counts) and the bookkeeping is :meth:`HeadwisePressedLayer.bookkeeping_nbytes`:
-12 bytes per pair (position + score; 8 without scores) and 16 bytes per (row, KV head).
+Layout (:func:`layout`): segments are placed greedily, ``start_s = max(s x S, end_{s-1})``. The buffer then
+holds ``N(S) = n S + maxsub(caps - S)`` slots and the windows are ``W(S) = S + maxsub(caps - S)`` wide
+(``maxsub``: the largest sum of consecutive entries, ``n`` segments). ``N`` grows and ``W`` shrinks with
+``S``: ``S = 0`` stores exactly the kept pairs but every window spans the whole layer; ``S = max cap`` is
+the padded layout (each window the longest head). :func:`layout` takes the largest ``S`` with
+``N <= (1 + slack) x sum(caps)`` (``press.memory_slack``, 2.5% by default: with the bookkeeping below, a
+float32 cache with 64-dim heads stays within 5% of the kept pairs' bytes), and attention reads ``batch x kv_heads x W`` slots, ``W`` no less than the
+longest head (what any dense-kernel layout reads).
 
-Attention (CPU, eager and sdpa): at each call the layer materialises a padded view ``(batch, kv_heads,
-longest head, head_dim)`` whose slots past a head's length have position ``-1``, and the mask is built from
-the true positions per KV head (:func:`~kvpress_like.masks.positions_mask`), so attention
-is exact. The transient cost is one layer's padded view at a time (keys and values of ``batch x kv_heads x
-longest head`` slots, freed after the layer's attention), on top of what eager/sdpa allocate anyway (GQA
-repetition of the keys for eager, the score matrix). A multi-token call that prunes attends over the old kept
-pairs plus all new tokens, as the uniform layer does.
+Capacity: after a prune, ``caps = lengths`` (exact). Appends write into a segment's free slots; a segment
+without room is re-laid out with the room uniform layers grow by (``max(16, length / 8)`` per decoding
+step, exact for multi-token calls). With a budget, decoding never appends once a row fills its budget.
 
-GPU path (not implemented here): flash-attn's ``flash_attn_varlen_func`` takes the flattened keys/values
-directly with ``cu_seqlens_k = [0, offsets..., total]`` when each (row, KV head) is one sequence and its group
-of ``num_heads / kv_heads`` query heads are that sequence's queries (queries reshaped to ``(batch x kv_heads x
-q, group, head_dim)`` with ``num_heads=group``, ``num_kv_heads=1``): no padded view, no mask, reading exactly
-the kept pairs (AdaKV's own implementation does this). Positions are not needed by the kernel: RoPE was applied
-before keys entered the cache, and every kept key precedes the new queries.
+Bookkeeping: :meth:`HeadwisePressedLayer.bookkeeping_nbytes`: 12 bytes per slot (position + score; 8
+without scores) and 24 bytes per segment (``lengths``, ``starts``, ``caps``).
+
+Attention: multi-token calls go through the model's own attention with a per-KV-head mask built from true
+positions (:func:`~kvpress_like.masks.positions_mask`). Single-token calls use :meth:`decode_attention`:
+each KV head's ``num_heads / kv_heads`` query heads become that head's queries (``(batch, kv_heads,
+group, head_dim)``), so sdpa reads the strided view once per KV head without repeating keys for GQA.
+
+GPU path (not implemented here): flash-attn's variable-length kernel takes the flat buffers directly, each
+segment one sequence whose queries are its group of query heads (``num_heads=group``, ``num_kv_heads=1``):
+``cu_seqlens_k`` from ``starts`` (a segment's run reaches the next segment's start, gap included) and
+``seqused_k = lengths`` so the gap is not read; no mask, no window, exactly the kept pairs read.
 
 Decoding: a new token enters every head. With a budget (``max_cache_tokens``, or ``decoding=True``) a row whose
 kept pairs already fill its layer budget evicts, in each head, that head's own lowest-scoring unprotected pair
-and writes the new token into it in place (lengths stay as allocated; position-dependent presses re-score the
-head's live pairs first); a row under its budget appends (the flattened buffers are rebuilt: O(kept pairs)).
-A call that overflows otherwise (a prompt, a prefill chunk, a chat's next turn) re-allocates across heads
-over the old kept pairs plus the new tokens. Left-padded batches are allocated row by row (pads are never
-kept). Beam search and batch reshuffling are refused (a flattened layout has no batch dimension to index).
+and writes the new token into it (lengths stay as allocated; position-dependent presses re-score the head's
+live pairs first); a row under its budget appends. A call that overflows otherwise (a prompt, a prefill
+chunk, a chat's next turn) re-allocates across heads over the old kept pairs plus the new tokens. Left-padded
+batches are allocated row by row (pads are never kept). Beam search and batch reshuffling are refused.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .cache import PressedLayer
 from .masks import positions_mask
@@ -51,12 +62,36 @@ from .slots import current_scores
 if TYPE_CHECKING:
     from .base import Press
 
-__all__ = ["HeadwisePressedLayer", "is_headwise"]
+__all__ = ["HeadwisePressedLayer", "is_headwise", "layout"]
+
+#: attention variants :meth:`HeadwisePressedLayer.decode_attention` leaves to the model's own path
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window")
 
 
 def is_headwise(press: Press) -> bool:
     """Whether ``press`` gives each KV head its own budget (its full-attention layers are stored head-wise)."""
     return bool(getattr(press, "headwise", False))
+
+
+def layout(caps: list[int], slack: float) -> tuple[list[int], int, int, int]:
+    """Where segments of ``caps`` slots go (module docstring): ``(starts, stride S, window W, buffer slots N)``
+    with ``N <= sum(caps) + floor(slack x sum(caps))`` and the smallest ``W`` that allows."""
+    n, total = len(caps), sum(caps)
+    if total == 0:
+        return [0] * n, 0, 0, 0
+    c = torch.tensor(caps, dtype=torch.long)
+    stride = torch.arange(max(caps) + 1)
+    prefix = torch.nn.functional.pad((c[None] - stride[:, None]).cumsum(1), (1, 0))
+    maxsub = (prefix[:, 1:] - prefix[:, :-1].cummin(1).values).max(1).values  # best run of consecutive segments
+    fits = n * stride + maxsub <= total + int(slack * total)  # N(S); S = 0 always fits (N = total)
+    s = int(stride[fits].max())
+    width = s + int(maxsub[s])
+    starts, end = [], 0
+    for k, cap in enumerate(caps):
+        start = max(k * s, end)
+        starts.append(start)
+        end = start + cap
+    return starts, s, width, n * s + int(maxsub[s])
 
 
 class HeadwisePressedLayer(PressedLayer):
@@ -67,68 +102,110 @@ class HeadwisePressedLayer(PressedLayer):
             raise ValueError("head-wise budgets are for full-attention layers; sliding layers stay uniform PressedLayers.")
         super().__init__(press, layer_idx, None)
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) pairs kept per segment
-        self.offsets: torch.Tensor | None = None  # (batch, kv_heads) start of each segment in the flat buffers
+        self.starts: torch.Tensor | None = None  # (batch, kv_heads) first slot of each segment in the flat buffers
+        self.caps: torch.Tensor | None = None  # (batch, kv_heads) slots each segment owns (>= lengths)
+        self.stride = 0  # S: window s begins at slot s x S
+        self.width = 0  # W: slots per window (what attention reads per KV head)
+        self._owned_for: tuple | None = None  # (the (lengths, starts, width) it was built for, _owned())
+        self._totals_for: tuple | None = None  # (the lengths it was built for, kept pairs per row)
 
-    # -- the padded view (what attention, masks and tests read) -------------------------------------------
-    def _index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat index ``(batch, kv_heads, longest)`` of the padded view and its validity mask."""
-        longest = int(self.lengths.max()) if self.lengths.numel() else 0
-        slot = torch.arange(longest, device=self.lengths.device)
-        valid = slot < self.lengths[..., None]
-        index = (self.offsets[..., None] + slot).masked_fill(~valid, 0)
-        return index, valid
+    # -- the strided view (what attention, masks and tests read) ---------------------------------------------
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (flat, per slot) as ``(batch, kv_heads, W, ...)`` windows: a view, no copy."""
+        b, h = self.lengths.shape
+        inner = t.stride()[1:]
+        step = t.stride(0)
+        return t.as_strided((b, h, self.width, *t.shape[1:]), (h * self.stride * step, self.stride * step, step, *inner))
 
-    def _padded(self, index: tuple | None = None, parts: str = "kvps") -> tuple:
-        """Keys, values, positions (``-1``: padding) and scores (``-inf``: padding, or ``None``) as
-        ``(batch, kv_heads, longest head[, head_dim])``; only the ``parts`` asked for (others ``None``), at a
-        precomputed :meth:`_index` when given."""
-        index, valid = self._index() if index is None else index
-        k = self._k[index] if "k" in parts else None
-        v = self._v[index] if "v" in parts else None
-        pos = self._pos[index].masked_fill(~valid, -1) if "p" in parts else None
-        score = None
-        if "s" in parts and self._score is not None:
-            score = self._score[index].masked_fill(~valid, float("-inf"))
-        return k, v, pos, score
+    def _owned(self) -> torch.Tensor:
+        """``(batch, kv_heads, W)``: which slots of each window hold that segment's pairs (cached until the
+        lengths or the layout change: a budgeted decoding step changes neither)."""
+        key = (self.lengths, self.starts, self.width)
+        if self._owned_for is not None and all(a is b for a, b in zip(self._owned_for[0], key)):
+            return self._owned_for[1]
+        b, h = self.lengths.shape
+        first = self.starts - torch.arange(b * h, device=self.starts.device).view(b, h) * self.stride
+        slot = torch.arange(self.width, device=self.starts.device)
+        owned = (slot >= first[..., None]) & (slot < (first + self.lengths)[..., None])
+        self._owned_for = (key, owned)
+        return owned
+
+    def _row_totals(self) -> list[int]:
+        """Kept pairs per row (Python ints: a decoding step plans without reading tensors back, once per layout)."""
+        if self._totals_for is None or self._totals_for[0] is not self.lengths:
+            self._totals_for = (self.lengths, self.lengths.sum(-1).tolist())
+        return self._totals_for[1]
+
+    @property
+    def _segments(self) -> torch.Tensor:
+        """``(batch, kv_heads)``: the flat slot where each window begins (``s x S``)."""
+        b, h = self.lengths.shape
+        return torch.arange(b * h, device=self.lengths.device).view(b, h) * self.stride
 
     @property
     def n_slots(self) -> int:
-        return 0 if self.lengths is None or not self.lengths.numel() else int(self.lengths.max())
+        return self.width
 
-    # padded views; the setters are SlotStore's (contents only change through update())
-    keys = property(lambda self: None if self._k is None else self._padded()[0], PressedLayer.keys.fset)
-    values = property(lambda self: None if self._v is None else self._padded()[1], PressedLayer.values.fset)
+    keys = property(lambda self: None if self._k is None else self._view(self._k), PressedLayer.keys.fset)
+    values = property(lambda self: None if self._v is None else self._view(self._v), PressedLayer.values.fset)
 
     @property
     def positions(self) -> torch.Tensor | None:
-        return None if self._pos is None else self._padded()[2]
+        """True positions per window ``(batch, kv_heads, W)``, ``-1`` where a slot is not the segment's."""
+        return None if self._pos is None else self._view(self._pos).masked_fill(~self._owned(), -1)
 
     @property
     def scores(self) -> torch.Tensor | None:
-        return None if self._score is None else self._padded()[3]
+        """Stored scores per window, ``-inf`` where a slot is not the segment's (``None`` without scores)."""
+        return None if self._score is None else self._view(self._score).masked_fill(~self._owned(), float("-inf"))
 
     @property
     def kept_pairs(self) -> int:
         """Key/value pairs stored, over every row and KV head."""
-        return 0 if self._k is None else self._k.shape[0]
+        return 0 if self.lengths is None else int(self.lengths.sum())
 
     def bookkeeping_nbytes(self) -> int:
-        """Bytes besides keys and values: positions, scores, lengths and offsets."""
-        tensors = (self._pos, self._score, self.lengths, self.offsets)
+        """Bytes besides keys and values: positions, scores, lengths, starts and caps."""
+        tensors = (self._pos, self._score, self.lengths, self.starts, self.caps)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- writing -------------------------------------------------------------------------------------------
-    def _keep(self, k, v, pos, score, keep: torch.Tensor) -> None:
-        """Store the ``keep`` mask ``(batch, kv_heads, n)`` of candidates as the new contents, in position order."""
+    def _keep(self, k, v, pos, score, keep: torch.Tensor, room: torch.Tensor | int = 0) -> None:
+        """Store the ``keep`` mask ``(batch, kv_heads, n)`` of candidates as the new contents, each segment in
+        position order, with ``room`` free slots after each segment; re-lays the buffers out."""
         order = pos.masked_fill(~keep, torch.iinfo(pos.dtype).max).argsort(dim=-1)
         keep = keep.gather(-1, order)
+        lengths = keep.sum(-1)
+        caps = lengths + room
+        starts, self.stride, self.width, n = layout(caps.flatten().tolist(), self.press.memory_slack)
+        self.starts = torch.tensor(starts, dtype=torch.long, device=pos.device).view_as(lengths)
+        self.lengths, self.caps = lengths, caps
+        dest = (self.starts[..., None] + keep.long().cumsum(-1) - 1)[keep]
         pick = lambda t: t.gather(2, order[..., None].expand(-1, -1, -1, t.shape[-1]))[keep]  # noqa: E731
-        self._k, self._v = pick(k), pick(v)
-        self._pos = pos.gather(-1, order)[keep]
-        self._score = None if score is None or not self.stores_scores else score.float().gather(-1, order)[keep]
-        self.lengths = keep.sum(-1)
-        self.offsets = self.lengths.flatten().cumsum(0).sub(self.lengths.flatten()).view_as(self.lengths)
-        self.n = self.n_slots
+        self._k = k.new_zeros(n, k.shape[-1]).index_copy_(0, dest, pick(k))  # unowned slots: finite, masked
+        self._v = v.new_zeros(n, v.shape[-1]).index_copy_(0, dest, pick(v))
+        self._pos = pos.new_full((n,), -1).index_copy_(0, dest, pos.gather(-1, order)[keep])
+        self._score = None
+        if self.stores_scores:
+            kept = (score.float().gather(-1, order)[keep] if score is not None
+                    else torch.full(dest.shape, float("inf"), device=pos.device))
+            self._score = torch.full((n,), float("-inf"), device=pos.device).index_copy_(0, dest, kept)
+        self.n = self.width
+
+    def _relayout(self, room: torch.Tensor) -> None:
+        """Re-lay the current contents out with ``room`` free slots after each segment."""
+        pos = self.positions
+        self._keep(self.keys, self.values, pos, self.scores, pos >= 0, room)
+
+    def _write(self, where: torch.Tensor, k, v, pos, score) -> None:
+        """Write new pairs ``(batch, kv_heads, q, ...)`` at flat slots ``where`` ``(batch, kv_heads, q)``."""
+        where = where.flatten()
+        self._k.index_copy_(0, where, k.reshape(-1, k.shape[-1]))
+        self._v.index_copy_(0, where, v.reshape(-1, v.shape[-1]))
+        self._pos.index_copy_(0, where, pos.reshape(-1))
+        if self._score is not None:
+            fresh = torch.full(where.shape, float("inf"), device=where.device) if score is None else score.reshape(-1).float()
+            self._score.index_copy_(0, where, fresh)
 
     def _allocate_rows(self, scores, pos, reading, targets: list[int], head_dim: int) -> torch.Tensor:
         """The kept mask: each row's layer budget (``target x kv_heads``) shared across its heads by the press."""
@@ -150,77 +227,118 @@ class HeadwisePressedLayer(PressedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, d = key_states.shape
+        device = key_states.device
         if self._k is None:  # an empty layer: no pair kept yet
-            self._k, self._v = key_states.new_empty(0, d), value_states.new_empty(0, value_states.shape[-1])
-            self._pos = torch.empty(0, dtype=torch.long, device=key_states.device)
-            self._score = torch.empty(0, device=key_states.device) if self.stores_scores else None
-            self.lengths = torch.zeros(b, h, dtype=torch.long, device=key_states.device)
-            self.offsets = torch.zeros_like(self.lengths)
+            empty = torch.zeros(b, h, 0, dtype=torch.bool, device=device)
+            self.lengths = torch.zeros(b, h, dtype=torch.long, device=device)
+            self._keep(key_states[:, :, :0], value_states[:, :, :0], torch.zeros(b, h, 0, dtype=torch.long, device=device),
+                       None, empty)
         call, in_context = self._start_call(key_states)
         if not in_context:
             raise ValueError(
                 "a head-wise compressed cache keeps a different number of tokens per KV head, which transformers' "
                 "masks cannot describe: use it inside `with press(model, p):` with the press that filled it."
             )
-        reading = call.reading_position
+        reading, positions = call.reading_position, call.positions
         seen = call.reading_position_int if call.reading_position_int is not None else reading
-        score = self._entry_scores(key_states, value_states, call.positions, reading)
-        index = self._index()
-        _, _, old_pos, old_score = self._padded(index, "ps")
-        old = lambda: self._padded(index, "kv")[:2]  # noqa: E731  (decoding evictions need no keys: gathered late)
+        score = self._entry_scores(key_states, value_states, positions, reading)
         targets = call.targets
-        total = self.lengths.sum(-1)  # (batch,)
-        budget = None if targets is None else torch.tensor(targets, device=total.device) * h
-        if budget is None or bool((total + q * h <= budget).all()):
-            plan = "append"
-        elif q == 1 and bool((total > 0).all()) and bool((total <= budget).all()):
+        total = self._row_totals()
+        budget = None if targets is None else [t * h for t in targets]
+        real = not self.rows.padded or bool((positions >= 0).all())
+        if budget is None or all(n + q * h <= m for n, m in zip(total, budget)):
+            plan = "append" if real else "prune"  # pads are never kept: a padded append re-stores (keeps all real)
+        elif q == 1 and all(0 < n <= m for n, m in zip(total, budget)):
             plan = "overwrite"
         else:
             plan = "prune"
-        if plan == "overwrite":  # rows at their budget evict one pair per head before attention; others append
-            full = (total + h > budget).view(b, 1, 1)
-            live = old_pos
-            scores = current_scores(self.press, self.layer_idx, lambda: old()[0], lambda: old()[1], live, old_score, reading)
-            scores = scores.masked_fill(live < 0, float("inf"))  # padding is no pair: never a victim
-            victim = self.press.victims(scores, live, seen)  # (batch, kv_heads)
-            if bool(full.all()):
-                where = (self.offsets + victim).flatten()
-                self._k.index_copy_(0, where, key_states.reshape(-1, d))
-                self._v.index_copy_(0, where, value_states.reshape(-1, value_states.shape[-1]))
-                self._pos.index_copy_(0, where, call.positions.reshape(-1))
-                if self._score is not None:
-                    self._score.index_copy_(0, where, score.reshape(-1))
-                plan = "overwritten"
+        live = None
+        if plan == "append":
+            if bool((self.lengths + q > self.caps).any()):
+                self._relayout(q + (torch.clamp(self.lengths // 8, min=16) if q == 1 else 0))
+            where = self.starts[..., None] + self.lengths[..., None] + torch.arange(q, device=device)
+            self._write(where, key_states, value_states, positions, score)
+            self.lengths = self.lengths + q
+        elif plan == "overwrite":  # rows at their budget evict one pair per head before attention; others append
+            full_rows = [n + h > m for n, m in zip(total, budget)]
+            full = torch.tensor(full_rows, device=device).view(b, 1)
+            if not all(full_rows) and bool((~full & (self.lengths >= self.caps)).any()):
+                self._relayout(torch.where(~full, 1 + torch.clamp(self.lengths // 8, min=16), 0))
+            owned = self._owned()
+            live = self._view(self._pos).masked_fill(~owned, -1)
+            if self.policy.scoring.rescores or self._score is None:
+                scores = current_scores(self.press, self.layer_idx, lambda: self.keys, lambda: self.values, live,
+                                        self.scores, reading)
+                scores = scores.masked_fill(~owned, float("inf"))
+            else:  # stored entry scores; slots not the segment's are never victims
+                scores = self._view(self._score).masked_fill(~owned, float("inf"))
+            victim = self.press.victims(scores, live, seen) if any(full_rows) else None  # (batch, kv_heads)
+            if all(full_rows):
+                where = self._segments + victim
+                live.scatter_(-1, victim[..., None], positions)  # the ownership mask is unchanged
             else:
-                evicted = torch.zeros_like(live, dtype=torch.bool).scatter_(-1, victim[..., None], True) & full
-                old_pos = old_pos.masked_fill(evicted, -1)
-        if plan != "overwritten":
-            old_k, old_v = old()
-            k = torch.cat([old_k, key_states], dim=-2)
-            v = torch.cat([old_v, value_states], dim=-2)
-            pos = torch.cat([old_pos, call.positions], dim=-1)
-            cand_score = None if score is None or old_score is None else torch.cat([old_score, score.float()], dim=-1)
-        if plan in ("append", "overwrite"):
-            self._keep(k, v, pos, cand_score, pos >= 0)
-            plan = "append"
+                where = self.starts + self.lengths
+                if victim is not None:
+                    where = torch.where(full, self._segments + victim, where)
+                self.lengths = self.lengths + (~full).long()
+                live = None
+            self._write(where[..., None], key_states, value_states, positions, score)
         if plan == "prune":
-            scores = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, pos, cand_score, reading)
-            self._keep(k, v, pos, cand_score, self._allocate_rows(scores, pos, reading, targets, d))
+            k = torch.cat([self.keys, key_states], dim=-2)
+            v = torch.cat([self.values, value_states], dim=-2)
+            pos = torch.cat([self.positions, positions], dim=-1)
+            stored = self.scores
+            cand_score = None if score is None or stored is None else torch.cat([stored, score.float()], dim=-1)
+            if targets is None or all(n + q * h <= m for n, m in zip(total, budget)):
+                keep = pos >= 0  # a padded call under budget: keep every real token
+            else:
+                scores = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, pos, cand_score, reading)
+                keep = self._allocate_rows(scores, pos, reading, targets, d)
+            self._keep(k, v, pos, cand_score, keep)
             out = k, v
             self._attn_positions = pos
         else:
-            out_k, out_v, self._attn_positions, _ = self._padded(index if plan == "overwritten" else None, "kvp")
-            out = out_k, out_v
-        self._query_positions = call.positions[:, 0]
+            out = self.keys, self.values
+            self._attn_positions = self.positions if live is None else live
+        self._query_positions = positions[:, 0]
         for observer in self.observers:
-            observer(self, "overwrite" if plan == "overwritten" else plan, q)
+            observer(self, plan, q)
         return out
+
+    def prune_by(self, scores: torch.Tensor) -> None:
+        """Re-allocate across heads now, ranking the kept pairs by ``scores`` ``(batch, kv_heads, W)`` (higher
+        kept; they become the stored scores): for presses that score after a call (KVzip)."""
+        b = self.lengths.shape[0]
+        reading = self.rows.reading_position(self)
+        if isinstance(reading, int):
+            reading = torch.full((b, 1, 1), reading, device=scores.device)
+        live = self.positions
+        scores = scores.float().masked_fill(live < 0, float("-inf"))
+        targets = self._row_targets(reading, decoding=False)
+        keep = live >= 0
+        if targets is not None and any(int(n) > t * self.lengths.shape[1] for n, t in zip(self.lengths.sum(-1), targets)):
+            keep = self._allocate_rows(scores, live, reading, targets, self._k.shape[-1])
+        self._keep(self.keys, self.values, live, scores, keep)
 
     def wants_own_mask(self, attention_mask, key) -> bool:
         return True  # heads hold different tokens: only a per-head mask from true positions describes them
 
     def attention_mask(self, query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor:
         return positions_mask(self._attn_positions, self._query_positions, None, query, impl)
+
+    def decode_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         **kwargs) -> tuple[torch.Tensor, None] | None:
+        """One query per row: each KV head's group of query heads attends to that head's window (masked to
+        the segment's slots) in one sdpa call, without repeating keys per query head. Declines (``None``)
+        attention variants it does not implement, which then take the model's path with our mask."""
+        if any(kwargs.get(name) is not None for name in _UNSUPPORTED_ATTENTION_KWARGS) or kwargs.get("dropout"):
+            return None
+        b, heads, _, d = query.shape
+        h = key.shape[1]
+        visible = self._attn_positions >= 0  # every kept pair precedes the new token, which every head holds
+        out = F.scaled_dot_product_attention(query.view(b, h, heads // h, d), key, value, attn_mask=visible[:, :, None],
+                                             scale=kwargs.get("scaling"))
+        return out.reshape(b, heads, 1, -1).transpose(1, 2), None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Our own mask replaces transformers' (wants_own_mask); these sizes only keep its builder consistent.
@@ -237,7 +355,7 @@ class HeadwisePressedLayer(PressedLayer):
     reorder_cache = batch_repeat_interleave = batch_select_indices = _refuse_batch_ops
 
     def _map_buffers(self, fn) -> None:  # device moves (offload/prefetch) only
-        for name in ("_k", "_v", "_pos", "_score", "lengths", "offsets"):
+        for name in ("_k", "_v", "_pos", "_score", "lengths", "starts", "caps"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, fn(tensor))
@@ -245,9 +363,10 @@ class HeadwisePressedLayer(PressedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.lengths = self.offsets = None
+        self.lengths = self.starts = self.caps = self._owned_for = self._totals_for = None
+        self.stride = self.width = 0
 
     def __repr__(self) -> str:
         lengths = None if self.lengths is None else self.lengths.tolist()
-        return (f"HeadwisePressedLayer(layer={self.layer_idx}, lengths={lengths}, tokens_given={self.tokens_given}, "
+        return (f"HeadwisePressedLayer(layer={self.layer_idx}, lengths={lengths}, window={self.width}, tokens_given={self.tokens_given}, "
                 f"press={type(self.press).__name__})")

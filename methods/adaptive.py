@@ -17,17 +17,22 @@ by. ``normalization="none"`` compares raw scores, for presses whose scores are a
 probabilities.
 
 Memory: under :func:`kvpress_like.press` the full-attention layers become
-:class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store exactly the kept pairs (see that module).
+:class:`~kvpress_like.headwise.HeadwisePressedLayer` s that store the kept pairs, at most ``memory_slack``
+(2.5%) more slots, with no per-step copy at decoding (see that module).
 Sliding-window layers stay uniform (the base press's rule, as without the wrapper).
 
 Layer budgets (PyramidKV, Cai et al., 2024): ``pyramid=s`` scales layer ``l`` of ``n`` by
 ``1 + s (1 - 2 l / (n - 1))``, budgets decreasing linearly from the first layer to the last with the same
-total as uniform layers (``s=0``: uniform; ``s=0.5``: from 1.5x down to 0.5x).
+total as uniform layers (``s=0``: uniform; ``s=0.5``: from 1.5x down to 0.5x). ``layer_weights`` gives any other
+profile, e.g. from calibration statistics (each layer's attention spread): layer ``l``'s budget is the base
+target times ``w_l`` over the mean weight of the compressed layers, so the total stays the uniform one; layers
+in ``skip_layers`` are the degenerate case (uncompressed, left out of the mean).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -50,6 +55,11 @@ class AdaptivePress(Press):
         normalization: ``"softmax"`` (per-head distributions, see module docstring) or ``"none"``.
         temperature: softmax temperature (``None``: ``sqrt(head_dim)``).
         pyramid: PyramidKV slope of per-layer budgets in ``[0, 1)`` (0: the same budget in every layer).
+        layer_weights: relative budget of every decoder layer (positive, one per layer; ``None``: equal, or
+            ``pyramid``), normalised to mean 1 over the compressed layers.
+        memory_slack: how many more key/value slots than kept pairs a layer may hold (a fraction) so that
+            attention reads narrower windows (:func:`kvpress_like.headwise.layout`); 0 stores exactly the kept
+            pairs.
         **settings: settings of ``base`` when it is given by name, e.g. ``AdaptivePress("qfilters", ratio=0.75)``.
     """
 
@@ -64,6 +74,8 @@ class AdaptivePress(Press):
         normalization: str = "softmax",
         temperature: float | None = None,
         pyramid: float = 0.0,
+        memory_slack: float = 0.025,
+        layer_weights: Sequence[float] | None = None,
         **settings,
     ):
         if isinstance(base, str):
@@ -89,7 +101,18 @@ class AdaptivePress(Press):
             raise ValueError(f"temperature must be a positive number or None, got {temperature!r}.")
         if isinstance(pyramid, bool) or not isinstance(pyramid, (int, float)) or not 0 <= pyramid < 1:
             raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
+        if isinstance(memory_slack, bool) or not isinstance(memory_slack, (int, float)) or not 0 <= memory_slack <= 1:
+            raise ValueError(f"memory_slack must be a fraction in [0, 1] (0.025: at most 2.5% more slots than kept pairs), got {memory_slack!r}.")
+        if layer_weights is not None:
+            layer_weights = tuple(layer_weights)
+            if pyramid or not layer_weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                                                       for w in layer_weights):
+                raise ValueError("layer_weights must be positive numbers, one per decoder layer, and cannot be combined "
+                                 f"with pyramid; got {layer_weights!r} with pyramid={pyramid}.")
+        self.layer_weights = layer_weights
+        self._layer_scale: list[float] | None = None
         self.base, self.floor, self.normalization = base, float(floor), normalization
+        self.memory_slack = float(memory_slack)
         self.temperature, self.pyramid = temperature, float(pyramid)
         self.scoring = base.scoring  # an instance's mode is its base press's
         self._num_layers: int | None = None
@@ -97,7 +120,8 @@ class AdaptivePress(Press):
 
     def __repr__(self) -> str:
         return (f"AdaptivePress(base={self.base!r}, floor={self.floor}, normalization={self.normalization!r}, "
-                f"temperature={self.temperature}, pyramid={self.pyramid})")
+                f"temperature={self.temperature}, pyramid={self.pyramid}, memory_slack={self.memory_slack}, "
+                f"layer_weights={self.layer_weights})")
 
     # -- the base press's settings, read through -------------------------------------------------------
     skip_layers = property(lambda self: self.base.skip_layers)
@@ -116,7 +140,19 @@ class AdaptivePress(Press):
 
     def prepare(self, model) -> None:
         self.base.prepare(model)
-        self._num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self._num_layers = n = model.config.get_text_config(decoder=True).num_hidden_layers
+        if self.layer_weights is not None:
+            if len(self.layer_weights) != n:
+                raise ValueError(f"layer_weights has {len(self.layer_weights)} entries but the model has {n} decoder layers; "
+                                 "give one weight per layer.")
+            compressed = [w for i, w in enumerate(self.layer_weights) if self.base.compresses_layer(i)] or [1.0]
+            mean = sum(compressed) / len(compressed)
+            self._layer_scale = [w / mean for w in self.layer_weights]
+
+    def attach(self, model):
+        """The base press's hooks around model calls (KVzip's reconstruction pass, whose scores then prune each
+        head-wise layer through :meth:`~kvpress_like.headwise.HeadwisePressedLayer.prune_by`)."""
+        return self.base.attach(model)
 
     def compresses_layer(self, layer_idx: int) -> bool:
         return self.base.compresses_layer(layer_idx)
@@ -138,6 +174,8 @@ class AdaptivePress(Press):
     def layer_target(self, layer_idx: int, seen: int, decoding: bool) -> int | None:
         """Pairs per KV head on average that layer ``layer_idx`` may keep (the base target, PyramidKV-scaled)."""
         target = self.base.target_size(seen, decoding)
+        if target is not None and self._layer_scale is not None:
+            return max(1, min(round(target * self._layer_scale[layer_idx]), seen))
         n = self._num_layers
         if target is None or not self.pyramid or n is None or n < 2:
             return target

@@ -1,7 +1,7 @@
 """Every feature composes: one pruning-equals-masking matrix over the cache engine's dimensions.
 
 Dimensions: press kind (position-free Q-Filters / re-scoring position-targeted Q-Filters with user-passed
-statistics / query-based SnapKV) x rows (one prompt / a left-padded batch of two) x cache (dynamic / static)
+statistics / query-based SnapKV / each of the first two wrapped in AdaKV head-wise budgets, stored ragged) x rows (one prompt / a left-padded batch of two) x cache (dynamic / static)
 x size (ratio only / ``max_cache_tokens`` / ``decoding=True``) x ``rescore_every`` (1 / 3) x model (full
 attention / Gemma-3 style alternating sliding-window and full layers) x attention (eager / sdpa).
 
@@ -25,11 +25,12 @@ import kvpress_like as kp
 from kvpress_like import PressedLayer, press, uncompressed
 from kvpress_like.filters import save_filters, save_query_stats
 from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.methods.adaptive import AdaptivePress
 from kvpress_like.methods.targeted_qfilters import TargetedQFilterPress
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, static_budget
 from tiny import tiny_model
 
-KINDS = ["position-free", "re-scoring", "query-based"]
+KINDS = ["position-free", "re-scoring", "query-based", "head-wise", "head-wise re-scoring"]
 ROWS = ["single", "padded"]
 CACHES = ["dynamic", "static"]
 SIZES = ["ratio", "max_cache_tokens", "decoding"]
@@ -47,11 +48,15 @@ def refusal(kind, rows, cache, size, every, model) -> tuple[str, str] | None:
 
     Stages: ``construction`` (the press), ``entry`` (``press()``), ``call`` (the first forward call).
     """
+    if every > 1 and kind == "head-wise re-scoring":  # AdaKV re-scores a head at each of its evictions
+        return "construction", "give TargetedQFilterPress rescore_every=1"
     if every > 1 and kind != "re-scoring":  # only scores that move with the reader are ever re-scored
         return "construction", "leave rescore_every=1"
     if kind == "query-based" and size != "ratio":  # SnapKV needs the prompt's last queries
         return "construction", "cannot prune while decoding"
     if cache == "static":
+        if kind.startswith("head-wise"):  # one fixed length for every head
+            return "entry", "different number of tokens per KV head.*static=False"
         if kind == "query-based":
             return "entry", "needs a query-free press"
         if every > 1:
@@ -73,7 +78,9 @@ CELLS = list(itertools.product(KINDS, ROWS, CACHES, SIZES, RESCORE, MODELS, IMPL
 def test_refusal_table_is_what_the_matrix_expects():
     """The table itself, summarized: which cells run and which are refused (a change here is a decision)."""
     accepted = [cell for cell in CELLS if refusal(*cell[:-1]) is None]
-    assert len(CELLS) == 288 and len(accepted) == 84
+    assert len(CELLS) == 480 and len(accepted) == 132
+    # head-wise: every dynamic cell re-scored at every step (12 per kind and model)
+    assert sum(cell[0].startswith("head-wise") for cell in accepted) == 48
     static = [cell for cell in accepted if cell[2] == "static"]
     # static: one prompt, full attention, a fixed-size query-free press re-scored at every step
     assert {(c[0], c[1], c[3], c[4], c[5]) for c in static} == {
@@ -124,6 +131,10 @@ def _press(kind, size, every, stats):
         return kp.QFilterPress(n_sink=1, window=2, rescore_every=every, filters=stats.parent, **settings)
     if kind == "re-scoring":
         return TargetedQFilterPress(n_sink=1, window=2, rescore_every=every, stats=stats, **settings)
+    if kind == "head-wise":
+        return AdaptivePress(kp.QFilterPress(n_sink=1, window=2, rescore_every=every, filters=stats.parent, **settings))
+    if kind == "head-wise re-scoring":
+        return AdaptivePress(TargetedQFilterPress(n_sink=1, window=2, rescore_every=every, stats=stats, **settings))
     return kp.SnapKVPress(window_size=3, kernel_size=3, rescore_every=every, **settings)
 
 

@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from helpers import pressed_and_reference
-from kvpress_like import KnormPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
-from kvpress_like.headwise import HeadwisePressedLayer
+from kvpress_like import KnormPress, KVzipPress, QFilterPress, PressedCache, PressedLayer, ScorerPress, SnapKVPress, cache_nbytes, get_press, press
+from kvpress_like.headwise import HeadwisePressedLayer, layout
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods.adaptive import AdaptivePress
 from tiny import tiny_model
@@ -129,9 +129,10 @@ def test_floor_one_is_the_uniform_press():
         torch.testing.assert_close(a.keys, u.keys, rtol=0, atol=0)
 
 
-def test_cache_nbytes_counts_exactly_the_kept_pairs():
+@pytest.mark.parametrize("slack", [0.0, 0.05])
+def test_cache_nbytes_counts_the_kept_pairs_within_the_slack(slack):
     model = tiny_model("gemma3", seed=6)  # sliding layers stay uniform PressedLayers, full layers head-wise
-    p = AdaptivePress(KnormPress(max_cache_tokens=6))
+    p = AdaptivePress(KnormPress(max_cache_tokens=6), memory_slack=slack)
     _, cache = run(model, p, [ids_for(2, 40, seed=8)] + [ids_for(2, 1, seed=i) for i in range(3)])
     head_dim, itemsize = 16, 4
     expected = 0
@@ -139,13 +140,67 @@ def test_cache_nbytes_counts_exactly_the_kept_pairs():
         if isinstance(layer, HeadwisePressedLayer):
             kept = int(layer.lengths.sum())
             assert layer.kept_pairs == kept == 2 * 2 * 6  # rows x kv heads x budget
-            assert layer.bookkeeping_nbytes() == kept * (8 + 4) + 2 * 2 * 8 * 2
+            slots = layer._k.shape[0]
+            assert kept <= slots <= kept + int(slack * kept)
+            assert layer.bookkeeping_nbytes() == slots * (8 + 4) + 2 * 2 * 8 * 3  # per slot; lengths, starts, caps
+            if slack == 0:
+                assert slots == kept
         else:
-            kept = layer.keys.shape[0] * layer.keys.shape[1] * layer._k.shape[2]  # allocated slots
-        expected += kept * 2 * head_dim * itemsize
+            slots = layer.keys.shape[0] * layer.keys.shape[1] * layer._k.shape[2]  # allocated slots
+        expected += slots * 2 * head_dim * itemsize
     assert cache_nbytes(cache) == expected
     assert any(isinstance(layer, HeadwisePressedLayer) for layer in cache.layers)
     assert any(type(layer) is PressedLayer for layer in cache.layers)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("slack", [0.0, 0.05, 0.3])
+def test_layout_places_segments_disjoint_inside_their_windows(seed, slack):
+    g = torch.Generator().manual_seed(seed)
+    caps = torch.randint(1, 60, (int(torch.randint(1, 25, (1,), generator=g)),), generator=g).tolist()
+    starts, stride, width, slots = layout(caps, slack)
+    total = sum(caps)
+    assert total <= slots <= total + int(slack * total)
+    owner = [-1] * slots
+    for s, (start, cap) in enumerate(zip(starts, caps)):
+        assert s * stride <= start and start + cap <= s * stride + width, "a segment leaves its window"
+        for i in range(start, start + cap):
+            assert owner[i] == -1, "two segments share a slot"
+            owner[i] = s
+    assert (len(caps) - 1) * stride + width <= slots  # every window is inside the buffer
+    assert width >= max(caps)
+    if slack >= 0.3 and max(caps) * len(caps) <= total * 1.3:
+        assert width == max(caps)  # the padded layout fits the slack: windows as narrow as the longest head
+
+
+def test_budgeted_decoding_writes_in_place():
+    model = tiny_model("llama", seed=2, attn_implementation="sdpa")
+    p = AdaptivePress(KnormPress(max_cache_tokens=8, n_sink=1, window=2))
+    ids = ids_for(1, 30, seed=3)
+    _, cache = run(model, p, [ids[:, :20]])
+    buffers = [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)]
+    _, cache = run(model, p, [ids[:, i : i + 1] for i in range(20, 30)], cache)
+    assert [(layer._k.data_ptr(), layer._v.data_ptr(), layer.width) for layer in headwise_layers(cache)] == buffers
+
+
+@pytest.mark.parametrize("settings", [dict(ratio=0.5), dict(max_cache_tokens=12, n_sink=1, window=2)], ids=["ratio", "budget"])
+def test_kvzip_scores_allocate_across_heads(settings):
+    """KVzip scores after the call (a reconstruction pass): wrapped, its scores re-allocate each layer across
+    heads, and pruning still equals masking through decoding and a second prompt."""
+    model, reference = tiny_model("llama", seed=1), tiny_model("llama", seed=1)
+    g = torch.Generator().manual_seed(1)
+    calls = [torch.randint(8, 100, (2, 30), generator=g)] + [torch.randint(8, 100, (2, 1), generator=g) for _ in range(6)]
+    calls += [torch.randint(8, 100, (2, 5), generator=g), torch.randint(8, 100, (2, 1), generator=g)]
+    p = AdaptivePress(KVzipPress(prompt_ids=(5, 6, 7), **settings), normalization="none")
+    pressed, expected, cache = pressed_and_reference(model, reference, p, calls[:1])
+    for layer in headwise_layers(cache):
+        assert int(layer.lengths.sum()) == 2 * layer.lengths.shape[1] * (15 if "ratio" in settings else 12)
+        kept = layer.scores[layer.positions >= 0]
+        assert bool(((kept >= 0) & (kept <= 1)).all()), "not ranked by reconstruction attention weights"
+    assert any(len(set(layer.lengths.flatten().tolist())) > 1 for layer in headwise_layers(cache)), "heads were not ragged"
+    pressed, expected, _ = pressed_and_reference(model, reference, p, calls)
+    for i, (a, b) in enumerate(zip(pressed, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
 
 
 # -- a third-party scorer gets head-wise budgets by wrapping ---------------------------------------------------
@@ -191,6 +246,30 @@ def test_pyramid_layer_budgets_decrease_and_keep_the_total():
     assert abs(sum(totals) - 4 * 12 * 4) <= 4 * 4  # the same total as uniform layers, up to rounding per layer
 
 
+@pytest.mark.parametrize("skip", [(), (0,)], ids=["all-layers", "skip-layer-0"])
+def test_layer_weights_set_layer_budgets_with_the_uniform_total(skip):
+    model = tiny_model("gpt_neox", seed=8)  # 4 full-attention layers, 4 KV heads
+    weights = (3.0, 2.0, 1.0, 2.0)
+    p = AdaptivePress(KnormPress(max_cache_tokens=12, skip_layers=skip), layer_weights=weights)
+    ids = ids_for(1, 60, seed=3)
+    _, cache = run(model, p, [ids])
+    compressed = [i for i in range(4) if i not in skip]
+    mean = sum(weights[i] for i in compressed) / len(compressed)
+    totals = {layer.layer_idx: int(layer.lengths.sum()) for layer in headwise_layers(cache)}
+    assert totals == {i: round(12 * weights[i] / mean) * 4 for i in compressed}
+    for i in skip:  # the degenerate case: an uncompressed layer keeps every token
+        assert not isinstance(cache.layers[i], HeadwisePressedLayer) and cache.layers[i].get_seq_length() == 60
+    pressed, expected, _ = pressed_and_reference(model, tiny_model("gpt_neox", seed=8), p, [ids, ids_for(1, 1, seed=4)])
+    for a, b in zip(pressed, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_weights_of_the_wrong_length_are_refused_at_entry():
+    model = tiny_model("gpt_neox")
+    with pytest.raises(ValueError, match="one weight per layer"), press(model, AdaptivePress(KnormPress(ratio=0.5), layer_weights=(1, 2))):
+        pass
+
+
 # -- refusals ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "make, error, match",
@@ -200,6 +279,9 @@ def test_pyramid_layer_budgets_decrease_and_keep_the_total():
         (lambda: AdaptivePress(KnormPress(), normalization="zscore"), ValueError, "normalization"),
         (lambda: AdaptivePress(KnormPress(), ratio=0.5), TypeError, "base press"),
         (lambda: AdaptivePress(AdaptivePress()), ValueError, "another head-wise"),
+        (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 0)), ValueError, "positive"),
+        (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 2), pyramid=0.3), ValueError, "pyramid"),
+        (lambda: AdaptivePress(KnormPress(), memory_slack=2), ValueError, "memory_slack"),
         (lambda: PressedCache(AdaptivePress(KnormPress(ratio=0.5))), ValueError, "press\\(\\)"),
     ],
 )
