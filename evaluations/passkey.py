@@ -48,7 +48,7 @@ from kvpress_like.cache_ops import fork_cache
 from kvpress_like.data import passkey_sample
 from kvpress_like.integrations.context import adopt_layer
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
-from kvpress_like.methods import KVzipPress
+from kvpress_like.methods import AdaptivePress, KVzipPress
 from kvpress_like.registry import list_presses
 
 from . import stats
@@ -130,10 +130,12 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     new = _copy_cache(shared.cache)
     if p is None:
         return new
-    kvzip = isinstance(p, KVzipPress)  # scores with a reconstruction pass once every layer holds the prompt
+    # KVzip (alone or inside AdaKV) scores with a reconstruction pass once every layer holds the prompt
+    kvzip = p.base if isinstance(p, AdaptivePress) else p
+    kvzip = kvzip if isinstance(kvzip, KVzipPress) else None
     if kvzip and shared.ids is None:
         raise ValueError("KVzipPress re-reads the prompt: the shared prefill must record its ids (Prefill.ids).")
-    with p.deferred() if kvzip else nullcontext():
+    with kvzip.deferred() if kvzip else nullcontext():
         for layer in attention_layers(model):
             idx = layer.layer_idx
             if layer.sliding or not p.compresses_layer(idx):
@@ -142,7 +144,7 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
             if p.scoring.needs_queries:
                 pressed.prune_with_queries(layer.module, shared.queries[idx])
     if kvzip:
-        p.compress(model, new, shared.ids.to(model.device))
+        kvzip.compress(model, new, shared.ids.to(model.device))
     return new
 
 

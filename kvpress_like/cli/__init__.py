@@ -43,6 +43,7 @@ BENCHMARKS = {
     "gpu-decode": ("kvpress_like.evaluations.gpu_decode", "static compressed cache + torch.compile decode on GPU"),
     "throughput": ("kvpress_like.evaluations.throughput", "decode tokens/s, full vs compressed, batch x context, vs the byte bound"),
     "headwise": ("kvpress_like.evaluations.headwise_bench", "head-wise budgets: bytes vs promised pairs, ragged vs uniform decode step"),
+    "headwise-quality": ("kvpress_like.evaluations.headwise_quality", "head-wise vs uniform budgets at equal kept pairs, RULER-style prompts, paired"),
     "vllm": ("kvpress_like.evaluations.vllm_bench", "vLLM serving: running requests and tokens/s, stock vs a press (vLLM venv)"),
     "kvpress": ("kvpress_like.evaluations.kvpress_compare", "side by side with NVIDIA kvpress (separate venv)"),
     "kvzip": ("kvpress_like.evaluations.kvzip_cost", "KVzip reconstruction pass vs a plain prefill (time ratio)"),

@@ -30,7 +30,10 @@ def stats_dir(tmp_path_factory):
 
 
 def _press(name: str, stats_dir, **settings):
-    """A registered press for the tiny model: explicit filters / statistics, never the user's store."""
+    """A registered press for the tiny model: explicit filters / statistics, never the user's store
+    (``adakv+kvzip``: AdaKV around KVzip, whose reconstruction pass must survive the wrapper)."""
+    if name == "adakv+kvzip":
+        return press_class("adakv")(base=_press("kvzip", stats_dir, **settings))
     cls = press_class(name)
     if name == "qfilters":
         settings["filters"] = FILTERS
@@ -42,7 +45,7 @@ def _press(name: str, stats_dir, **settings):
 
 
 @pytest.mark.parametrize("variant", ["uncompressed", "compressed"])
-@pytest.mark.parametrize("name", list_presses())
+@pytest.mark.parametrize("name", [*list_presses(), "adakv+kvzip"])
 def test_shared_prefill_equals_pressed_prefill(name, variant, stats_dir):
     """Compressing a copy of one full-cache prefill keeps the same entries, and gives the same answer logits,
     as prefilling under press() (for every registered press, with sinks, a window and a skipped layer)."""
