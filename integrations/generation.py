@@ -1,4 +1,5 @@
-"""The only place kvpress_like leans on private parts of transformers' ``generate()``.
+"""The one place kvpress_like leans on private parts of transformers' ``generate()`` (ARCHITECTURE.md lists
+the other private internals it uses).
 
 ``press(model, p, static=True)`` must hand ``generate()`` a :class:`~kvpress_like.static.StaticPressedCache`
 sized from the prompt (a caller-built cache would need the prompt length before ``generate()`` sees it),

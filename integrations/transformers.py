@@ -18,6 +18,7 @@ import functools
 import inspect
 import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,12 +70,18 @@ def _uses_attention_interface(module: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _forward_uses_attention_interface(forward) -> bool:
-    """Read once per forward function: parsing its source took ~3 ms per layer, on every ``press()`` entry."""
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
+    """Whether the forward's compiled code (its own or a nested function's) reads ``ALL_ATTENTION_FUNCTIONS``:
+    the names its bytecode loads, not its source text (no source file needed, comments never match)."""
+    code = getattr(inspect.unwrap(forward), "__code__", None)
+    if code is None:
         return True
-    return "ALL_ATTENTION_FUNCTIONS" in source
+    pending = [code]
+    while pending:
+        code = pending.pop()
+        if "ALL_ATTENTION_FUNCTIONS" in code.co_names:
+            return True
+        pending.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return False
 
 
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:

@@ -103,3 +103,31 @@ def test_patched_config_is_a_real_config_sharing_the_modules_settings():
         assert view.rope_theta == 1234.0
     assert module.config is original and original._attn_implementation == "eager"
     assert model.config._attn_implementation == "eager"
+
+
+def test_attention_interface_is_read_from_the_code_not_the_source_text():
+    """A forward that only mentions the interface in a comment or string bypasses it; one that reads it, even
+    from a nested function or through a decorator, uses it."""
+    import functools
+
+    from kvpress_like.integrations.transformers import _forward_uses_attention_interface as uses
+
+    def mentions(self, x):
+        # computes attention itself, not through ALL_ATTENTION_FUNCTIONS
+        return "ALL_ATTENTION_FUNCTIONS" and x
+
+    def nested(self, x):
+        def kernel():
+            return ALL_ATTENTION_FUNCTIONS  # noqa: F821 (never called)
+        return kernel
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    assert not uses(mentions)
+    assert uses(nested)
+    assert uses(decorate(nested))
+    assert not uses(decorate(mentions))
