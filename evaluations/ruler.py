@@ -34,7 +34,10 @@ from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.registry import list_presses
 
 from . import stats
-from .common import RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
+from .common import (
+    RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
+    set_threads, write_result,
+)
 from .passkey import _copy_cache, _parse_shard, _pct, cached_step, compress_prefilled, prefill, stack_caches
 from .ruler_tasks import TASKS, RulerSample, ruler_sample, score
 
@@ -146,10 +149,11 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         meta = dict(seed=seed, length=length, task=task, tokens=s.tokens, answers=s.answers)
         (said,) = generate_rows(model, tokenizer, _copy_cache(pre.cache), 1, feed, s, start)
         rows.append(dict(meta, method="no_press", factor=1.0, score=score(said, s.answers), output=said))
-        for factor in grid.factors:
-            cell = [presses[(m, float(factor))] for m in grid.methods]
-            for method, said in zip(grid.methods, _answer_cell(model, tokenizer, pre, cell, feed, s, start)):
-                rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
+        with one_reconstruction_per_prompt():  # KVzip's scores do not depend on the ratio
+            for factor in grid.factors:
+                cell = [presses[(m, float(factor))] for m in grid.methods]
+                for method, said in zip(grid.methods, _answer_cell(model, tokenizer, pre, cell, feed, s, start)):
+                    rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
         del pre
         if checkpoint is not None:
             elapsed = saved["elapsed_s"] + time.time() - began

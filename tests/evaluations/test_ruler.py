@@ -182,3 +182,41 @@ def test_lm_eval_tasks_load_offline(tok, monkeypatch):
     assert doc["answers"] == s.answers and doc["prompt"] == tok.decode(s.context_ids + s.question_ids)
     assert task.config.generation_kwargs["max_gen_toks"] == s.max_new_tokens
     assert task.process_results(doc, [" " + ", ".join(s.answers[:2])]) == {"score": 0.4}
+
+
+def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(monkeypatch):
+    """Reusing KVzip's reconstruction scores across the ratios of one prompt keeps exactly the entries that a
+    pass of its own per ratio keeps, with one pass per prompt instead of one per ratio."""
+    from kvpress_like import press
+    from kvpress_like.evaluations.common import one_reconstruction_per_prompt
+    from kvpress_like.evaluations.passkey import compress_prefilled, prefill
+    from kvpress_like.methods import KVzipPress, kvzip
+    from tiny import tiny_byte_model
+
+    model = tiny_byte_model()
+    prompt = tuple(b"\n\nRepeat the previous context exactly.\n")
+    passes = []
+    original = kvzip.reconstruction_scores
+    monkeypatch.setattr(kvzip, "reconstruction_scores", lambda *a: passes.append(1) or original(*a))
+
+    def kept(shared):
+        out = {}
+        for ratio in (0.5, 0.75, 0.875):
+            p = KVzipPress(ratio=ratio, prompt_ids=prompt, chunk_size=96)
+            with press(model, p):
+                cache = compress_prefilled(model, shared, p)
+            out[ratio] = [layer.positions.clone() for layer in cache.layers]
+        return out
+
+    pre = [prefill(model, torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
+    alone = [kept(x) for x in pre]
+    assert len(passes) == 6
+    passes.clear()
+    counter = kvzip.reconstruction_scores
+    with one_reconstruction_per_prompt():
+        shared = [kept(x) for x in pre]  # two prompts in one block: each gets its own pass
+    assert len(passes) == 2 and kvzip.reconstruction_scores is counter  # restored on leaving
+    for a, b in zip(alone, shared):
+        for ratio in a:
+            assert all(torch.equal(x, y) for x, y in zip(a[ratio], b[ratio]))
+    assert not torch.equal(alone[0][0.5][0], alone[1][0.5][0])  # the prompts' kept sets differ: the key is the prompt
