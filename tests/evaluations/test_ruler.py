@@ -220,3 +220,31 @@ def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(mon
         for ratio in a:
             assert all(torch.equal(x, y) for x, y in zip(a[ratio], b[ratio]))
     assert not torch.equal(alone[0][0.5][0], alone[1][0.5][0])  # the prompts' kept sets differ: the key is the prompt
+
+
+def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
+    """Runs of the same prompts with other presses merge into one table (each press paired with the no-press
+    rows both runs share); a run whose shared rows differ, or whose grid differs, is refused."""
+    def run(method, seeds, score_of, output="x"):
+        settings = dict(lengths=[8], factors=[2.0], samples=3, tasks=["a", "b"], methods=[method], quick=False, shard=None)
+        rows = [dict(seed=i, length=8, task=t, tokens=8, answers=["x"], method=meth, factor=f, score=sc, output=out)
+                for t in ("a", "b") for i in seeds
+                for meth, f, sc, out in (("no_press", 1.0, 1.0, output), (method, 2.0, score_of(i), "y"))]
+        return dict(settings=settings, rows=rows, prefill_s=[1.0] * 2 * len(seeds), model="tiny",
+                    environment=ruler.environment(), elapsed_s=60.0)
+
+    old, new = run("m", range(3), lambda i: 0.0), run("k", range(2), lambda i: 1.0)
+    merged = ruler.merge([old, new])
+    assert merged["settings"]["methods"] == ["m", "k"] and len(merged["rows"]) == 2 * 3 + 2 * 3 + 2 * 2
+    merged["environment"] = ruler.environment()
+    assert ruler._write(tmp_path, "merged", merged, figures=False) == 0
+    (cell,) = json.loads((tmp_path / "merged.json").read_text())["summary"]["cells"]
+    assert cell["methods"]["m"]["mean"]["n"] == 6 and cell["methods"]["k"]["mean"]["n"] == 4
+    assert cell["vs_no_press"]["m"]["mean"]["diff"] == -1.0 and cell["vs_no_press"]["k"]["mean"]["diff"] == 0.0
+    assert "Merged from:" in (tmp_path / "merged.md").read_text()
+    with pytest.raises(SystemExit, match="disagree"):
+        ruler.merge([old, run("k", range(2), lambda i: 1.0, output="z")])
+    other = run("k", range(2), lambda i: 1.0)
+    other["settings"]["tasks"] = ["a"]
+    with pytest.raises(SystemExit, match="differ in tasks"):
+        ruler.merge([old, other])
