@@ -172,20 +172,22 @@ def parse_list(text: str, kind=str) -> list:
 
 @contextmanager
 def one_reconstruction_per_prompt() -> Iterator[None]:
-    """Inside this block KVzip's reconstruction pass runs once per distinct (tokens, cache length, repeat
-    prompt, chunk size) and its scores are reused.
+    """Inside this block KVzip's reconstruction pass runs once per distinct (tokens, cache length, pressed
+    layers, repeat prompt, chunk size) and its scores are reused.
 
     An evaluation compresses copies of one shared full prefill for every ratio; KVzip's scores depend on the
     full cache and the re-read tokens only (the ratio changes the selection, not the scores), so one pass per
     prompt gives the same kept sets at a third of the cost of three. The caller guarantees that every KVzip
     press inside the block compresses a copy of the same full prefill of those tokens (one block per prompt).
     """
+    from kvpress_like.cache import PressedLayer
     from kvpress_like.methods import kvzip
 
     original, memo = kvzip.reconstruction_scores, {}
 
     def shared(model, cache, ids: torch.Tensor, p):
-        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), cache.get_seq_length(), p._ids, p.chunk_size)
+        pressed = tuple(i for i, layer in enumerate(cache.layers) if isinstance(layer, PressedLayer))  # skip_layers
+        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), cache.get_seq_length(), pressed, p._ids, p.chunk_size)
         if key not in memo:
             memo[key] = original(model, cache, ids, p)
         return memo[key]

@@ -201,25 +201,25 @@ def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(mon
 
     def kept(shared):
         out = {}
-        for ratio in (0.5, 0.75, 0.875):
-            p = KVzipPress(ratio=ratio, prompt_ids=prompt, chunk_size=96)
+        for ratio, skip in ((0.5, (1,)), (0.5, ()), (0.75, ()), (0.875, ())):  # skipped layers: not scored, a pass of its own
+            p = KVzipPress(ratio=ratio, prompt_ids=prompt, chunk_size=96, skip_layers=skip)
             with press(model, p):
                 cache = compress_prefilled(model, shared, p)
-            out[ratio] = [layer.positions.clone() for layer in cache.layers]
+            out[ratio, skip] = [layer.positions.clone() if hasattr(layer, "positions") else None for layer in cache.layers]
         return out
 
     pre = [prefill(model, torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
     alone = [kept(x) for x in pre]
-    assert len(passes) == 6
+    assert len(passes) == 8
     passes.clear()
     counter = kvzip.reconstruction_scores
     with one_reconstruction_per_prompt():
         shared = [kept(x) for x in pre]  # two prompts in one block: each gets its own pass
-    assert len(passes) == 2 and kvzip.reconstruction_scores is counter  # restored on leaving
+    assert len(passes) == 4 and kvzip.reconstruction_scores is counter  # restored on leaving
     for a, b in zip(alone, shared):
-        for ratio in a:
-            assert all(torch.equal(x, y) for x, y in zip(a[ratio], b[ratio]))
-    assert not torch.equal(alone[0][0.5][0], alone[1][0.5][0])  # the prompts' kept sets differ: the key is the prompt
+        for setting in a:
+            assert all(x is y is None or torch.equal(x, y) for x, y in zip(a[setting], b[setting]))
+    assert not torch.equal(alone[0][0.5, ()][0], alone[1][0.5, ()][0])  # the prompts' kept sets differ: the key is the prompt
 
 
 def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
