@@ -65,6 +65,7 @@ from .common import (
 VARIANTS = ("uncompressed", "compressed")
 #: ``--haystack`` name -> :func:`kvpress_like.data.passkey_sample`'s haystack
 HAYSTACKS = {"filler": "repetitive", "prose": "prose"}
+HAYSTACK_TEXT = {"filler": "the classic repetitive text", "prose": "real English prose from pydoc_data.topics"}
 #: queries kept from the prefill for query-dependent presses (SnapKV's default window is 64)
 QUERY_WINDOW = 64
 #: tokens decoded beyond the answer's own before a prompt counts as failed
@@ -373,8 +374,7 @@ def markdown(result: dict) -> str:
     md = [
         "## Pass-key retrieval, paired" + label,
         "",
-        f"Model {result['model']}; haystacks {', '.join(haystacks)} (filler: the classic repetitive text; prose: "
-        f"real English prose from pydoc_data.topics); lengths {list(s['lengths'])}; factors "
+        f"Model {result['model']}; haystack {', '.join(f'{h} ({HAYSTACK_TEXT[h]})' for h in haystacks)}; lengths {list(s['lengths'])}; factors "
         f"{['x%g' % f for f in s['factors']]}; **n = {n} prompts per cell** (planned {s['depths']} needle depths x "
         f"{s['keys']} keys = {planned}, run key by key), the same prompts for every method; one shared full-cache prefill per prompt "
         f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
