@@ -40,7 +40,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,11 @@ VARIANTS = ("uncompressed", "compressed")
 #: ``--haystack`` name -> :func:`kvpress_like.data.passkey_sample`'s haystack
 HAYSTACKS = {"filler": "repetitive", "prose": "prose"}
 HAYSTACK_TEXT = {"filler": "the classic repetitive text", "prose": "real English prose from pydoc_data.topics"}
+#: ``--template``: the plain pass-key text (the paper's), or the model's chat template around it
+TEMPLATES = ("plain", "chat")
+#: what the chat prompt asks and how the assistant's answer starts (RULER's answer prefix)
+CHAT_QUESTION = "\n\nWhat is the pass key?"
+CHAT_ANSWER_PREFIX = "The pass key is"
 #: queries kept from the prefill for query-dependent presses (SnapKV's default window is 64)
 QUERY_WINDOW = 64
 #: tokens decoded beyond the answer's own before a prompt counts as failed
@@ -83,6 +88,7 @@ class Grid:
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_presses()))
     variants: tuple[str, ...] = VARIANTS
     haystacks: tuple[str, ...] = tuple(HAYSTACKS)
+    template: str = "plain"
     reference: str = "qfilters"
     quick: bool = False  # recorded so every result file says whether it came from --quick
     shard: tuple[int, int] | None = None  # (i, n): only prompts i, i + n, ... of prompt_order (see --jobs)
@@ -227,6 +233,32 @@ def answers_found(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, an
     return [(ok, tokenizer.decode(ids)) for ok, ids in zip(found, out)]
 
 
+def sample(tokenizer, length: int, depth: float, key: int, haystack: str, template: str = "plain"):
+    """One pass-key prompt: :func:`kvpress_like.data.passkey_sample` as it is (``plain``), or (``chat``) inside the
+    model's chat template as a user message, the question ending the message and the assistant's turn
+    starting with the answer prefix, as RULER and ``eval ruler`` prompt. On prose SmolLM2 needs the chat
+    form to find the key even uncompressed: in plain text the question reads as more of the document."""
+    if template == "plain":
+        return passkey_sample(tokenizer, length, depth, seed=key, haystack=HAYSTACKS[haystack])
+    if template != "chat":
+        raise ValueError(f"unknown template {template!r}; use {', '.join(TEMPLATES)}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--template chat needs a tokenizer with a chat template; use --template plain for this model")
+    mark = "\x00passkey\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(mark)
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head_ids = ids(head)
+    s = passkey_sample(tokenizer, length - len(head_ids) + 1, depth, seed=key, haystack=HAYSTACKS[haystack])
+    body = s.context_ids[0, 1:] if tokenizer.bos_token_id is not None else s.context_ids[0]  # the template has its own start
+    shift = len(head_ids) - (s.context_ids.shape[1] - body.shape[0])
+    return replace(
+        s, context_ids=torch.tensor([head_ids + body.tolist()]),
+        question_ids=torch.tensor([ids(CHAT_QUESTION + tail + CHAT_ANSWER_PREFIX)]),
+        needle_span=(s.needle_span[0] + shift, s.needle_span[1] + shift),
+    )
+
+
 def _presses(grid: Grid) -> dict[tuple[str, float], Press]:
     """Every (method, factor) press, built once by registry name (unknown names fail before any prefill)."""
     return {(m, float(f)): build_press(m, ratio=factor_to_ratio(f)) for m in grid.methods for f in grid.factors}
@@ -267,6 +299,8 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
     for h in grid.haystacks:
         if h not in HAYSTACKS:
             raise ValueError(f"unknown haystack {h!r}; use {', '.join(HAYSTACKS)}")
+    if grid.template not in TEMPLATES:
+        raise ValueError(f"unknown template {grid.template!r}; use {', '.join(TEMPLATES)}")
     presses = _presses(grid)
     rows: list[dict] = []
     prefill_s: list[float] = []
@@ -275,7 +309,7 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         prompts = prompts[grid.shard[0] :: grid.shard[1]]
     settings = dict(asdict(grid), depth_values=grid.depth_values())
     for length, depth, key, haystack in tqdm(prompts, desc="passkey prompts", disable=not progress):
-        s = passkey_sample(tokenizer, length, depth, seed=key, haystack=HAYSTACKS[haystack])
+        s = sample(tokenizer, length, depth, key, haystack, grid.template)
         start = time.perf_counter()
         context = prefill(model, s.context_ids)
         prefill_s.append(time.perf_counter() - start)
@@ -374,7 +408,9 @@ def markdown(result: dict) -> str:
     md = [
         "## Pass-key retrieval, paired" + label,
         "",
-        f"Model {result['model']}; haystack {', '.join(f'{h} ({HAYSTACK_TEXT[h]})' for h in haystacks)}; lengths {list(s['lengths'])}; factors "
+        f"Model {result['model']}; haystack {', '.join(f'{h} ({HAYSTACK_TEXT[h]})' for h in haystacks)}; "
+        + ("prompt in the model's chat template, the answer starting 'The pass key is'; " if s.get("template") == "chat" else "")
+        + f"lengths {list(s['lengths'])}; factors "
         f"{['x%g' % f for f in s['factors']]}; **n = {n} prompts per cell** (planned {s['depths']} needle depths x "
         f"{s['keys']} keys = {planned}, run key by key), the same prompts for every method; one shared full-cache prefill per prompt "
         f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
@@ -419,6 +455,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystack", default="both", choices=(*HAYSTACKS, "both"),
                         help="text the key hides in: filler (the classic repetitive text), prose (real English prose, "
                              "pydoc_data.topics) or both (default; twice the prompts)")
+    parser.add_argument("--template", default="plain", choices=TEMPLATES,
+                        help="plain: the classic pass-key text; chat: the model's chat template around it, the answer "
+                             "starting 'The pass key is' (how eval ruler prompts; SmolLM2 needs it on prose)")
     parser.add_argument("--reference", default="qfilters", help="method every other one is paired against")
     parser.add_argument("--quick", action="store_true",
                         help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; 12 prompts per haystack, "
@@ -457,6 +496,7 @@ def main(args: argparse.Namespace) -> int:
         methods=tuple(parse_list(args.methods)) if args.methods else tuple(list_presses()),
         variants=tuple(parse_list(args.variants)),
         haystacks=tuple(HAYSTACKS) if args.haystack == "both" else (args.haystack,),
+        template=args.template,
         reference=args.reference,
         quick=args.quick,
         shard=shard,
@@ -491,7 +531,7 @@ def _run_jobs(args: argparse.Namespace, name: str) -> int:
     import sys
 
     forwarded = ["--model", args.model, "--lengths", args.lengths, "--factors", args.factors, "--depths", str(args.depths),
-                 "--keys", str(args.keys), "--variants", args.variants, "--haystack", args.haystack, "--reference", args.reference, "--threads", "1",
+                 "--keys", str(args.keys), "--variants", args.variants, "--haystack", args.haystack, "--template", args.template, "--reference", args.reference, "--threads", "1",
                  "--out", str(args.out)]
     forwarded += ["--methods", args.methods] if args.methods else []
     forwarded += ["--quick"] if args.quick else []

@@ -243,3 +243,30 @@ def test_shards_split_the_prompts_and_merge_to_the_whole_grid(tmp_path):
     assert sorted(map(key, merged["rows"])) == sorted(map(key, whole["rows"]))
     assert {key(r): r["output"] for r in merged["rows"]} == {key(r): r["output"] for r in whole["rows"]}
     assert not merged["partial"] and merged["elapsed_s"] == 7.0 and merged["settings"]["shard"] is None
+
+
+def test_chat_template_prompt_wraps_the_pass_key_prompt():
+    """--template chat: the model's chat template around the pass-key prompt, same length, the needle at the
+    same depth and where the span says, the question ending the user turn and the answer prefix starting the assistant's; a tokenizer
+    without a template gets one line saying what to use instead."""
+    from transformers import AutoTokenizer
+
+    from kvpress_like.data import PREFIX
+    from kvpress_like.models import _materialize
+
+    tok = AutoTokenizer.from_pretrained(str(_materialize("smollm2-135m")))
+    for haystack in passkey.HAYSTACKS:
+        plain = passkey.sample(tok, 1024, 0.3, 2, haystack)
+        chat = passkey.sample(tok, 1024, 0.3, 2, haystack, "chat")
+        assert chat.context_ids.shape == (1, 1024) and chat.answer == plain.answer
+        lo, hi = chat.needle_span
+        assert tok.decode(chat.context_ids[0, lo:hi]).strip().startswith(f"The pass key is {chat.answer}.")
+        text = tok.decode(chat.context_ids[0])
+        assert text.startswith("<|im_start|>") and "<|im_start|>user\n" + PREFIX[:40] in text
+        question = tok.decode(chat.question_ids[0])
+        assert question.startswith(passkey.CHAT_QUESTION) and question.endswith("<|im_start|>assistant\nThe pass key is")
+        assert abs(lo / 1024 - plain.needle_span[0] / 1024) < 0.05  # the needle at the same depth
+    with pytest.raises(ValueError, match="--template plain"):
+        passkey.sample(ByteTokenizer(), 600, 0.5, 0, "filler", "chat")
+    with pytest.raises(ValueError, match="unknown template 'xml'"):
+        passkey.sample(tok, 600, 0.5, 0, "filler", "xml")
