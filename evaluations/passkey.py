@@ -1,10 +1,15 @@
 """``kvpress-like eval passkey``: pass-key retrieval with enough prompts to tell methods apart, compared in pairs.
 
-Grid: context lengths x compression factors; in each (length, factor) cell every method answers the same
-prompts (``depths x keys``, the classic repetitive pass-key haystack with the needle at evenly spaced
-depths), so methods are compared *paired*: the bootstrap interval of the difference in exact-match
+Grid: haystacks x context lengths x compression factors; in each (haystack, length, factor) cell every method
+answers the same prompts (``depths x keys``, the needle at evenly spaced depths), so methods are compared *paired*: the bootstrap interval of the difference in exact-match
 accuracy (prompts resampled with their pair of outcomes) and McNemar's exact p on the prompts where the two
 disagree. A table says "beats" only when the paired interval excludes zero.
+
+Haystacks (``--haystack``): ``filler``, the classic repetitive pass-key text, and ``prose``, a window of real
+English prose (``pydoc_data.topics``, chosen by the key's seed). Both are measured by default: on filler every
+token but the needle repeats, so a scorer that keeps any distinctive token keeps the key, and filler-only
+numbers overstate what a press keeps in a real document (issue 21: the same presses that keep the key on
+filler lose it on prose).
 
 Methods: no press and every registered press (plugins included), each with its own default settings and
 ``ratio = 1 - 1/factor``; query-dependent presses (SnapKV) are evaluated from the same prefill with the
@@ -34,7 +39,7 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,10 +58,19 @@ from kvpress_like.registry import list_presses
 
 from . import stats
 from .common import (
-    RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result,
+    RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
+    set_threads, write_result,
 )
 
 VARIANTS = ("uncompressed", "compressed")
+#: ``--haystack`` name -> :func:`kvpress_like.data.passkey_sample`'s haystack
+HAYSTACKS = {"filler": "repetitive", "prose": "prose"}
+HAYSTACK_TEXT = {"filler": "the classic repetitive text", "prose": "real English prose from pydoc_data.topics"}
+#: ``--template``: the plain pass-key text (the paper's), or the model's chat template around it
+TEMPLATES = ("plain", "chat")
+#: what the chat prompt asks and how the assistant's answer starts (RULER's answer prefix)
+CHAT_QUESTION = "\n\nWhat is the pass key?"
+CHAT_ANSWER_PREFIX = "The pass key is"
 #: queries kept from the prefill for query-dependent presses (SnapKV's default window is 64)
 QUERY_WINDOW = 64
 #: tokens decoded beyond the answer's own before a prompt counts as failed
@@ -73,6 +87,8 @@ class Grid:
     keys: int = 5
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_presses()))
     variants: tuple[str, ...] = VARIANTS
+    haystacks: tuple[str, ...] = tuple(HAYSTACKS)
+    template: str = "plain"
     reference: str = "qfilters"
     quick: bool = False  # recorded so every result file says whether it came from --quick
     shard: tuple[int, int] | None = None  # (i, n): only prompts i, i + n, ... of prompt_order (see --jobs)
@@ -215,14 +231,40 @@ def answers_found(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, an
     return [(ok, tokenizer.decode(ids)) for ok, ids in zip(found, out)]
 
 
+def sample(tokenizer, length: int, depth: float, key: int, haystack: str, template: str = "plain"):
+    """One pass-key prompt: :func:`kvpress_like.data.passkey_sample` as it is (``plain``), or (``chat``) inside the
+    model's chat template as a user message, the question ending the message and the assistant's turn
+    starting with the answer prefix, as RULER and ``eval ruler`` prompt. On prose SmolLM2 needs the chat
+    form to find the key even uncompressed: in plain text the question reads as more of the document."""
+    if template == "plain":
+        return passkey_sample(tokenizer, length, depth, seed=key, haystack=HAYSTACKS[haystack])
+    if template != "chat":
+        raise ValueError(f"unknown template {template!r}; use {', '.join(TEMPLATES)}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--template chat needs a tokenizer with a chat template; use --template plain for this model")
+    mark = "\x00passkey\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(mark)
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head_ids = ids(head)
+    s = passkey_sample(tokenizer, length - len(head_ids) + 1, depth, seed=key, haystack=HAYSTACKS[haystack])
+    body = s.context_ids[0, 1:] if tokenizer.bos_token_id is not None else s.context_ids[0]  # the template has its own start
+    shift = len(head_ids) - (s.context_ids.shape[1] - body.shape[0])
+    return replace(
+        s, context_ids=torch.tensor([head_ids + body.tolist()]),
+        question_ids=torch.tensor([ids(CHAT_QUESTION + tail + CHAT_ANSWER_PREFIX)]),
+        needle_span=(s.needle_span[0] + shift, s.needle_span[1] + shift),
+    )
+
+
 def _presses(grid: Grid) -> dict[tuple[str, float], Press]:
     """Every (method, factor) press, built once by registry name (unknown names fail before any prefill)."""
     return {(m, float(f)): build_press(m, ratio=factor_to_ratio(f)) for m in grid.methods for f in grid.factors}
 
 
-def prompt_order(grid: Grid) -> list[tuple[int, float, int]]:
-    """(length, depth, key) of every prompt, key-major: a run stopped early has balanced cells."""
-    return [(n, d, k) for k in range(grid.keys) for d in grid.depth_values() for n in grid.lengths]
+def prompt_order(grid: Grid) -> list[tuple[int, float, int, str]]:
+    """(length, depth, key, haystack) of every prompt, key-major: a run stopped early has balanced cells."""
+    return [(n, d, k, h) for k in range(grid.keys) for d in grid.depth_values() for n in grid.lengths for h in grid.haystacks]
 
 
 def _answer_cell(model, tokenizer, pre: Prefill, cell: list[tuple[str, Press]], feed: torch.Tensor, answer: str,
@@ -252,6 +294,11 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
     for v in grid.variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; use {', '.join(VARIANTS)}")
+    for h in grid.haystacks:
+        if h not in HAYSTACKS:
+            raise ValueError(f"unknown haystack {h!r}; use {', '.join(HAYSTACKS)}")
+    if grid.template not in TEMPLATES:
+        raise ValueError(f"unknown template {grid.template!r}; use {', '.join(TEMPLATES)}")
     presses = _presses(grid)
     rows: list[dict] = []
     prefill_s: list[float] = []
@@ -259,8 +306,8 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
     if grid.shard is not None:
         prompts = prompts[grid.shard[0] :: grid.shard[1]]
     settings = dict(asdict(grid), depth_values=grid.depth_values())
-    for length, depth, key in tqdm(prompts, desc="passkey prompts", disable=not progress):
-        s = passkey_sample(tokenizer, length, depth, seed=key, haystack="repetitive")
+    for length, depth, key, haystack in tqdm(prompts, desc="passkey prompts", disable=not progress):
+        s = sample(tokenizer, length, depth, key, haystack, grid.template)
         start = time.perf_counter()
         context = prefill(model, s.context_ids)
         prefill_s.append(time.perf_counter() - start)
@@ -270,34 +317,42 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         if "compressed" in grid.variants:  # context + question is the prefill; the answer follows it
             both = prefill(model, s.question_ids, previous=context)
             shared["compressed"] = (both, s.question_ids[:, :0], both.logits)
-        meta = dict(length=length, depth=depth, key=key, answer=s.answer)
+        meta = dict(haystack=haystack, length=length, depth=depth, key=key, answer=s.answer)
         for variant, (pre, feed, first) in shared.items():
             start = pre.cache.get_seq_length()  # every token went in: the next one's true position
             ((ok, said),) = answers_found(model, tokenizer, _copy_cache(pre.cache), 1, feed, s.answer, start, first)
             rows.append(dict(meta, variant=variant, method="no_press", factor=1.0, exact=int(ok), output=said))
-            for factor in grid.factors:
-                cell = [(m, presses[(m, float(factor))]) for m in grid.methods]
-                for (method, _), (ok, said) in zip(cell, _answer_cell(model, tokenizer, pre, cell, feed, s.answer, start, first)):
-                    rows.append(dict(meta, variant=variant, method=method, factor=float(factor), exact=int(ok), output=said))
+            with one_reconstruction_per_prompt():  # KVzip's scores of this prefill do not depend on the ratio
+                for factor in grid.factors:
+                    cell = [(m, presses[(m, float(factor))]) for m in grid.methods]
+                    for (method, _), (ok, said) in zip(cell, _answer_cell(model, tokenizer, pre, cell, feed, s.answer, start, first)):
+                        rows.append(dict(meta, variant=variant, method=method, factor=float(factor), exact=int(ok), output=said))
         del context, shared
         if checkpoint is not None:
             checkpoint.write_text(json.dumps(dict(settings=settings, rows=rows, prompts=len(prefill_s), prefill_s=prefill_s)))
     return dict(settings=settings, rows=rows, prompts=len(prompts), prefill_s=prefill_s)
 
 
-def _outcomes(rows: list[dict], variant: str, length: int, method: str, factor: float) -> dict[tuple, int]:
+def _haystack(row_or_settings: dict) -> str:
+    """A row's haystack; results written before ``--haystack`` existed used the filler only."""
+    return row_or_settings.get("haystack", "filler")
+
+
+def _outcomes(rows: list[dict], variant: str, length: int, method: str, factor: float, haystack: str = "filler") -> dict[tuple, int]:
     f = 1.0 if method == "no_press" else float(factor)
     return {(r["depth"], r["key"]): r["exact"] for r in rows
-            if r["variant"] == variant and r["length"] == length and r["method"] == method and r["factor"] == f}
+            if r["variant"] == variant and r["length"] == length and r["method"] == method and r["factor"] == f
+            and _haystack(r) == haystack}
 
 
-def paired(rows: list[dict], variant: str, length: int, factor: float, a: str, b: str, seed: int = 0) -> dict:
+def paired(rows: list[dict], variant: str, length: int, factor: float, a: str, b: str, seed: int = 0,
+           haystack: str = "filler") -> dict:
     """Paired comparison of methods ``a`` and ``b`` on the prompts both answered in one cell."""
-    oa = _outcomes(rows, variant, length, a, factor)
-    ob = _outcomes(rows, variant, length, b, factor)
+    oa = _outcomes(rows, variant, length, a, factor, haystack)
+    ob = _outcomes(rows, variant, length, b, factor, haystack)
     common = sorted(set(oa) & set(ob))
     if not common:
-        raise ValueError(f"no shared prompts for {a} and {b} at {variant}/{length}/x{factor:g}")
+        raise ValueError(f"no shared prompts for {a} and {b} at {haystack}/{variant}/{length}/x{factor:g}")
     xa = [oa[k] for k in common]
     xb = [ob[k] for k in common]
     out = stats.paired_bootstrap(xa, xb, seed=seed)
@@ -313,21 +368,24 @@ def summarize(result: dict) -> dict:
     method and against no press."""
     s, rows = result["settings"], result["rows"]
     cells = []
-    for variant in s["variants"]:
-        for length in s["lengths"]:
-            for factor in s["factors"]:
-                cell = dict(variant=variant, length=length, factor=float(factor), methods={}, vs_reference={}, vs_no_press={})
-                if not _outcomes(rows, variant, length, "no_press", factor):
-                    continue  # a partial run that has not reached this length yet
-                for method in ("no_press", *s["methods"]):
-                    o = list(_outcomes(rows, variant, length, method, factor).values())
-                    lo, hi = stats.wilson(sum(o), len(o))
-                    cell["methods"][method] = dict(n=len(o), exact=sum(o) / len(o), lo=lo, hi=hi)
-                for method in s["methods"]:
-                    if method != s["reference"] and s["reference"] in s["methods"]:
-                        cell["vs_reference"][method] = paired(rows, variant, length, factor, method, s["reference"])
-                    cell["vs_no_press"][method] = paired(rows, variant, length, factor, method, "no_press")
-                cells.append(cell)
+    for haystack in s.get("haystacks", ("filler",)):
+        for variant in s["variants"]:
+            for length in s["lengths"]:
+                for factor in s["factors"]:
+                    cell = dict(haystack=haystack, variant=variant, length=length, factor=float(factor), methods={},
+                                vs_reference={}, vs_no_press={})
+                    if not _outcomes(rows, variant, length, "no_press", factor, haystack):
+                        continue  # a partial run that has not reached this length yet
+                    for method in ("no_press", *s["methods"]):
+                        o = list(_outcomes(rows, variant, length, method, factor, haystack).values())
+                        lo, hi = stats.wilson(sum(o), len(o))
+                        cell["methods"][method] = dict(n=len(o), exact=sum(o) / len(o), lo=lo, hi=hi)
+                    for method in s["methods"]:
+                        if method != s["reference"] and s["reference"] in s["methods"]:
+                            cell["vs_reference"][method] = paired(rows, variant, length, factor, method, s["reference"],
+                                                                  haystack=haystack)
+                        cell["vs_no_press"][method] = paired(rows, variant, length, factor, method, "no_press", haystack=haystack)
+                    cells.append(cell)
     return dict(cells=cells)
 
 
@@ -337,17 +395,20 @@ def _pct(x: float) -> str:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    haystacks = s.get("haystacks", ("filler",))
     planned = s["depths"] * s["keys"]
     counts = sorted({m["n"] for c in result["summary"]["cells"] for m in c["methods"].values()})
     n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     ref = s["reference"]
     label = " (QUICK run)" if s.get("quick") else ""
     if result.get("partial"):
-        label += f" (PARTIAL: stopped after {result['prompts']} of {planned * len(s['lengths'])} prompts)"
+        label += f" (PARTIAL: stopped after {result['prompts']} of {planned * len(s['lengths']) * len(haystacks)} prompts)"
     md = [
         "## Pass-key retrieval, paired" + label,
         "",
-        f"Model {result['model']}; repetitive pass-key haystack; lengths {list(s['lengths'])}; factors "
+        f"Model {result['model']}; haystack {', '.join(f'{h} ({HAYSTACK_TEXT[h]})' for h in haystacks)}; "
+        + ("prompt in the model's chat template, the answer starting 'The pass key is'; " if s.get("template") == "chat" else "")
+        + f"lengths {list(s['lengths'])}; factors "
         f"{['x%g' % f for f in s['factors']]}; **n = {n} prompts per cell** (planned {s['depths']} needle depths x "
         f"{s['keys']} keys = {planned}, run key by key), the same prompts for every method; one shared full-cache prefill per prompt "
         f"({result['prompts']} prompts, median prefill {sorted(result['prefill_s'])[len(result['prefill_s']) // 2]:.1f} s, "
@@ -361,20 +422,21 @@ def markdown(result: dict) -> str:
         "(method - " + ref + ") with its paired-bootstrap 95% interval and McNemar's exact p; **beats** / **worse** "
         "only when that interval excludes zero and p < 0.05.",
     ]
-    for variant in s["variants"]:
+    def cmp(d: dict | None) -> str:
+        if d is None:
+            return "-"
+        word = f" **{d['verdict']}**" if d["verdict"] != "no difference shown" else ""
+        return f"{100 * d['diff']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}], p={d['p']:.2g}{word}"
+
+    for haystack, variant in ((h, v) for h in haystacks for v in s["variants"]):
         title = ("question fed uncompressed after the compressed context (as the paper)" if variant == "uncompressed"
                  else "question compressed with the context")
-        md += ["", f"### {title}", ""]
+        md += ["", f"### {haystack} haystack, {title}", ""]
         md += ["| length | factor | method | n | retrieved % [95% CI] | vs " + ref + " (points, 95% CI, p) | vs no press |",
                "|---|---|---|---|---|---|---|"]
-        for cell in (c for c in result["summary"]["cells"] if c["variant"] == variant):
+        for cell in (c for c in result["summary"]["cells"] if c["variant"] == variant and _haystack(c) == haystack):
             for method, m in cell["methods"].items():
                 acc = f"{_pct(m['exact'])} [{_pct(m['lo'])}, {_pct(m['hi'])}]"
-                def cmp(d: dict | None) -> str:
-                    if d is None:
-                        return "-"
-                    word = f" **{d['verdict']}**" if d["verdict"] != "no difference shown" else ""
-                    return f"{100 * d['diff']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}], p={d['p']:.2g}{word}"
                 md.append(f"| {cell['length']} | x{cell['factor']:g} | {method} | {m['n']} | {acc} | "
                           f"{cmp(cell['vs_reference'].get(method))} | {cmp(cell['vs_no_press'].get(method))} |")
     return "\n".join(md + markdown_footer(result))
@@ -388,14 +450,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=int, default=5, help="pass keys per depth")
     parser.add_argument("--methods", default=None, help="registered press names (default: every registered press)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="uncompressed and/or compressed question")
+    parser.add_argument("--haystack", default="both", choices=(*HAYSTACKS, "both"),
+                        help="text the key hides in: filler (the classic repetitive text), prose (real English prose, "
+                             "pydoc_data.topics) or both (default; twice the prompts)")
+    parser.add_argument("--template", default="plain", choices=TEMPLATES,
+                        help="plain: the classic pass-key text; chat: the model's chat template around it, the answer "
+                             "starting 'The pass key is' (how eval ruler prompts; SmolLM2 needs it on prose)")
     parser.add_argument("--reference", default="qfilters", help="method every other one is paired against")
     parser.add_argument("--quick", action="store_true",
-                        help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; 12 prompts, ~10 single-thread "
-                             "CPU-min (~5 min with --jobs 2)")
+                        help="6 depths x 1 key (n=6 per cell) to validate the pipeline, not to rank methods; 12 prompts per haystack, "
+                             "~10 single-thread CPU-min per haystack (~5 min with --jobs 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one thread each, sharing the prompts; their rows are merged into one "
-                             "result (2 on a 2-core machine: the full grid takes ~100 single-thread CPU-minutes)")
+                             "result (2 on a 2-core machine: the full grid takes ~100 single-thread CPU-minutes per haystack)")
     parser.add_argument("--shard", default=None, help="I/N: run only prompts I, I+N, ... of the grid (what each --jobs worker does)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default: evaluations/results)")
     parser.add_argument("--name", default=None, help="basename of the result files (default passkey / passkey.quick)")
@@ -425,6 +493,8 @@ def main(args: argparse.Namespace) -> int:
         keys=1 if args.quick else args.keys,
         methods=tuple(parse_list(args.methods)) if args.methods else tuple(list_presses()),
         variants=tuple(parse_list(args.variants)),
+        haystacks=tuple(HAYSTACKS) if args.haystack == "both" else (args.haystack,),
+        template=args.template,
         reference=args.reference,
         quick=args.quick,
         shard=shard,
@@ -459,7 +529,7 @@ def _run_jobs(args: argparse.Namespace, name: str) -> int:
     import sys
 
     forwarded = ["--model", args.model, "--lengths", args.lengths, "--factors", args.factors, "--depths", str(args.depths),
-                 "--keys", str(args.keys), "--variants", args.variants, "--reference", args.reference, "--threads", "1",
+                 "--keys", str(args.keys), "--variants", args.variants, "--haystack", args.haystack, "--template", args.template, "--reference", args.reference, "--threads", "1",
                  "--out", str(args.out)]
     forwarded += ["--methods", args.methods] if args.methods else []
     forwarded += ["--quick"] if args.quick else []
@@ -498,12 +568,12 @@ def _summarize_checkpoint(args: argparse.Namespace, name: str, elapsed_s: float 
     (they ran side by side); CPU time the sum.
     """
     parts = [json.loads(path.read_text()) for path in args.summarize]
-    keys = [(r["variant"], r["length"], r["depth"], r["key"], r["method"], r["factor"]) for p in parts for r in p["rows"]]
+    keys = [(_haystack(r), r["variant"], r["length"], r["depth"], r["key"], r["method"], r["factor"]) for p in parts for r in p["rows"]]
     if len(set(keys)) != len(keys):
         raise ValueError("the runs to merge overlap (the same prompt twice); merge runs over disjoint prompts")
     first = parts[0]
     settings = dict(first["settings"], lengths=sorted({n for p in parts for n in p["settings"]["lengths"]}), shard=None)
-    planned = len(settings["lengths"]) * settings["depths"] * settings["keys"]
+    planned = len(settings["lengths"]) * settings["depths"] * settings["keys"] * len(settings.get("haystacks", ("filler",)))
     done = sum(p["prompts"] if "elapsed_s" in p else len(p["prefill_s"]) for p in parts)
     result = dict(
         settings=settings, rows=[r for p in parts for r in p["rows"]], prompts=done,

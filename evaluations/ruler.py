@@ -33,7 +33,10 @@ from kvpress_like import press, uncompressed
 from kvpress_like.registry import list_presses
 
 from . import stats
-from .common import RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
+from .common import (
+    RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
+    set_threads, write_result,
+)
 from .passkey import _copy_cache, _parse_shard, _pct, cached_step, compress_prefilled, prefill, stack_caches
 from .ruler_tasks import TASKS, RulerSample, ruler_sample, score
 
@@ -145,10 +148,11 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         meta = dict(seed=seed, length=length, task=task, tokens=s.tokens, answers=s.answers)
         (said,) = generate_rows(model, tokenizer, _copy_cache(pre.cache), 1, feed, s, start)
         rows.append(dict(meta, method="no_press", factor=1.0, score=score(said, s.answers), output=said))
-        for factor in grid.factors:
-            cell = [presses[(m, float(factor))] for m in grid.methods]
-            for method, said in zip(grid.methods, _answer_cell(model, tokenizer, pre, cell, feed, s, start)):
-                rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
+        with one_reconstruction_per_prompt():  # KVzip's scores do not depend on the ratio
+            for factor in grid.factors:
+                cell = [presses[(m, float(factor))] for m in grid.methods]
+                for method, said in zip(grid.methods, _answer_cell(model, tokenizer, pre, cell, feed, s, start)):
+                    rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
         del pre
         if checkpoint is not None:
             elapsed = saved["elapsed_s"] + time.time() - began
@@ -234,6 +238,37 @@ def summarize(result: dict) -> dict:
     return dict(cells=cells)
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from runs of the same prompts with different presses (e.g. presses added later).
+
+    Lengths, factors and tasks must agree; presses are the union in order of appearance; a prompt's rows
+    come from every run that answered it. Rows two runs both hold (no press, a press run twice) must give
+    the same output, which checks that the prompts and the model are the same; otherwise the runs disagree
+    and are refused. ``parts`` keep their own environments under ``merged_from``.
+    """
+    if len(parts) < 2:
+        raise SystemExit("--merge needs at least two results")
+    first = parts[0]["settings"]
+    for p in parts[1:]:
+        for key in ("lengths", "factors", "tasks"):
+            if list(p["settings"][key]) != list(first[key]):
+                raise SystemExit(f"--merge: the runs differ in {key} ({first[key]} vs {p['settings'][key]}); merge runs of one grid")
+    rows: dict[tuple, dict] = {}
+    for p in parts:
+        for r in p["rows"]:
+            key = (r["seed"], r["length"], r["task"], r["method"], r["factor"])
+            if key in rows and rows[key]["output"] != r["output"]:
+                raise SystemExit(f"--merge: the runs disagree on {key}: {rows[key]['output']!r} vs {r['output']!r} "
+                                 "(other prompts, model or code); merge runs of the same prompts")
+            rows.setdefault(key, r)
+    methods = list(dict.fromkeys(m for p in parts for m in p["settings"]["methods"]))
+    settings = dict(first, methods=methods, samples=max(p["settings"]["samples"] for p in parts), shard=None)
+    return dict(settings=settings, rows=list(rows.values()), prefill_s=[x for p in parts for x in p["prefill_s"]],
+                model=parts[0]["model"], elapsed_s=sum(p["elapsed_s"] for p in parts),
+                merged_from=[dict(environment=p["environment"], methods=p["settings"]["methods"], elapsed_s=p["elapsed_s"],
+                                  prompts=len({(r["seed"], r["task"]) for r in p["rows"]})) for p in parts])
+
+
 # -- report -----------------------------------------------------------------------------------------------
 def markdown(result: dict) -> str:
     s = result["settings"]
@@ -258,6 +293,11 @@ def markdown(result: dict) -> str:
         "(on the summed score); `mean` is the mean over tasks, with the Wilson interval of all its prompts pooled. `vs no press`: paired difference of the mean in points with its bootstrap 95% interval and an exact "
         "sign test over prompts (the bootstrap resamples prompts within each task); **worse** / **beats** only when the interval excludes zero and p < 0.05.",
     ]
+    for part in result.get("merged_from", []):
+        env = part["environment"]
+        md += ["", (f"Merged from: `{env.get('command', '').strip()}` (commit {env['git_commit']}, {env['date']}, presses "
+                    f"{', '.join(part['methods'])}; {part['prompts']} prompts, {part['elapsed_s'] / 60:.1f} min wall, load average "
+                    f"{env.get('load_average_1min')} at start).")]
     for length in s["lengths"]:
         rows = [c for c in cells if c["length"] == length]
         if not rows:
@@ -335,6 +375,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "partial), or re-render <name>.json when no worker files are left")
     parser.add_argument("--name", default=None, help="basename of the result files (default ruler / ruler.quick); "
                                                      "rerunning the same command resumes from <name>.checkpoint.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULT",
+                        help="write one result (--name) from finished results (<name>.json) of the same prompts with other "
+                             "presses; rows both hold must agree")
 
 
 def _grid(args: argparse.Namespace, shard: tuple[int, int] | None) -> Grid:
@@ -363,6 +406,10 @@ def main(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     name = args.name or ("ruler.quick" if args.quick else "ruler")
+    if args.merge is not None:
+        result = merge([json.loads(path.read_text()) for path in args.merge])
+        result["environment"] = environment()
+        return _write(args.out, name, result)
     shard = _parse_shard(args.shard)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")

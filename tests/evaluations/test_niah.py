@@ -113,8 +113,11 @@ def test_results_stitching_orders_sections_and_fixes_links(tmp_path):
     (sections / "bench.cpu.md").write_text("## Speed\n")
     (sections / "zzz.md").write_text("## Other\n")
     (sections / "niah.md").write_text("## Needle\n![map](niah_prose.png) [web](https://example.org)\n")
+    (sections / "passkey.md").write_text("## Pass key, filler\n")
+    (sections / "passkey.haystacks.md").write_text("## Pass key, filler and prose\n")
     out = results.stitch(sections, tmp_path / "RESULTS.md")
     text = out.read_text()
+    assert text.index("## Pass key, filler and prose") < text.index("## Pass key, filler\n") < text.index("## Needle")
     assert text.index("## Needle") < text.index("## Speed") < text.index("## Other")
     assert "](results/niah_prose.png)" in text and "](https://example.org)" in text
     assert "transformers" in text and "Machine:" in text

@@ -88,16 +88,21 @@ def test_grid_schema_and_pairing():
     model, tok = tiny_byte_model(), ByteTokenizer()
     grid = passkey.Grid(lengths=(300,), factors=(4,), depths=2, keys=2, methods=("knorm", "streaming_llm"),
                         reference="knorm", quick=True)
+    assert grid.haystacks == ("filler", "prose")  # both by default
     result = passkey.run_grid(model, tok, grid, progress=False)
     rows = result["rows"]
-    assert result["prompts"] == 4 and len(result["prefill_s"]) == 4
-    assert len(rows) == 4 * 2 * (1 + 2)  # prompts x variants x (no press + methods x factors)
-    assert {"length", "depth", "key", "answer", "variant", "method", "factor", "exact", "output"} <= set(rows[0])
+    assert result["prompts"] == 8 and len(result["prefill_s"]) == 8
+    assert len(rows) == 8 * 2 * (1 + 2)  # prompts (2 haystacks) x variants x (no press + methods x factors)
+    assert {"haystack", "length", "depth", "key", "answer", "variant", "method", "factor", "exact", "output"} <= set(rows[0])
+    assert sorted({r["haystack"] for r in rows}) == ["filler", "prose"]
     assert all(r["exact"] in (0, 1) for r in rows)
     assert sorted({r["depth"] for r in rows}) == [0.25, 0.75]
     result.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0)
     result["summary"] = passkey.summarize(result)
-    cell = result["summary"]["cells"][0]
+    cells = result["summary"]["cells"]
+    assert sorted((c["haystack"], c["variant"]) for c in cells) == sorted(
+        (h, v) for h in ("filler", "prose") for v in passkey.VARIANTS)
+    cell = cells[0]
     assert set(cell["methods"]) == {"no_press", "knorm", "streaming_llm"}
     assert all(m["n"] == 4 and m["lo"] <= m["exact"] <= m["hi"] for m in cell["methods"].values())
     assert set(cell["vs_reference"]) == {"streaming_llm"} and set(cell["vs_no_press"]) == {"knorm", "streaming_llm"}
@@ -105,16 +110,49 @@ def test_grid_schema_and_pairing():
     assert d["n"] == 4 and d["lo"] <= d["diff"] <= d["hi"] and 0 <= d["p"] <= 1
     text = passkey.markdown(result)
     assert "n = 4 prompts per cell" in text and "QUICK" in text and "Command:" in text
+    assert "### filler haystack, question fed" in text and "### prose haystack, question compressed" in text
     json.dumps(result)
+    old = dict(result, rows=[{k: v for k, v in r.items() if k != "haystack"} for r in rows if r["haystack"] == "filler"],
+               settings={k: v for k, v in result["settings"].items() if k != "haystacks"})
+    old_cells = passkey.summarize(old)["cells"]  # a result written before --haystack: its rows are the filler's
+    assert [c["methods"] for c in old_cells] == [c["methods"] for c in cells if c["haystack"] == "filler"]
+    with pytest.raises(ValueError, match="unknown haystack 'noise'; use filler, prose"):
+        passkey.run_grid(model, tok, dataclasses.replace(grid, haystacks=("noise",)), progress=False)
+
+
+def test_haystacks_are_deterministic_hold_the_key_and_differ():
+    """Each haystack's prompt is the same for a seed and holds its key; prose is not the filler: it does not
+    repeat, and two seeds draw different windows of it."""
+    from kvpress_like.data import passkey_sample
+
+    tok = ByteTokenizer()
+    made = {}
+    for name, kind in passkey.HAYSTACKS.items():
+        a, b = (passkey_sample(tok, 600, 0.5, seed=3, haystack=kind) for _ in range(2))
+        assert torch.equal(a.context_ids, b.context_ids) and a.answer == b.answer
+        text = bytes(a.context_ids[0, 1:].tolist()).decode()
+        assert text.count(a.answer) == 2  # "The pass key is K. Remember it. K is the pass key."
+        lo, hi = a.needle_span
+        assert a.answer in bytes(a.context_ids[0, lo:hi].tolist()).decode()
+        made[name] = a
+    filler, prose = made["filler"], made["prose"]
+    assert filler.answer == prose.answer and filler.context_ids.shape == prose.context_ids.shape
+    assert not torch.equal(filler.context_ids, prose.context_ids)
+    hay = lambda s: s.context_ids[0, s.needle_span[1]:].tolist()  # noqa: E731
+    periodic = lambda x: any(x[p:] == x[:-p] for p in range(1, len(x) // 2))  # noqa: E731
+    assert periodic(hay(filler)) and not periodic(hay(prose))  # the filler repeats one sentence; prose does not
+    other = passkey_sample(tok, 600, 0.5, seed=4, haystack="prose")
+    assert hay(other) != hay(prose)
 
 
 def test_prompt_order_balances_cells_and_merge_of_disjoint_runs(tmp_path):
     """Prompts go key by key (a stopped run leaves equal cells); runs over disjoint lengths merge, overlaps fail."""
     grid = passkey.Grid(lengths=(2048, 4096), depths=3, keys=2)
     order = passkey.prompt_order(grid)
-    assert len(order) == 12 and len(set(order)) == 12
-    first_half = order[:6]
-    assert {k for _, _, k in first_half} == {0} and sorted(n for n, _, _ in first_half) == [2048] * 3 + [4096] * 3
+    assert len(order) == 24 and len(set(order)) == 24
+    first_half = order[:12]
+    assert {k for _, _, k, _ in first_half} == {0} and sorted(n for n, _, _, _ in first_half) == [2048] * 6 + [4096] * 6
+    assert [h for _, _, _, h in first_half] == ["filler", "prose"] * 6  # a stopped run has both haystacks
 
     def part(length, prompts, finished):
         rows = [dict(variant="uncompressed", length=length, depth=d, key=0, answer="1", method=m, factor=f,
@@ -122,7 +160,8 @@ def test_prompt_order_balances_cells_and_merge_of_disjoint_runs(tmp_path):
                 for d in (0.25, 0.75)[:prompts] for m, f in (("no_press", 1.0), ("knorm", 4.0))]
         settings = dict(dataclasses.asdict(passkey.Grid(lengths=(length,), factors=(4,), depths=2, keys=1,
                                                                 methods=("knorm",), variants=("uncompressed",),
-                                                                reference="knorm")), depth_values=[0.25, 0.75])
+                                                                haystacks=("filler",), reference="knorm")),
+                        depth_values=[0.25, 0.75])
         data = dict(settings=settings, rows=rows, prompts=prompts, prefill_s=[1.0] * prompts)
         if finished:
             data.update(model="tiny", environment=passkey.environment(), elapsed_s=5.0, cpu_s=4.0)
@@ -194,7 +233,7 @@ def test_shards_split_the_prompts_and_merge_to_the_whole_grid(tmp_path):
     paths = []
     for i in range(2):
         part = passkey.run_grid(model, tok, passkey.Grid(**base, shard=(i, 2)), progress=False)
-        assert part["prompts"] == (2 if i == 0 else 1)
+        assert part["prompts"] == 3  # 3 depths x 2 haystacks, split 3 / 3
         part.update(model="tiny", environment=passkey.environment(), elapsed_s=1.0, cpu_s=1.0)
         paths.append(tmp_path / f"shard{i}.json")
         paths[-1].write_text(json.dumps(part))
@@ -203,7 +242,34 @@ def test_shards_split_the_prompts_and_merge_to_the_whole_grid(tmp_path):
     args = argparse.Namespace(summarize=paths, model="tiny", out=tmp_path)
     assert passkey._summarize_checkpoint(args, "merged", elapsed_s=7.0) == 0
     merged = json.loads((tmp_path / "merged.json").read_text())
-    key = lambda r: (r["variant"], r["depth"], r["method"], r["factor"])  # noqa: E731
+    key = lambda r: (r["haystack"], r["variant"], r["depth"], r["method"], r["factor"])  # noqa: E731
     assert sorted(map(key, merged["rows"])) == sorted(map(key, whole["rows"]))
     assert {key(r): r["output"] for r in merged["rows"]} == {key(r): r["output"] for r in whole["rows"]}
     assert not merged["partial"] and merged["elapsed_s"] == 7.0 and merged["settings"]["shard"] is None
+
+
+def test_chat_template_prompt_wraps_the_pass_key_prompt():
+    """--template chat: the model's chat template around the pass-key prompt, same length, the needle at the
+    same depth and where the span says, the question ending the user turn and the answer prefix starting the assistant's; a tokenizer
+    without a template gets one line saying what to use instead."""
+    from transformers import AutoTokenizer
+
+    from kvpress_like.data import PREFIX
+    from kvpress_like.models import _materialize
+
+    tok = AutoTokenizer.from_pretrained(str(_materialize("smollm2-135m")))
+    for haystack in passkey.HAYSTACKS:
+        plain = passkey.sample(tok, 1024, 0.3, 2, haystack)
+        chat = passkey.sample(tok, 1024, 0.3, 2, haystack, "chat")
+        assert chat.context_ids.shape == (1, 1024) and chat.answer == plain.answer
+        lo, hi = chat.needle_span
+        assert tok.decode(chat.context_ids[0, lo:hi]).strip().startswith(f"The pass key is {chat.answer}.")
+        text = tok.decode(chat.context_ids[0])
+        assert text.startswith("<|im_start|>") and "<|im_start|>user\n" + PREFIX[:40] in text
+        question = tok.decode(chat.question_ids[0])
+        assert question.startswith(passkey.CHAT_QUESTION) and question.endswith("<|im_start|>assistant\nThe pass key is")
+        assert abs(lo / 1024 - plain.needle_span[0] / 1024) < 0.05  # the needle at the same depth
+    with pytest.raises(ValueError, match="--template plain"):
+        passkey.sample(ByteTokenizer(), 600, 0.5, 0, "filler", "chat")
+    with pytest.raises(ValueError, match="unknown template 'xml'"):
+        passkey.sample(tok, 600, 0.5, 0, "filler", "xml")

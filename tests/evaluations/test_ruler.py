@@ -182,3 +182,69 @@ def test_lm_eval_tasks_load_offline(tok, monkeypatch):
     assert doc["answers"] == s.answers and doc["prompt"] == tok.decode(s.context_ids + s.question_ids)
     assert task.config.generation_kwargs["max_gen_toks"] == s.max_new_tokens
     assert task.process_results(doc, [" " + ", ".join(s.answers[:2])]) == {"score": 0.4}
+
+
+def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(monkeypatch):
+    """Reusing KVzip's reconstruction scores across the ratios of one prompt keeps exactly the entries that a
+    pass of its own per ratio keeps, with one pass per prompt instead of one per ratio."""
+    from kvpress_like import press
+    from kvpress_like.evaluations.common import one_reconstruction_per_prompt
+    from kvpress_like.evaluations.passkey import compress_prefilled, prefill
+    from kvpress_like.methods import KVzipPress, kvzip
+    from tiny import tiny_byte_model
+
+    model = tiny_byte_model()
+    prompt = tuple(b"\n\nRepeat the previous context exactly.\n")
+    passes = []
+    original = kvzip.reconstruction_scores
+    monkeypatch.setattr(kvzip, "reconstruction_scores", lambda *a: passes.append(1) or original(*a))
+
+    def kept(shared):
+        out = {}
+        for ratio, skip in ((0.5, (1,)), (0.5, ()), (0.75, ()), (0.875, ())):  # skipped layers: not scored, a pass of its own
+            p = KVzipPress(ratio=ratio, prompt_ids=prompt, chunk_size=96, skip_layers=skip)
+            with press(model, p):
+                cache = compress_prefilled(model, shared, p)
+            out[ratio, skip] = [layer.positions.clone() if hasattr(layer, "positions") else None for layer in cache.layers]
+        return out
+
+    pre = [prefill(model, torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(s))) for s in (1, 2)]
+    alone = [kept(x) for x in pre]
+    assert len(passes) == 8
+    passes.clear()
+    counter = kvzip.reconstruction_scores
+    with one_reconstruction_per_prompt():
+        shared = [kept(x) for x in pre]  # two prompts in one block: each gets its own pass
+    assert len(passes) == 4 and kvzip.reconstruction_scores is counter  # restored on leaving
+    for a, b in zip(alone, shared):
+        for setting in a:
+            assert all(x is y is None or torch.equal(x, y) for x, y in zip(a[setting], b[setting]))
+    assert not torch.equal(alone[0][0.5, ()][0], alone[1][0.5, ()][0])  # the prompts' kept sets differ: the key is the prompt
+
+
+def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
+    """Runs of the same prompts with other presses merge into one table (each press paired with the no-press
+    rows both runs share); a run whose shared rows differ, or whose grid differs, is refused."""
+    def run(method, seeds, score_of, output="x"):
+        settings = dict(lengths=[8], factors=[2.0], samples=3, tasks=["a", "b"], methods=[method], quick=False, shard=None)
+        rows = [dict(seed=i, length=8, task=t, tokens=8, answers=["x"], method=meth, factor=f, score=sc, output=out)
+                for t in ("a", "b") for i in seeds
+                for meth, f, sc, out in (("no_press", 1.0, 1.0, output), (method, 2.0, score_of(i), "y"))]
+        return dict(settings=settings, rows=rows, prefill_s=[1.0] * 2 * len(seeds), model="tiny",
+                    environment=ruler.environment(), elapsed_s=60.0)
+
+    old, new = run("m", range(3), lambda i: 0.0), run("k", range(2), lambda i: 1.0)
+    merged = ruler.merge([old, new])
+    assert merged["settings"]["methods"] == ["m", "k"] and len(merged["rows"]) == 2 * 3 + 2 * 3 + 2 * 2
+    merged["environment"] = ruler.environment()
+    assert ruler._write(tmp_path, "merged", merged, figures=False) == 0
+    (cell,) = json.loads((tmp_path / "merged.json").read_text())["summary"]["cells"]
+    assert cell["methods"]["m"]["mean"]["n"] == 6 and cell["methods"]["k"]["mean"]["n"] == 4
+    assert cell["vs_no_press"]["m"]["mean"]["diff"] == -1.0 and cell["vs_no_press"]["k"]["mean"]["diff"] == 0.0
+    assert "Merged from:" in (tmp_path / "merged.md").read_text()
+    with pytest.raises(SystemExit, match="disagree"):
+        ruler.merge([old, run("k", range(2), lambda i: 1.0, output="z")])
+    other = run("k", range(2), lambda i: 1.0)
+    other["settings"]["tasks"] = ["a"]
+    with pytest.raises(SystemExit, match="differ in tasks"):
+        ruler.merge([old, other])
