@@ -24,7 +24,7 @@ from kvpress_like.cache import cache_nbytes
 from kvpress_like.methods.adaptive import AdaptivePress
 
 from . import stats
-from .common import RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
+from .common import RESULTS_DIR, add_model_argument, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
 from .passkey import _copy_cache, _parse_shard, compress_prefilled, prefill
 from .ruler import generate_rows
 from .ruler_tasks import ruler_sample, score
@@ -33,7 +33,7 @@ VARIANTS = ("uniform", "headwise", "headwise_raw")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
+    add_model_argument(parser, "embedded model name or local path")
     parser.add_argument("--method", default="qfilters", help="registered query-free base press")
     parser.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
     parser.add_argument("--factors", default="8,4", help="compression factors")

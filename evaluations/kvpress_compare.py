@@ -167,6 +167,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side", choices=("ours", "kvpress"), default="ours",
                         help="'ours' (main environment; compares when theirs.json exists) or 'kvpress' (kvpress venv)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/kvcmp"), help="folder shared by both sides")
+    # a literal, not kvpress_like.models.DEFAULT_MODEL: the kvpress side runs without kvpress_like installed
     parser.add_argument("--model", default="smollm2-135m", help="embedded model name")
     parser.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of KV pairs removed")

@@ -58,6 +58,7 @@ from kvpress_like.registry import list_presses
 
 from . import stats
 from .common import (
+    add_model_argument,
     RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
     set_threads, write_result,
 )
@@ -443,7 +444,7 @@ def markdown(result: dict) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
+    add_model_argument(parser, "embedded model name or local path")
     parser.add_argument("--lengths", default="2048,4096", help="context lengths in tokens")
     parser.add_argument("--factors", default="4,8,16", help="compression factors (x4 keeps a quarter)")
     parser.add_argument("--depths", type=int, default=12, help="needle depths per length (evenly spaced)")

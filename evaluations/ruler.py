@@ -34,6 +34,7 @@ from kvpress_like.registry import list_presses
 
 from . import stats
 from .common import (
+    add_model_argument,
     RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
     set_threads, write_result,
 )
@@ -357,7 +358,7 @@ def figure(result: dict):
 
 # -- command line -----------------------------------------------------------------------------------------
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
+    add_model_argument(parser, "embedded model name or local path")
     parser.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (template and question included)")
     parser.add_argument("--factors", default="2,4,8", help="compression factors (x4 keeps a quarter: ratio 0.75)")
     parser.add_argument("--samples", type=int, default=20, help="prompts per task and length (seeds 0..N-1)")

@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+from kvpress_like.models import DEFAULT_MODEL
+
 #: RULER-style tasks of the stream, in turn (families SmolLM2-135M answers at all at 4k tokens, plus tracking)
 RULER_TASKS = ("niah_single_noise", "niah_single_prose", "niah_multikey_prose", "vt")
 
@@ -78,7 +80,7 @@ def score(sample: dict, text: str) -> float:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name or local model directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name or local model directory (default: %(default)s)")
     parser.add_argument("--press", default="qfilters", help="registry name of a query-free press")
     parser.add_argument("--compression", type=float, default=8.0, help="x-fold compression, ratio = 1 - 1/x")
     parser.add_argument("--window", type=int, default=64, help="recent tokens never evicted; raised per request "
