@@ -24,7 +24,7 @@ from kvpress_like.cache import cache_nbytes
 from kvpress_like.methods.adaptive import AdaptivePress
 
 from . import stats
-from .common import RESULTS_DIR, add_model_argument, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
+from .common import add_model_argument, add_out_argument, add_threads_argument, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
 from .passkey import _copy_cache, _parse_shard, compress_prefilled, prefill
 from .ruler import generate_rows
 from .ruler_tasks import ruler_sample, score
@@ -37,15 +37,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="qfilters", help="registered query-free base press")
     parser.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
     parser.add_argument("--factors", default="8,4", help="compression factors")
-    parser.add_argument("--tasks", default="niah_single_prose,niah_multikey_prose,niah_single_noise,qa")
+    parser.add_argument("--tasks", default="niah_single_prose,niah_multikey_prose,niah_single_noise,qa",
+                        help="RULER-style task families, comma-separated (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=8, help="prompts per task")
     parser.add_argument("--first-seed", type=int, default=2, help="seed of the first prompt")
     parser.add_argument("--floor", type=float, default=0.2, help="AdaptivePress floor")
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, default=1)
     parser.add_argument("--shard", default=None, help="I/N: prompts I, I+N, ...")
     parser.add_argument("--summarize", action="store_true", help="merge the shards' checkpoints and write the result")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="headwise_quality")
+    add_out_argument(parser)
+    parser.add_argument("--name", default="headwise_quality", help="result file stem (default: %(default)s)")
 
 
 def _presses(method: str, factors, floor: float) -> dict:
