@@ -160,25 +160,29 @@ def main(args: argparse.Namespace) -> int:
     print("\n".join(lines))
 
     out = Path(args.out)
+
+    def suffixed(suffix: str) -> Path:  # not with_suffix: a stem may hold dots ("vllm_bench.192mib")
+        return out.with_name(out.name + suffix)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     per_request = [{"kind": s["kind"], "task": s["task"], "prompt_tokens": n, "answers": s["answers"],
                     **{f"{name} output": results[name]["texts"][i] for name in results},
                     **{f"{name} score": results[name]["scores"][i] for name in results}}
                    for i, (s, n) in enumerate(zip(samples, lengths))]
-    out.with_suffix(".json").write_text(json.dumps({
+    suffixed(".json").write_text(json.dumps({
         "setup": setup, "args": vars(args), "summary": rows, "peak_running_ratio": peak_ratio,
         "output_tokens_per_s_ratio": speed_ratio, "requests": per_request,
         "running": {name: {"clock_s": r["clock"], "running": r["running"]} for name, r in results.items()},
     }, indent=1))
-    command = (f"nice -n 10 kvpress-like bench vllm --requests {args.requests} --min-tokens {args.min_tokens} "
+    command = (f"kvpress-like bench vllm --requests {args.requests} --min-tokens {args.min_tokens} "
                f"--max-tokens {args.max_tokens} --new-tokens {args.new_tokens} --kv-mib {args.kv_mib} "
                f"--block-size {args.block_size} --press {args.press} --compression {args.compression:g}")
-    out.with_suffix(".md").write_text(
+    suffixed(".md").write_text(
         f"# vLLM plugin serving benchmark\n\n`{command}`\n\n```\n" + "\n".join(lines) + "\n```\n\n"
         f"Every request queued at once; pass-key and RULER-style ({', '.join(RULER_TASKS)}) prompts in turn; "
         "RULER score = fraction of expected strings in the output. Per-request outputs and the running-request "
         f"trace: `{out.name}.json`; figure: `{out.name}.png`.\n")
-    figure(results, rows, label, setup, out.with_suffix(".png"))
+    figure(results, rows, label, setup, suffixed(".png"))
     return 0
 
 

@@ -194,7 +194,8 @@ def test_settings_are_declared_once_and_keep_their_constructor_api():
     assert q.max_cache_tokens == 32 and q.ratio == 0.5 and q.prefill_chunk_size == 16
     with pytest.raises(ValueError, match="max_cache_tokens=0 must be an integer larger than n_sink"):
         dataclasses.replace(p, max_cache_tokens=0)
-    assert press_settings(AdaptivePress) == {"base", "floor", "normalization", "temperature", "pyramid"}
+    assert press_settings(AdaptivePress) == {"base", "floor", "normalization", "temperature", "pyramid", "memory_slack",
+                                             "layer_weights"}
 
 
 def test_a_plain_press_subclass_keeps_its_class_settings():
