@@ -21,11 +21,12 @@ import torch
 
 from kvpress_like import press, uncompressed
 from kvpress_like.cache import cache_nbytes
+from kvpress_like.cache_ops import fork_cache
 from kvpress_like.methods.adaptive import AdaptivePress
 
 from . import stats
 from .common import add_model_argument, add_out_argument, add_threads_argument, build_press, environment, factor_to_ratio, markdown_footer, parse_list, set_threads, write_result
-from .passkey import _copy_cache, _parse_shard, compress_prefilled, prefill
+from .passkey import _parse_shard, compress_prefilled, prefill
 from .ruler import generate_rows
 from .ruler_tasks import ruler_sample, score
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, checkpoint: Path) -> None:
         feed = torch.tensor([s.question_ids])
         pre = prefill(model, torch.tensor([s.context_ids]))
         meta = dict(seed=seed, task=task, answers=s.answers)
-        (said,) = generate_rows(model, tokenizer, _copy_cache(pre.cache), 1, feed, s, len(s.context_ids))
+        (said,) = generate_rows(model, tokenizer, fork_cache(pre.cache, share_storage=True), 1, feed, s, len(s.context_ids))
         rows.append(dict(meta, variant="no_press", factor=1.0, score=score(said, s.answers), output=said, kv_bytes=None))
         for (factor, variant), p in presses.items():
             with press(model, p):

@@ -109,11 +109,6 @@ class Prefill:
     ids: torch.Tensor | None = None  # every cached token's id (KVzip re-reads them)
 
 
-def _copy_cache(cache: DynamicCache) -> DynamicCache:
-    """A copy of a plain cache that can be appended to without touching the original, sharing its tensors."""
-    return fork_cache(cache, share_storage=True)
-
-
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previous: Prefill | None = None,
             window: int = QUERY_WINDOW) -> Prefill:
@@ -130,7 +125,7 @@ def prefill(model, ids: torch.Tensor, cache: DynamicCache | None = None, previou
         queries[module.layer_idx] = q[:, :, -window:].clone()
 
     full = [layer for layer in attention_layers(model) if not layer.sliding]
-    cache = DynamicCache(config=model.config) if previous is None else _copy_cache(previous.cache)
+    cache = DynamicCache(config=model.config) if previous is None else fork_cache(previous.cache, share_storage=True)
     with patched_attention(model, full, keep):
         logits = model(ids.to(model.device), **cache_kwargs(cache), logits_to_keep=1).logits[:, -1]
     return Prefill(cache, queries, logits, ids if previous is None or previous.ids is None else torch.cat([previous.ids, ids], 1))
@@ -144,7 +139,7 @@ def compress_prefilled(model, shared: Prefill, p: Press | None) -> DynamicCache:
     one update, scoring and selecting with the reading position at the end of the prefill; query-dependent
     presses then prune with the recorded queries. ``p=None`` gives a plain copy.
     """
-    new = _copy_cache(shared.cache)
+    new = fork_cache(shared.cache, share_storage=True)
     if p is None:
         return new
     # KVzip (alone or inside AdaKV) scores with a reconstruction pass once every layer holds the prompt
@@ -321,7 +316,7 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         meta = dict(haystack=haystack, length=length, depth=depth, key=key, answer=s.answer)
         for variant, (pre, feed, first) in shared.items():
             start = pre.cache.get_seq_length()  # every token went in: the next one's true position
-            ((ok, said),) = answers_found(model, tokenizer, _copy_cache(pre.cache), 1, feed, s.answer, start, first)
+            ((ok, said),) = answers_found(model, tokenizer, fork_cache(pre.cache, share_storage=True), 1, feed, s.answer, start, first)
             rows.append(dict(meta, variant=variant, method="no_press", factor=1.0, exact=int(ok), output=said))
             with one_reconstruction_per_prompt():  # KVzip's scores of this prefill do not depend on the ratio
                 for factor in grid.factors:

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpress_like import press, uncompressed
+from kvpress_like.cache_ops import fork_cache
 from kvpress_like.registry import list_presses
 
 from . import stats
@@ -38,7 +39,7 @@ from .common import (
     RESULTS_DIR, build_press, environment, factor_to_ratio, markdown_footer, one_reconstruction_per_prompt, parse_list,
     set_threads, write_result,
 )
-from .passkey import _copy_cache, _parse_shard, _pct, cached_step, compress_prefilled, prefill, stack_caches
+from .passkey import _parse_shard, _pct, cached_step, compress_prefilled, prefill, stack_caches
 from .ruler_tasks import TASKS, RulerSample, ruler_sample, score
 
 #: the presses of issue 21's grid (every registered one by default)
@@ -147,7 +148,7 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         prefill_s.append(time.perf_counter() - begin)
         start = len(s.context_ids)
         meta = dict(seed=seed, length=length, task=task, tokens=s.tokens, answers=s.answers)
-        (said,) = generate_rows(model, tokenizer, _copy_cache(pre.cache), 1, feed, s, start)
+        (said,) = generate_rows(model, tokenizer, fork_cache(pre.cache, share_storage=True), 1, feed, s, start)
         rows.append(dict(meta, method="no_press", factor=1.0, score=score(said, s.answers), output=said))
         with one_reconstruction_per_prompt():  # KVzip's scores do not depend on the ratio
             for factor in grid.factors:

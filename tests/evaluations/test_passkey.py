@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_like import PressedLayer, list_presses, press, uncompressed
+from kvpress_like.cache_ops import fork_cache
 from kvpress_like.registry import press_class
 from kvpress_like.evaluations import passkey
 from kvpress_like.integrations.transformers import cache_kwargs
@@ -215,12 +216,12 @@ def test_answers_found_stops_when_the_key_appears():
     model, tok = tiny_byte_model(), ByteTokenizer()
     ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(7))
     pre = passkey.prefill(model, ids)
-    ((_, free),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], "\x00" * 40,
+    ((_, free),) = passkey.answers_found(model, tok, fork_cache(pre.cache, share_storage=True), 1, ids[:, :0], "\x00" * 40,
                                           50, pre.logits)
     key = free[2:5]  # what greedy decoding writes anyway, not at the start
-    ((ok, said),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], key, 50, pre.logits)
+    ((ok, said),) = passkey.answers_found(model, tok, fork_cache(pre.cache, share_storage=True), 1, ids[:, :0], key, 50, pre.logits)
     assert ok and said == free[: free.index(key) + len(key)]
-    ((ok, said),) = passkey.answers_found(model, tok, passkey._copy_cache(pre.cache), 1, ids[:, :0], "\x00\x01", 50,
+    ((ok, said),) = passkey.answers_found(model, tok, fork_cache(pre.cache, share_storage=True), 1, ids[:, :0], "\x00\x01", 50,
                                           pre.logits)
     assert not ok and len(tok(" \x00\x01", add_special_tokens=False)["input_ids"]) + passkey.ANSWER_SLACK == len(said)
 
