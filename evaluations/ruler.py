@@ -53,6 +53,7 @@ class Grid:
     lengths: tuple[int, ...] = (2048, 4096)
     factors: tuple[float, ...] = DEFAULT_FACTORS
     samples: int = 20
+    first_seed: int = 0  # seeds first_seed .. first_seed + samples - 1 (dev prompts apart from held-out ones)
     tasks: tuple[str, ...] = tuple(TASKS)
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_presses()))
     quick: bool = False
@@ -61,7 +62,8 @@ class Grid:
 
 def prompt_order(grid: Grid) -> list[tuple[int, int, str]]:
     """(seed, length, task) of every prompt, seed-major: a run stopped early has balanced cells."""
-    return [(s, n, t) for s in range(grid.samples) for n in grid.lengths for t in grid.tasks]
+    seeds = range(grid.first_seed, grid.first_seed + grid.samples)
+    return [(s, n, t) for s in seeds for n in grid.lengths for t in grid.tasks]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -124,6 +126,7 @@ def _load_checkpoint(path: Path | None, settings: dict) -> dict:
     if path is None or not path.exists():
         return dict(rows=[], prefill_s=[], elapsed_s=0.0)
     saved = json.loads(path.read_text())
+    saved["settings"].setdefault("first_seed", 0)  # checkpoints written before the option
     if saved["settings"] != json.loads(json.dumps(settings)):
         raise SystemExit(f"{path} is a checkpoint of other settings; delete it or pass the same options to resume")
     return saved
@@ -285,7 +288,7 @@ def markdown(result: dict) -> str:
         "## Offline RULER-style benchmark, paired with no press" + label,
         "",
         f"Model {result['model']}; lengths {list(s['lengths'])}; factors {['x%g' % f for f in s['factors']]} (ratio = 1 - 1/factor); "
-        f"tasks {', '.join(s['tasks'])}; **n = {n} prompts per task and cell** (seeds 0..{s['samples'] - 1}), the same prompts "
+        f"tasks {', '.join(s['tasks'])}; **n = {n} prompts per task and cell** (seeds {s.get('first_seed', 0)}..{s.get('first_seed', 0) + s['samples'] - 1}), the same prompts "
         f"for every press; question + answer prefix fed uncompressed after the compressed context; one shared full prefill per "
         f"prompt ({result['prompts']} prompts, median prefill {times[len(times) // 2]:.1f} s, wall time {result['elapsed_s'] / 60:.1f} min"
         + (f", {result['environment']['jobs']} worker processes" if result["environment"].get("jobs") else "")
@@ -362,7 +365,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser, "embedded model name or local path")
     parser.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens (template and question included)")
     parser.add_argument("--factors", default="2,4,8", help="compression factors (x4 keeps a quarter: ratio 0.75)")
-    parser.add_argument("--samples", type=int, default=20, help="prompts per task and length (seeds 0..N-1)")
+    parser.add_argument("--samples", type=int, default=20, help="prompts per task and length (seeds F..F+N-1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="F, the first prompt seed (e.g. choose settings on seeds 0-1, report from --first-seed 2)")
     parser.add_argument("--tasks", default=",".join(TASKS), help="tasks (default: all): " + ", ".join(TASKS))
     parser.add_argument("--methods", default=None, help="registered press names (default: every registered press)")
     parser.add_argument("--quick", action="store_true",
@@ -387,6 +392,7 @@ def _grid(args: argparse.Namespace, shard: tuple[int, int] | None) -> Grid:
         lengths=(2048,) if args.quick else tuple(parse_list(args.lengths, int)),
         factors=tuple(parse_list(args.factors, float)),
         samples=1 if args.quick else args.samples,
+        first_seed=args.first_seed,
         tasks=tuple(parse_list(args.tasks)),
         methods=tuple(parse_list(args.methods)) if args.methods else tuple(list_presses()),
         quick=args.quick,
@@ -438,6 +444,7 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     import sys
 
     forwarded = ["--model", args.model, "--lengths", args.lengths, "--factors", args.factors, "--samples", str(args.samples),
+                 "--first-seed", str(args.first_seed),
                  "--tasks", args.tasks, "--threads", "1", "--out", str(args.out)]
     forwarded += ["--methods", args.methods] if args.methods else []
     forwarded += ["--quick"] if args.quick else []

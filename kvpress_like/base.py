@@ -140,6 +140,9 @@ class Press(PressSettings, ABC):
     name: ClassVar[str] = ""
     #: When keys are scored (see :class:`Scoring`); set it as a class attribute, e.g. ``scoring = Scoring.QUERY``.
     scoring: ClassVar[Scoring] = Scoring.ENTRY_TIME
+    #: Whether the press scores a whole multi-token call after it, every layer at once (KVzip's reconstruction),
+    #: rather than each layer as its keys arrive: what a budget shared across layers needs.
+    scores_after_call: ClassVar[bool] = False
 
     query_free = _LegacyFlag(lambda scoring: not scoring.needs_queries)
     position_dependent = _LegacyFlag(lambda scoring: scoring.rescores)

@@ -108,6 +108,7 @@ class HeadwisePressedLayer(PressedLayer):
         self.width = 0  # W: slots per window (what attention reads per KV head)
         self._owned_for: tuple | None = None  # (the (lengths, starts, width) it was built for, _owned())
         self._totals_for: tuple | None = None  # (the lengths it was built for, kept pairs per row)
+        self.shares: list[float] | None = None  # per row: the layer's part of a model-wide budget (scope="model")
 
     # -- the strided view (what attention, masks and tests read) ---------------------------------------------
     def _view(self, t: torch.Tensor) -> torch.Tensor:
@@ -207,13 +208,19 @@ class HeadwisePressedLayer(PressedLayer):
             fresh = torch.full(where.shape, float("inf"), device=where.device) if score is None else score.reshape(-1).float()
             self._score.index_copy_(0, where, fresh)
 
-    def _allocate_rows(self, scores, pos, reading, targets: list[int], head_dim: int) -> torch.Tensor:
-        """The kept mask: each row's layer budget (``target x kv_heads``) shared across its heads by the press."""
+    def _allocate_rows(self, scores, pos, reading, targets: list[int], head_dim: int,
+                       totals: list[int] | None = None) -> torch.Tensor:
+        """The kept mask: each row's layer budget (``totals``, else ``target x kv_heads``) shared across its
+        heads by the press."""
         rows = []
         for r, target in enumerate(targets):
-            seen = reading[r : r + 1] if self.rows.padded else int(reading[r])
-            rows.append(self.press.allocate(scores[r : r + 1], pos[r : r + 1], seen, target, head_dim))
+            total = None if totals is None else totals[r]
+            rows.append(self.press.allocate(scores[r : r + 1], pos[r : r + 1], self._row_seen(reading, r), target,
+                                            head_dim, total))
         return torch.cat(rows, dim=0)
+
+    def _row_seen(self, reading, r: int):
+        return reading[r : r + 1] if self.rows.padded else int(reading[r])
 
     def _row_targets(self, reading, decoding: bool) -> list[int] | None:
         readings = [reading] if isinstance(reading, int) else reading.flatten().tolist()
@@ -221,6 +228,13 @@ class HeadwisePressedLayer(PressedLayer):
             return None
         targets = [self.press.layer_target(self.layer_idx, seen, decoding) for seen in readings]
         return None if any(t is None for t in targets) else targets
+
+    def _budgets(self, targets: list[int]) -> list[int]:
+        """Pairs each row may keep: ``target x kv_heads``, times the row's share of a model-wide budget if any."""
+        heads = self.lengths.shape[1]
+        if self.shares is None:
+            return [t * heads for t in targets]
+        return [max(1, round(t * heads * share)) for t, share in zip(targets, self.shares)]
 
     # -- transformers CacheLayerMixin API ---------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -244,7 +258,7 @@ class HeadwisePressedLayer(PressedLayer):
         score = self._entry_scores(key_states, value_states, positions, reading)
         targets = call.targets
         total = self._row_totals()
-        budget = None if targets is None else [t * h for t in targets]
+        budget = None if targets is None else self._budgets(targets)
         real = not self.rows.padded or bool((positions >= 0).all())
         if budget is None or all(n + q * h <= m for n, m in zip(total, budget)):
             plan = "append" if real else "prune"  # pads are never kept: a padded append re-stores (keeps all real)
@@ -293,7 +307,7 @@ class HeadwisePressedLayer(PressedLayer):
                 keep = pos >= 0  # a padded call under budget: keep every real token
             else:
                 scores = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, pos, cand_score, reading)
-                keep = self._allocate_rows(scores, pos, reading, targets, d)
+                keep = self._allocate_rows(scores, pos, reading, targets, d, budget)
             self._keep(k, v, pos, cand_score, keep)
             out = k, v
             self._attn_positions = pos
@@ -305,19 +319,37 @@ class HeadwisePressedLayer(PressedLayer):
             observer(self, plan, q)
         return out
 
-    def prune_by(self, scores: torch.Tensor) -> None:
-        """Re-allocate across heads now, ranking the kept pairs by ``scores`` ``(batch, kv_heads, W)`` (higher
-        kept; they become the stored scores): for presses that score after a call (KVzip)."""
-        b = self.lengths.shape[0]
+    def _ranking_inputs(self, scores: torch.Tensor):
         reading = self.rows.reading_position(self)
         if isinstance(reading, int):
-            reading = torch.full((b, 1, 1), reading, device=scores.device)
+            reading = torch.full((self.lengths.shape[0], 1, 1), reading, device=scores.device)
         live = self.positions
-        scores = scores.float().masked_fill(live < 0, float("-inf"))
+        return reading, live, scores.float().masked_fill(live < 0, float("-inf"))
+
+    def ranked_rows(self, scores: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """The press's allocation values ``(batch, kv_heads, W)`` of the kept pairs ranked by ``scores`` and each
+        row's uniform per-head target (``None``: not compressing): for a budget shared across layers."""
+        reading, live, scores = self._ranking_inputs(scores)
         targets = self._row_targets(reading, decoding=False)
-        keep = live >= 0
-        if targets is not None and any(int(n) > t * self.lengths.shape[1] for n, t in zip(self.lengths.sum(-1), targets)):
-            keep = self._allocate_rows(scores, live, reading, targets, self._k.shape[-1])
+        if targets is None:
+            return scores, None
+        d = self._k.shape[-1]
+        values = [self.press.ranked(scores[r : r + 1], live[r : r + 1], self._row_seen(reading, r), t, d)
+                  for r, t in enumerate(targets)]
+        return torch.cat(values, dim=0), targets
+
+    def prune_by(self, scores: torch.Tensor, totals: list[int] | None = None) -> None:
+        """Re-allocate across heads now, ranking the kept pairs by ``scores`` ``(batch, kv_heads, W)`` (higher
+        kept; they become the stored scores): for presses that score after a call (KVzip). ``totals``: each
+        row's pairs in this layer as a budget shared across layers decided (kept as the row's share)."""
+        reading, live, scores = self._ranking_inputs(scores)
+        targets, keep, d = self._row_targets(reading, decoding=False), live >= 0, self._k.shape[-1]
+        if targets is not None:
+            if totals is not None:
+                self.shares = [total / (t * self.lengths.shape[1]) for total, t in zip(totals, targets)]
+            budget = self._budgets(targets) if totals is None else totals
+            if any(int(n) > m for n, m in zip(self.lengths.sum(-1), budget)):
+                keep = self._allocate_rows(scores, live, reading, targets, d, budget)
         self._keep(self.keys, self.values, live, scores, keep)
 
     def wants_own_mask(self, attention_mask, key) -> bool:
@@ -364,6 +396,7 @@ class HeadwisePressedLayer(PressedLayer):
     def reset(self) -> None:
         super().reset()
         self.lengths = self.starts = self.caps = self._owned_for = self._totals_for = None
+        self.shares = None
         self.stride = self.width = 0
 
     def __repr__(self) -> str:

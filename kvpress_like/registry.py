@@ -98,7 +98,7 @@ def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = No
         if unknown and not _forwards_settings(cls):
             raise UnknownSettings(p, unknown, sorted(valid))
         if parse:
-            hints = typing.get_type_hints(cls)
+            hints = {**typing.get_type_hints(cls.__init__), **typing.get_type_hints(cls)}  # a wrapper's own arguments too
             settings = {key: _parse(key, value, hints.get(key, Any)) for key, value in settings.items()}
         return cls(**settings)
     if settings:
@@ -118,10 +118,14 @@ def _forwards_settings(cls: type[Press]) -> bool:
 
 def _parse(name: str, value: Any, hint: Any) -> Any:
     """A setting given as text (or as what a command-line parser made of it) converted to its field's type."""
+    if hint is Any:  # not declared here (a setting a wrapper forwards parses where it lands)
+        return value
     args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if value is None or (isinstance(value, str) and value.lower() == "none"):
         if type(None) in args:
             return None
+        if value is not None and str in args:  # the word itself, e.g. normalization="none"
+            return value
         raise ValueError(f"{name} cannot be None.")
     if bool in args:
         if isinstance(value, bool):

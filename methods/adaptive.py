@@ -27,6 +27,14 @@ total as uniform layers (``s=0``: uniform; ``s=0.5``: from 1.5x down to 0.5x). `
 profile, e.g. from calibration statistics (each layer's attention spread): layer ``l``'s budget is the base
 target times ``w_l`` over the mean weight of the compressed layers, so the total stays the uniform one; layers
 in ``skip_layers`` are the degenerate case (uncompressed, left out of the mean).
+
+Model-wide budgets (``scope="model"``, KVzip's own allocation): the whole model's budget (the sum of every
+compressed full-attention layer's ``target x kv_heads``) goes to the best (layer, head, token) triples, so a
+layer whose heads the context needs keeps more than one that attends to little. It needs scores that are
+comparable across layers and available for every layer at once, which only presses scoring a whole call after
+it provide (``scores_after_call``: KVzip's reconstruction, whose scores are attention probabilities; use
+``normalization="none"`` there). Each layer keeps its share of the uniform budget afterwards: a decoding
+budget or a later prune holds each layer at ``share x target`` pairs. Sliding-window layers stay uniform.
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ from typing import ClassVar
 import torch
 
 from kvpress_like.base import Press
+from kvpress_like.headwise import HeadwisePressedLayer
 
 NORMALIZATIONS = ("softmax", "none")
+SCOPES = ("layer", "model")
 
 
 class AdaptivePress(Press):
@@ -60,6 +70,8 @@ class AdaptivePress(Press):
         memory_slack: how many more key/value slots than kept pairs a layer may hold (a fraction) so that
             attention reads narrower windows (:func:`kvpress_like.headwise.layout`); 0 stores exactly the kept
             pairs.
+        scope: ``"layer"`` (each layer's budget shared across its heads) or ``"model"`` (the model's budget
+            shared across layers and heads; bases with ``scores_after_call`` only, see module docstring).
         **settings: settings of ``base`` when it is given by name, e.g. ``AdaptivePress("qfilters", ratio=0.75)``.
     """
 
@@ -76,12 +88,13 @@ class AdaptivePress(Press):
         pyramid: float = 0.0,
         memory_slack: float = 0.025,
         layer_weights: Sequence[float] | None = None,
+        scope: str = "layer",
         **settings,
     ):
         if isinstance(base, str):
-            from kvpress_like.registry import get_press
+            from kvpress_like.registry import resolve_press
 
-            base = get_press(base, **settings)
+            base = resolve_press(base, settings, parse=True)  # typed values pass through, text is converted
         elif settings:
             raise TypeError(f"settings {sorted(settings)} go to the base press; pass them to {type(base).__name__}(...).")
         if not isinstance(base, Press):
@@ -103,6 +116,17 @@ class AdaptivePress(Press):
             raise ValueError(f"pyramid must be a slope in [0, 1) (0: equal layer budgets), got {pyramid!r}.")
         if isinstance(memory_slack, bool) or not isinstance(memory_slack, (int, float)) or not 0 <= memory_slack <= 1:
             raise ValueError(f"memory_slack must be a fraction in [0, 1] (0.025: at most 2.5% more slots than kept pairs), got {memory_slack!r}.")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
+        if scope == "model" and not base.scores_after_call:
+            raise ValueError(
+                f"scope='model' ranks every layer's scores together, which needs them all at once; "
+                f"{type(base).__name__} scores each layer as its keys arrive. Use scope='layer', or a base that "
+                "scores a call after it (kvzip)."
+            )
+        if scope == "model" and (pyramid or layer_weights is not None):
+            raise ValueError("scope='model' decides each layer's budget from the scores; drop pyramid / layer_weights.")
+        self.scope = scope
         if layer_weights is not None:
             layer_weights = tuple(layer_weights)
             if pyramid or not layer_weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
@@ -121,7 +145,7 @@ class AdaptivePress(Press):
     def __repr__(self) -> str:
         return (f"AdaptivePress(base={self.base!r}, floor={self.floor}, normalization={self.normalization!r}, "
                 f"temperature={self.temperature}, pyramid={self.pyramid}, memory_slack={self.memory_slack}, "
-                f"layer_weights={self.layer_weights})")
+                f"layer_weights={self.layer_weights}, scope={self.scope!r})")
 
     # -- the base press's settings, read through -------------------------------------------------------
     skip_layers = property(lambda self: self.base.skip_layers)
@@ -195,18 +219,55 @@ class AdaptivePress(Press):
         probs = (scores / temperature).softmax(dim=-1)
         return probs.masked_fill(scores == float("-inf"), float("-inf"))
 
-    def allocate(self, scores: torch.Tensor, positions: torch.Tensor, seen, target: int, head_dim: int) -> torch.Tensor:
-        """Which of one row's candidates ``(1, heads, n)`` to keep: a boolean mask of ``target x heads`` pairs
-        (fewer when fewer are live), every head keeping its protected tokens and its floor's best ones."""
+    def ranked(self, scores: torch.Tensor, positions: torch.Tensor, seen, target: int, head_dim: int) -> torch.Tensor:
+        """One row's candidates ``(1, heads, n)`` as allocation values: comparable scores, ``inf`` for the
+        protected tokens and each head's floor (its ``floor x target`` best), ``-inf`` for empty slots."""
         live = scores > float("-inf")
-        heads = scores.shape[1]
         value = self.comparable(scores.float(), head_dim)
         value = value.masked_fill(self.protected(positions, seen) & live, float("inf"))
         per_head = max(1, math.floor(self.floor * target + 1e-9))
         rank = value.argsort(dim=-1, descending=True).argsort(dim=-1)
-        value = value.masked_fill((rank < per_head) & live, float("inf"))
-        n_keep = min(target * heads, int(live.sum()))
+        return value.masked_fill((rank < per_head) & live, float("inf"))
+
+    def allocate(self, scores: torch.Tensor, positions: torch.Tensor, seen, target: int, head_dim: int,
+                 total: int | None = None) -> torch.Tensor:
+        """Which of one row's candidates ``(1, heads, n)`` to keep: a boolean mask of ``total`` pairs (default
+        ``target x heads``; fewer when fewer are live), every head keeping its protected tokens and its floor's
+        best ones."""
+        value = self.ranked(scores, positions, seen, target, head_dim)
+        n_keep = min(target * scores.shape[1] if total is None else total, int((scores > float("-inf")).sum()))
         flat = value.flatten(1)
         kept = flat.topk(n_keep, dim=-1, sorted=False).indices
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, kept, True)
         return keep.view_as(scores)
+
+    def prune_layers(self, layers: list, scores: dict) -> None:
+        """Prune every pressed layer of one cache by the scores a press gave after a call (``scores[layer]``,
+        KVzip's reconstruction): each head-wise layer across its heads, or with ``scope="model"`` every
+        head-wise layer's share first decided by ranking all of them together (module docstring)."""
+        headwise = [layer for layer in layers if isinstance(layer, HeadwisePressedLayer)]
+        totals = _model_totals(headwise, scores) if self.scope == "model" and headwise else {}
+        for layer in layers:
+            if layer in totals:
+                layer.prune_by(scores[layer], totals[layer])
+            else:
+                layer.prune_by(scores[layer])
+
+
+def _model_totals(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
+    """Per head-wise layer, each row's pairs when the rows' budgets summed over ``layers`` go to the best
+    (layer, head, token) triples of all of them (``{}`` when a row is under budget or uncompressed)."""
+    ranked = [layer.ranked_rows(scores[layer]) for layer in layers]
+    if any(targets is None for _, targets in ranked):
+        return {}
+    totals: dict = {layer: [] for layer in layers}
+    for r in range(ranked[0][0].shape[0]):
+        values = [value[r].flatten() for value, _ in ranked]
+        budget = sum(targets[r] * value.shape[1] for value, targets in ranked)
+        flat = torch.cat(values)
+        n_keep = min(budget, int((flat > float("-inf")).sum()))
+        owner = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.numel() for v in values]))
+        counts = torch.bincount(owner[flat.topk(n_keep, sorted=False).indices], minlength=len(values))
+        for layer, count in zip(layers, counts.tolist()):
+            totals[layer].append(count)
+    return totals

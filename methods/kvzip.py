@@ -33,7 +33,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from copy import copy
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from transformers.cache_utils import Cache
@@ -42,6 +42,8 @@ from kvpress_like.base import ScorerPress
 from kvpress_like.cache import PressedLayer
 from kvpress_like.cache_api import cache_argument, cache_kwargs
 from kvpress_like.static import StaticPressedCache
+
+from .adaptive import AdaptivePress
 
 __all__ = ["KVzipPress", "reconstruction_scores"]
 
@@ -60,6 +62,7 @@ class KVzipPress(ScorerPress):
     """
 
     name = "kvzip"
+    scores_after_call: ClassVar[bool] = True
     prompt: str = "\n\nRepeat the previous context exactly.\n"
     prompt_ids: tuple[int, ...] | None = None
     chunk_size: int = 512
@@ -175,9 +178,14 @@ class KVzipPress(ScorerPress):
             return
         scores = reconstruction_scores(model, cache, ids, self)
         q = ids.shape[1]
-        for layer in layers:
-            new = layer.positions >= layer.seen - q
-            layer.prune_by(torch.where(new, scores[layer.layer_idx], layer.scores))
+        merged = {layer: torch.where(layer.positions >= layer.seen - q, scores[layer.layer_idx], layer.scores)
+                  for layer in layers}
+        owner = layers[0].press
+        if isinstance(owner, AdaptivePress):  # head-wise (and maybe model-wide) budgets: the wrapper decides
+            owner.prune_layers(layers, merged)
+        else:
+            for layer in layers:
+                layer.prune_by(merged[layer])
 
 
 def reconstruction_scores(model, cache: Cache, ids: torch.Tensor, p: KVzipPress) -> dict[int, torch.Tensor]:

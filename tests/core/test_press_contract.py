@@ -195,7 +195,7 @@ def test_settings_are_declared_once_and_keep_their_constructor_api():
     with pytest.raises(ValueError, match="max_cache_tokens=0 must be an integer larger than n_sink"):
         dataclasses.replace(p, max_cache_tokens=0)
     assert press_settings(AdaptivePress) == {"base", "floor", "normalization", "temperature", "pyramid", "memory_slack",
-                                             "layer_weights"}
+                                             "layer_weights", "scope"}
 
 
 def test_a_plain_press_subclass_keeps_its_class_settings():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvpress_like.evaluations import ruler
+from kvpress_like.evaluations.common import build_press
 from kvpress_like.evaluations.ruler_tasks import NEEDLE, TASKS, ruler_sample, score
 
 
@@ -152,6 +153,21 @@ def test_resume_and_shards_give_the_rows_of_one_run(tok, tmp_path):
     checkpoint.write_text(json.dumps(dict(first, settings=dict(ruler.asdict(grid), samples=9))))
     with pytest.raises(SystemExit, match="other settings"):
         ruler.run_grid(model, tok, grid, progress=False, checkpoint=checkpoint)
+
+
+def test_first_seed_and_press_variants_written_as_name_key_value(tok):
+    """Held-out prompts start at --first-seed; a method written ``name:key=value`` is that press with those
+    settings (so variants of one press compare side by side), and a bad one fails saying how to write it."""
+    grid = ruler.Grid(lengths=(512,), factors=(4.0,), samples=2, first_seed=3, tasks=("vt",),
+                      methods=("adakv:base=kvzip:normalization=none:scope=model",))
+    assert [seed for seed, _, _ in ruler.prompt_order(grid)] == [3, 4]
+    p = build_press(grid.methods[0], ratio=0.75)
+    assert (type(p.base).__name__, p.base.ratio, p.normalization, p.scope) == ("KVzipPress", 0.75, "none", "model")
+    assert build_press("kvzip:n_sink=4:chunk_size=64", ratio=0.5).n_sink == 4
+    with pytest.raises(ValueError, match="name:key=value"):
+        build_press("kvzip:n_sink", ratio=0.5)
+    with pytest.raises(ValueError, match="scores each layer as its keys arrive"):
+        build_press("adakv:base=knorm:scope=model", ratio=0.5)
 
 
 @pytest.mark.slow

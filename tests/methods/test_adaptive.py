@@ -203,6 +203,61 @@ def test_kvzip_scores_allocate_across_heads(settings):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("settings", [dict(ratio=0.5), dict(max_cache_tokens=12, n_sink=1, window=2)], ids=["ratio", "budget"])
+def test_model_scope_shares_the_budget_across_layers(arch, settings):
+    """scope="model": KVzip's scores of every layer compete for the model's budget, so layers keep different
+    totals summing to the uniform one, the kept pairs are the best across layers, each layer keeps its share
+    through decoding and a second prompt, and pruning still equals masking (sliding layers stay uniform)."""
+    model, reference = tiny_model(arch, seed=1), tiny_model(arch, seed=1)
+    g = torch.Generator().manual_seed(1)
+    calls = [torch.randint(8, 100, (2, 30), generator=g)] + [torch.randint(8, 100, (2, 1), generator=g) for _ in range(6)]
+    calls += [torch.randint(8, 100, (2, 5), generator=g), torch.randint(8, 100, (2, 1), generator=g)]
+    p = AdaptivePress(KVzipPress(prompt_ids=(5, 6, 7), **settings), normalization="none", floor=0.0, scope="model")
+    target = 15 if "ratio" in settings else 12
+    _, _, cache = pressed_and_reference(model, reference, p, calls[:1])
+    layers = headwise_layers(cache)
+    heads = layers[0].lengths.shape[1]
+    totals = [[int(layer.lengths[r].sum()) for layer in layers] for r in range(2)]
+    assert any(len(set(row)) > 1 for row in totals), f"every layer kept the uniform total: {totals}"
+    for r in range(2):
+        assert sum(totals[r]) == len(layers) * heads * target, totals
+        protected = [p.protected(layer.positions[r : r + 1], 30)[0] for layer in layers]
+        kept = torch.cat([layer.scores[r][(layer.positions[r] >= 0) & ~m] for layer, m in zip(layers, protected)])
+        shares = [layer.shares[r] for layer in layers]
+        assert abs(sum(shares) / len(shares) - 1) < 1e-6
+        assert float(kept.min()) >= 0, "not ranked by reconstruction attention weights"
+    pressed, expected, cache = pressed_and_reference(model, reference, p, calls)
+    for i, (a, b) in enumerate(zip(pressed, expected)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"call {i}: {m}")
+    if "max_cache_tokens" in settings:  # at its budget each layer keeps its share, not the uniform one
+        for layer in headwise_layers(cache):
+            assert layer.lengths.sum(-1).tolist() == [round(target * heads * s) for s in layer.shares]
+
+
+def test_model_scope_keeps_the_best_pairs_of_all_layers(monkeypatch):
+    """With no floor, sinks or window, the pairs kept over all layers are exactly the best-scored ones."""
+    from kvpress_like.methods import kvzip
+
+    seen = {}
+
+    def recorded(*args):
+        seen.update(original(*args))
+        return seen
+
+    original = kvzip.reconstruction_scores
+    monkeypatch.setattr(kvzip, "reconstruction_scores", recorded)
+    model = tiny_model("llama", seed=2)
+    ids = torch.randint(8, 100, (1, 40), generator=torch.Generator().manual_seed(3))
+    p = AdaptivePress(KVzipPress(prompt_ids=(5, 6, 7), ratio=0.75), normalization="none", floor=0.0, scope="model")
+    _, cache = run(model, p, [ids])
+    layers = headwise_layers(cache)
+    kept = torch.cat([layer.scores[layer.positions >= 0] for layer in layers])
+    assert kept.numel() == len(layers) * layers[0].lengths.shape[1] * 10
+    best = torch.cat([seen[layer.layer_idx].flatten() for layer in layers]).topk(kept.numel()).values
+    torch.testing.assert_close(kept.sort().values, best.sort().values)
+
+
 # -- a third-party scorer gets head-wise budgets by wrapping ---------------------------------------------------
 @dataclass
 class PeakedFirstHead(ScorerPress):
@@ -282,6 +337,9 @@ def test_layer_weights_of_the_wrong_length_are_refused_at_entry():
         (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 0)), ValueError, "positive"),
         (lambda: AdaptivePress(KnormPress(), layer_weights=(1, 2), pyramid=0.3), ValueError, "pyramid"),
         (lambda: AdaptivePress(KnormPress(), memory_slack=2), ValueError, "memory_slack"),
+        (lambda: AdaptivePress(KnormPress(), scope="model"), ValueError, "scores each layer as its keys arrive"),
+        (lambda: AdaptivePress(KnormPress(), scope="global"), ValueError, "scope must be one of"),
+        (lambda: AdaptivePress(KVzipPress(), scope="model", pyramid=0.3), ValueError, "drop pyramid"),
         (lambda: PressedCache(AdaptivePress(KnormPress(ratio=0.5))), ValueError, "press\\(\\)"),
     ],
 )
