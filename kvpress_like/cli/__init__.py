@@ -31,6 +31,7 @@ EVALUATIONS = {
     "niah": ("kvpress_like.evaluations.niah", "needle-in-a-haystack grid: accuracy heat-maps per method"),
     "passkey": ("kvpress_like.evaluations.passkey", "pass-key retrieval, n>=60 per cell, paired method comparisons"),
     "ruler": ("kvpress_like.evaluations.ruler", "offline RULER-style tasks (needles, tracking, aggregation, QA), paired vs no press"),
+    "needle-trace": ("kvpress_like.evaluations.needle_trace", "per layer and KV head: how much of a needle each press keeps, and answers"),
     "correlation": ("kvpress_like.evaluations.correlation", "Spearman correlation of scores with received attention"),
     "perplexity": ("kvpress_like.evaluations.perplexity", "streaming perplexity with a capped KV cache"),
     "robustness": ("kvpress_like.evaluations.robustness", "Q-Filters stability across corpora and sample counts"),

@@ -1,0 +1,39 @@
+"""eval needle-trace: the needle is located token for token, and each head's kept share of it is what the
+compressed cache holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpress_like.evaluations import needle_trace
+from kvpress_like.evaluations.ruler_tasks import ruler_sample
+from test_ruler import _tiny, tok  # noqa: F401  (fixture)
+
+
+def test_needle_and_its_sentence_are_found_token_for_token(tok):  # noqa: F811
+    s = ruler_sample(tok, "niah_single_prose", 1024, 0)
+    needle = needle_trace.needle_positions(tok, s.context_ids, s.answers)
+    assert tok.decode([s.context_ids[i] for i in needle]).strip() == s.answers[0]
+    sentence = needle_trace.needle_sentence(tok, s.context_ids, needle)
+    text = tok.decode([s.context_ids[i] for i in sentence])
+    assert "special magic numbers" in text and text.strip().endswith(f"{s.answers[0]}.")
+    with pytest.raises(ValueError, match="not spelled"):
+        needle_trace.needle_positions(tok, s.context_ids, ["zzqx-not-there"])
+
+
+def test_kept_share_per_layer_and_head_follows_what_the_press_keeps(tok):  # noqa: F811
+    """StreamingLLM at x2 keeps its 4 sinks and the second half: a needle in the first half is lost in every
+    head, one in the second half kept in every head; the oracle holds it in a cache of the same size."""
+    model = _tiny()
+    result = needle_trace.run(model, tok, "niah_single_prose", 1024, [0, 1, 2], ["streaming_llm"], [2.0])
+    for seed in (0, 1, 2):
+        s = ruler_sample(tok, "niah_single_prose", 1024, seed)
+        needle = needle_trace.needle_positions(tok, s.context_ids, s.answers)
+        expected = sum(p >= len(s.context_ids) - len(s.context_ids) // 2 or p < 4 for p in needle) / len(needle)
+        (row,) = [r for r in result["rows"] if r["seed"] == seed and r["method"] == "streaming_llm"]
+        kept = torch.tensor(row["kept"])
+        assert kept.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
+        torch.testing.assert_close(kept, torch.full_like(kept, expected), atol=1 / len(needle), rtol=0)
+    cells = {(c["method"], c["factor"]) for c in needle_trace.summarize(result["rows"])}
+    assert cells == {("no_press", 1.0), ("streaming_llm", 2.0), ("oracle", 2.0)}
