@@ -159,26 +159,17 @@ def query_free_presses() -> list[str]:
 def build_press(name: str, **settings) -> Press | None:
     """The registered press ``name`` with ``settings``; ``"no_press"`` / ``"full"`` give ``None``.
 
-    ``name`` may carry settings of its own as ``name:key=value:key=value`` (e.g. ``adakv:base=kvzip:scope=model``),
-    parsed as on a command line, so one ``--methods`` list can compare variants of a press. Unknown names raise
+    ``name`` may carry settings of its own as ``name:key=value:key=value`` (e.g. ``adakv:base=kvzip:scope=model``,
+    see :func:`~kvpress_like.registry.resolve_press`), so one ``--methods`` list compares variants of a press. Unknown names raise
     ``ValueError`` listing what is registered (evaluations take names from the command line, so the message must
     say what to type instead).
     """
     if name in ("no_press", "full"):
         return None
-    base, *options = name.split(":")
-    own = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ValueError(f"method {name!r}: write its settings as name:key=value:key=value, got {option!r}")
-        own[key] = value
     try:
-        if own:
-            return resolve_press(base, {**own, **settings}, parse=True)
-        return resolve_press(base, settings)
+        return resolve_press(name, settings)
     except UnknownPress as err:
-        raise ValueError(f"unknown method {base!r}; registered presses: {', '.join(list_presses())}") from err
+        raise ValueError(f"unknown method {name.split(':')[0]!r}; registered presses: {', '.join(list_presses())}") from err
 
 
 def rescore_setting(method: str, rescore_every: int) -> dict:

@@ -89,8 +89,14 @@ def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = No
     than deep in a constructor; a wrapper press whose constructor takes ``**settings`` (AdaKV) forwards them
     and checks them itself. ``parse=True``: values come from text (a command line, ``--model_args``) and are
     converted to each field's annotated type (``"0;1"`` -> ``(0, 1)``, ``"true"`` -> ``True``).
+
+    A name may carry settings of its own, ``name:key=value:key=value`` (e.g. ``adakv:base=kvzip:scope=model``),
+    parsed as text: one string names a configured press on any command line or in a results table.
     """
     settings = dict(settings or {})
+    if isinstance(p, str) and ":" in p:
+        p, own = _split_spec(p)
+        settings, parse = {**own, **settings}, True
     if isinstance(p, str):
         cls = press_class(p)
         valid = press_settings(cls)
@@ -109,6 +115,17 @@ def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = No
     if p is not None and not isinstance(p, Press):
         raise TypeError(f"a press must be a kvpress_like Press, a registered name or None, got {type(p).__name__}")
     return p
+
+
+def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    name, *options = spec.split(":")
+    own = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"press {spec!r}: write its settings as name:key=value:key=value, got {option!r}")
+        own[key.strip()] = value.strip()
+    return name.strip(), own
 
 
 def _forwards_settings(cls: type[Press]) -> bool:

@@ -70,3 +70,16 @@ def test_settings_need_a_name():
     with pytest.raises(TypeError, match="settings"):
         with kp.press(tiny_model("llama"), kp.KnormPress(), ratio=0.5):
             pass
+
+
+def test_a_name_may_carry_its_settings():
+    """``name:key=value:...`` is one string for a configured press (command lines, results tables); settings
+    passed beside it win, and a malformed one says how to write it."""
+    from kvpress_like.registry import resolve_press
+
+    p = resolve_press("adakv:base=kvzip:normalization=none:scope=model", {"ratio": 0.75})
+    assert (type(p.base).__name__, p.base.ratio, p.normalization, p.scope) == ("KVzipPress", 0.75, "none", "model")
+    assert resolve_press("knorm:ratio=0.25:skip_layers=0;1", {"ratio": 0.5}).skip_layers == (0, 1)
+    assert resolve_press("knorm:ratio=0.25", {"ratio": 0.5}).ratio == 0.5
+    with pytest.raises(ValueError, match="name:key=value"):
+        resolve_press("knorm:ratio", {})
