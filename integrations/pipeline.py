@@ -43,7 +43,7 @@ from kvpress_like.cache_ops import cache_presses, chunked_prefill, fork_cache
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.filters import expected_shape
 from kvpress_like.models import model_identity
-from kvpress_like.registry import list_presses, press_class, press_settings, resolve_press
+from kvpress_like.registry import accepted_settings, resolve_press
 
 __all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "TASK", "KVPRESS_TASK"]
 
@@ -180,7 +180,7 @@ class KVPressQAPipeline(Pipeline):
         return_cache: bool | None = None,
         **kwargs: Any,
     ):
-        fields = press_settings(press_class(press) if press in list_presses() else type(press))
+        fields = accepted_settings(press)
         settings = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
         preprocess, forward = {}, {}
         if press is not None or settings:

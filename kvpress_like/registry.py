@@ -16,7 +16,7 @@ from . import hookspecs
 from .base import Press
 
 __all__ = [
-    "plugin_manager", "list_presses", "get_press", "press_class", "press_settings", "resolve_press", "UnknownPress",
+    "plugin_manager", "list_presses", "get_press", "press_class", "press_settings", "accepted_settings", "resolve_press", "UnknownPress",
     "UnknownSettings",
 ]
 
@@ -172,6 +172,18 @@ def _parse(name: str, value: Any, hint: Any) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number, got {value!r}.") from None
     return str(value) if isinstance(value, (int, float)) else value
+
+
+def accepted_settings(p: Press | str | None) -> set[str]:
+    """The keyword settings that belong to ``p`` (a registered name, a ``name:key=value`` spec, or an instance,
+    whose own fields are named so that :func:`resolve_press` can refuse them clearly): a wrapper forwarding
+    ``**settings`` (AdaKV) accepts those of every registered press."""
+    if p is None:
+        return set()
+    cls = press_class(p.split(":")[0].strip()) if isinstance(p, str) else type(p)
+    if not _forwards_settings(cls):
+        return press_settings(cls)
+    return press_settings(cls).union(*(press_settings(press_class(name)) for name in list_presses()))
 
 
 def press_settings(cls: type[Press]) -> set[str]:

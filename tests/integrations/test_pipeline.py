@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from kvpress_like.methods.adaptive import AdaptivePress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
 
@@ -181,6 +183,12 @@ def test_press_by_name_with_settings_equals_instance(pipe):
     by_name = pipe(CONTEXT, question=question, press="knorm", ratio=0.75, **GREEDY)
     assert by_name["answer"] == pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), **GREEDY)["answer"]
     assert by_name["kv_bytes"] == pipe(CONTEXT, question=question, press=KnormPress(ratio=0.75), **GREEDY)["kv_bytes"]
+    # a wrapper's forwarded settings and a name carrying its settings reach the press, not generate()
+    wrapped = AdaptivePress(KnormPress(ratio=0.75), floor=0.5)
+    expected = pipe(CONTEXT, question=question, press=wrapped, **GREEDY)
+    for kwargs in (dict(press="adakv", base="knorm", floor=0.5, ratio=0.75), dict(press="adakv:base=knorm:floor=0.5", ratio=0.75)):
+        got = pipe(CONTEXT, question=question, **kwargs, **GREEDY)
+        assert (got["answer"], got["kv_bytes"]) == (expected["answer"], expected["kv_bytes"])
 
 
 def test_compress_questions_lets_the_press_evict_question_tokens(pipe):
