@@ -30,7 +30,7 @@ from kvpress_like.methods.targeted_qfilters import TargetedQFilterPress
 from kvpress_like.static import StaticPressedCache, StaticPressedLayer, static_budget
 from tiny import tiny_model
 
-KINDS = ["position-free", "re-scoring", "query-based", "head-wise", "head-wise re-scoring"]
+KINDS = ["position-free", "re-scoring", "query-based", "head-wise", "head-wise re-scoring", "model-wide kvzip"]
 ROWS = ["single", "padded"]
 CACHES = ["dynamic", "static"]
 SIZES = ["ratio", "max_cache_tokens", "decoding"]
@@ -55,7 +55,7 @@ def refusal(kind, rows, cache, size, every, model) -> tuple[str, str] | None:
     if kind == "query-based" and size != "ratio":  # SnapKV needs the prompt's last queries
         return "construction", "cannot prune while decoding"
     if cache == "static":
-        if kind.startswith("head-wise"):  # one fixed length for every head
+        if kind.startswith("head-wise") or kind == "model-wide kvzip":  # one fixed length for every head
             return "entry", "different number of tokens per KV head.*static=False"
         if kind == "query-based":
             return "entry", "needs a query-free press"
@@ -69,6 +69,8 @@ def refusal(kind, rows, cache, size, every, model) -> tuple[str, str] | None:
             return "call", "padded batch"
     if kind == "query-based" and rows == "padded":  # the prompt's last queries differ per row
         return "call", "one at a time"
+    if kind == "model-wide kvzip" and rows == "padded":  # the reconstruction re-reads each prompt unpadded
+        return "call", "one at a time"
     return None
 
 
@@ -78,7 +80,7 @@ CELLS = list(itertools.product(KINDS, ROWS, CACHES, SIZES, RESCORE, MODELS, IMPL
 def test_refusal_table_is_what_the_matrix_expects():
     """The table itself, summarized: which cells run and which are refused (a change here is a decision)."""
     accepted = [cell for cell in CELLS if refusal(*cell[:-1]) is None]
-    assert len(CELLS) == 480 and len(accepted) == 132
+    assert len(CELLS) == 576 and len(accepted) == 144
     # head-wise: every dynamic cell re-scored at every step (12 per kind and model)
     assert sum(cell[0].startswith("head-wise") for cell in accepted) == 48
     static = [cell for cell in accepted if cell[2] == "static"]
@@ -135,6 +137,9 @@ def _press(kind, size, every, stats):
         return AdaptivePress(kp.QFilterPress(n_sink=1, window=2, rescore_every=every, filters=stats.parent, **settings))
     if kind == "head-wise re-scoring":
         return AdaptivePress(TargetedQFilterPress(n_sink=1, window=2, rescore_every=every, stats=stats, **settings))
+    if kind == "model-wide kvzip":  # KVzip's reconstruction scores, one budget across layers and heads
+        base = kp.KVzipPress(prompt_ids=(5, 6, 7), n_sink=1, window=2, rescore_every=every, **settings)
+        return AdaptivePress(base, normalization="none", scope="model")
     return kp.SnapKVPress(window_size=3, kernel_size=3, rescore_every=every, **settings)
 
 
