@@ -21,9 +21,10 @@ place of its hub download (the published sign convention is shared).
 (:mod:`.ruler_tasks`). The main side writes the prompts (``prompts.json``: context ids, question ids,
 answers, generation budget) and answers them as ``eval ruler`` does (one full prefill, compressed per press,
 question + answer prefix fed uncompressed after it, greedy), rows in ``ours_accuracy.json``. The kvpress side
-prefills each context under each kvpress press (kvpress compresses during its own prefill), then feeds the
-question at its true positions without a press and decodes greedily, as kvpress's pipeline does
-(``theirs_accuracy.json``). The main side scores both with RULER's string match and writes
+compresses each context with each kvpress press during the prefill, as kvpress does (KVzip through its own
+context manager and reconstruction passes; the others share one prefill, each press's own ``compress`` on
+the inputs its hook would get, see :class:`_Fanout`), then feeds the question at its true positions without
+a press and decodes greedily, as kvpress's pipeline does (``theirs_accuracy.json``). The main side scores both with RULER's string match and writes
 ``kvpress_accuracy.{json,md}``: per method and factor, ours vs theirs accuracy, the paired difference, and
 each side's real cache bytes after compression (kvpress's AdaKV and KVzip only mask evicted keys in a
 full-size cache, so theirs count in full). Both sides resume: rerunning a step skips rows already written.
@@ -466,8 +467,12 @@ def accuracy_markdown(result: dict) -> str:
         "uncompressed after it at its true positions, greedy decoding, RULER string match (% of expected strings in "
         "the output). Ours: `eval ruler`'s protocol (one full prefill, each press compressing a copy). kvpress "
         f"{t['kvpress']} (transformers {t['transformers']}, torch {t['torch']}, {t['threads']} thread(s), sdpa attention, "
-        f"its own venv): a prefill per press under the press, the question without a press, as its pipeline does "
-        f"({t['elapsed_s'] / 60:.1f} min, load average {t['load_average_1min']:.1f} at start).",
+        f"its own venv): each press compresses during the prefill ("
+        + ("one prefill per press" if t.get("separate_prefills") else "KVzip with its own prefill and reconstruction passes; the "
+           "others share one prefill, each press's own `compress` on the inputs its hook gets, bit-identical to one pressed "
+           "prefill per press on a checked prompt")
+        + f"), the question without a press, as its pipeline does ({t['elapsed_s'] / 60:.1f} min, load average "
+        f"{t['load_average_1min']:.1f} at start).",
         "",
         "`ours - theirs`: paired difference in points, bootstrap 95% interval over prompts, exact sign test p; "
         "**worse** / **beats** only when the interval excludes zero and p < 0.05. `same text`: prompts whose two "
