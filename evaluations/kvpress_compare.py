@@ -459,7 +459,9 @@ def accuracy_markdown(result: dict) -> str:
     ns = sorted({c["n"] for c in cells}) or [0]
     pct = lambda x: f"{100 * x:.0f}"  # noqa: E731
     md = [
-        "## Side by side with NVIDIA kvpress: task accuracy on the same prompts",
+        "## Side by side with NVIDIA kvpress: task accuracy on the same prompts"
+        + (f" (PARTIAL: {result['compared_rows']} of {result['planned_rows']} planned rows on both sides)"
+           if result["compared_rows"] < result["planned_rows"] else ""),
         "",
         f"Model {s['model']}; RULER-style prompts of {s['length']} tokens, tasks {', '.join(dict.fromkeys(p['task'] for p in s['prompts']))}, "
         f"seeds {sorted({p['seed'] for p in s['prompts']})}; **n = {ns[0] if len(ns) == 1 else f'{ns[0]}-{ns[-1]}'} prompts per row** "
@@ -529,6 +531,8 @@ def main_accuracy(args: argparse.Namespace) -> int:
     ours = json.loads((args.out / "ours_accuracy.json").read_text())
     result = dict(settings=settings, cells=summarize_accuracy(settings, ours["rows"], theirs["rows"]),
                   environment=ours.get("environment") or env, theirs_environment={k: v for k, v in theirs.items() if k != "rows"})
+    result["planned_rows"] = len(settings["prompts"]) * len(_wanted(settings))
+    result["compared_rows"] = sum(c["n"] for c in result["cells"])
     text = accuracy_markdown(result)
     result["settings"] = dict(settings, prompts=[{k: p[k] for k in ("seed", "task", "answers")} for p in settings["prompts"]])
     path = write_result(args.results or RESULTS_DIR, args.name, result, text)

@@ -163,7 +163,10 @@ def test_kvpress_accuracy_exchange_and_scoring_without_kvpress(tiny_model_dir, t
     assert k4["theirs_bytes"] == (niah4 + nbytes[("no_press", 1.0)]) / 2 and k4["bytes_ratio"] < 1
     assert cells[("streaming_llm", 2.0)]["diff"] == 0 and cells[("streaming_llm", 2.0)]["identical"] == 1.0
     md = (res / "kvpress_accuracy.md").read_text()
-    assert "| knorm | x4 |" in md and "n = 2 prompts per row" in md
+    assert "| knorm | x4 |" in md and "n = 2 prompts per row" in md and "PARTIAL" not in md
+    (out / "theirs_accuracy.json").write_text(json.dumps(dict(env, rows=theirs[:-1])))  # kvpress stopped early
+    assert main(argv) == 0
+    assert "(PARTIAL: 9 of 10 planned rows on both sides)" in (res / "kvpress_accuracy.md").read_text()
 
     with pytest.raises(SystemExit, match="other prompts"):  # answers on disk belong to these prompts
         kc.write_prompts(out, dict(prompts, length=512))
