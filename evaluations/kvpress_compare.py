@@ -535,6 +535,7 @@ def main_accuracy(args: argparse.Namespace) -> int:
     result["compared_rows"] = sum(c["n"] for c in result["cells"])
     text = accuracy_markdown(result)
     result["settings"] = dict(settings, prompts=[{k: p[k] for k in ("seed", "task", "answers")} for p in settings["prompts"]])
+    result["outputs"] = dict(ours=ours["rows"], theirs=theirs["rows"])  # the answers behind every cell
     path = write_result(args.results or RESULTS_DIR, args.name, result, text)
     print(text)
     print(f"wrote {path}")
