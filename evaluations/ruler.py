@@ -103,13 +103,18 @@ def generate_rows(model, tokenizer, cache, rows: int, feed_ids: torch.Tensor, sa
     return [tokenizer.decode(ids) for ids in out]
 
 
-def _answer_cell(model, tokenizer, pre, cell: list, feed: torch.Tensor, sample: RulerSample, start: int) -> list[str]:
-    """Every press of one ratio on one prompt: each compresses its copy of the shared prefill, then they
-    answer in one batch, or one by one when their caches do not stack."""
+def compress_cell(model, pre, cell: list) -> list:
+    """Every press of one ratio on one prompt, each compressing its own copy of the shared prefill."""
     caches = []
     for p in cell:
         with press(model, p):
             caches.append(compress_prefilled(model, pre, p))
+    return caches
+
+
+def answer_cell(model, tokenizer, cell: list, caches: list, feed: torch.Tensor, sample: RulerSample, start: int) -> list[str]:
+    """The answers over the compressed ``caches`` of ``cell`` (:func:`compress_cell`): in one batch, or one by
+    one when the caches do not stack."""
     batch = stack_caches(model, caches)
     if batch is not None:
         return generate_rows(model, tokenizer, batch, len(caches), feed, sample, start)
@@ -156,7 +161,8 @@ def run_grid(model, tokenizer, grid: Grid, progress: bool = True, checkpoint: Pa
         with one_reconstruction_per_prompt():  # KVzip's scores do not depend on the ratio
             for factor in grid.factors:
                 cell = [presses[(m, float(factor))] for m in grid.methods]
-                for method, said in zip(grid.methods, _answer_cell(model, tokenizer, pre, cell, feed, s, start)):
+                caches = compress_cell(model, pre, cell)
+                for method, said in zip(grid.methods, answer_cell(model, tokenizer, cell, caches, feed, s, start)):
                     rows.append(dict(meta, method=method, factor=float(factor), score=score(said, s.answers), output=said))
         del pre
         if checkpoint is not None:

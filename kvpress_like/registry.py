@@ -104,7 +104,7 @@ def resolve_press(p: Press | str | None, settings: Mapping[str, Any] | None = No
         if unknown and not _forwards_settings(cls):
             raise UnknownSettings(p, unknown, sorted(valid))
         if parse:
-            hints = {**typing.get_type_hints(cls.__init__), **typing.get_type_hints(cls)}  # a wrapper's own arguments too
+            hints = {**_init_hints(cls), **typing.get_type_hints(cls)}  # a wrapper's own arguments too
             settings = {key: _parse(key, value, hints.get(key, Any)) for key, value in settings.items()}
         return cls(**settings)
     if settings:
@@ -126,6 +126,16 @@ def _split_spec(spec: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"press {spec!r}: write its settings as name:key=value:key=value, got {option!r}")
         own[key.strip()] = value.strip()
     return name.strip(), own
+
+
+def _init_hints(cls: type[Press]) -> dict:
+    """The constructor's annotations, or none where they cannot be resolved: a dataclass's generated
+    ``__init__`` resolves names in the subclass's module, so a field a base class annotates with a name only
+    its own module imports (``os.PathLike``) fails there; ``get_type_hints(cls)`` covers fields per module."""
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except NameError:
+        return {}
 
 
 def _forwards_settings(cls: type[Press]) -> bool:

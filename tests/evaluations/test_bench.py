@@ -118,3 +118,60 @@ def test_lm_eval_batch_speed_through_the_cli(tiny_model_dir, tmp_path):
     result = json.loads((tmp_path / "lm_eval_speed.json").read_text())
     assert result["requests"] == 5 and result["press"] == {"press": "knorm", "ratio": 0.5}
     assert result["agreeing"] == {"1": 5, "2": 5} and all(rate > 0 for rate in result["requests_per_s"].values())
+
+
+def test_kvpress_accuracy_exchange_and_scoring_without_kvpress(tiny_model_dir, tmp_path):
+    """``bench kvpress --accuracy``, main side: the prompts both sides answer, our rows (resumable, cache bytes
+    shrinking with the factor), then, once kvpress's rows are there, one table scored with RULER's match."""
+    import json
+
+    from kvpress_like.cli import main
+    from kvpress_like.evaluations import kvpress_compare as kc
+    from kvpress_like.evaluations.ruler_tasks import score
+
+    out, res = tmp_path / "x", tmp_path / "res"
+    argv = ["bench", "kvpress", "--accuracy", "--model", str(tiny_model_dir), "--out", str(out), "--length", "400",
+            "--tasks", "niah_single_noise,qa", "--methods", "knorm,streaming_llm", "--factors", "2,4", "--results", str(res)]
+    assert main(argv) == 0
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert [(p["seed"], p["task"]) for p in prompts["prompts"]] == [(0, "niah_single_noise"), (0, "qa")]
+    assert all(len(p["context_ids"]) + len(p["question_ids"]) <= 400 and p["answers"] for p in prompts["prompts"])
+    ours = json.loads((out / "ours_accuracy.json").read_text())["rows"]
+    assert len(ours) == 2 * (1 + 2 * 2)  # no press, then each pair at each factor, per prompt
+    nbytes = {(r["method"], r["factor"]): r["cache_bytes"] for r in ours if r["task"] == "qa"}
+    assert nbytes[("knorm", 4.0)] < nbytes[("knorm", 2.0)] < nbytes[("no_press", 1.0)]
+    assert not (res / "kvpress_accuracy.md").exists()  # kvpress's side has not run yet
+
+    # kvpress's side, faked: the same answers, except that its knorm x4 misses on qa and masks in a full cache
+    theirs = [dict(r, prefill_s=0.1) for r in ours]
+    qa = next(p for p in prompts["prompts"] if p["task"] == "qa")
+    for r in theirs:
+        if (r["method"], r["factor"], r["task"]) == ("knorm", 4.0, "qa"):
+            r.update(output="nothing useful", cache_bytes=nbytes[("no_press", 1.0)])
+    env = dict(kvpress="0.5.5", transformers="5.2.0", torch="2", threads=1, load_average_1min=1.0, elapsed_s=6.0)
+    (out / "theirs_accuracy.json").write_text(json.dumps(dict(env, rows=theirs)))
+    assert main(argv) == 0
+    assert len(json.loads((out / "ours_accuracy.json").read_text())["rows"]) == len(ours)  # nothing answered twice
+    cells = {(c["method"], c["factor"]): c for c in json.loads((res / "kvpress_accuracy.json").read_text())["cells"]}
+    assert list(cells) == [("no_press", 1.0), ("streaming_llm", 2.0), ("knorm", 2.0), ("streaming_llm", 4.0), ("knorm", 4.0)]  # PAIRS order
+    mine = next(r for r in ours if (r["method"], r["factor"], r["task"]) == ("knorm", 4.0, "qa"))
+    gap = score(mine["output"], qa["answers"]) - score("nothing useful", qa["answers"])
+    k4 = cells[("knorm", 4.0)]
+    assert k4["n"] == 2 and k4["identical"] == 0.5 and k4["diff"] == pytest.approx(gap / 2)
+    niah4 = next(r["cache_bytes"] for r in ours if (r["method"], r["factor"], r["task"]) == ("knorm", 4.0, "niah_single_noise"))
+    assert k4["ours_bytes"] == (niah4 + nbytes[("knorm", 4.0)]) / 2
+    assert k4["theirs_bytes"] == (niah4 + nbytes[("no_press", 1.0)]) / 2 and k4["bytes_ratio"] < 1
+    assert cells[("streaming_llm", 2.0)]["diff"] == 0 and cells[("streaming_llm", 2.0)]["identical"] == 1.0
+    md = (res / "kvpress_accuracy.md").read_text()
+    assert "| knorm | x4 |" in md and "n = 2 prompts per row" in md and "PARTIAL" not in md
+    (out / "theirs_accuracy.json").write_text(json.dumps(dict(env, rows=theirs[:-1])))  # kvpress stopped early
+    assert main(argv) == 0
+    assert "(PARTIAL: 9 of 10 planned rows on both sides)" in (res / "kvpress_accuracy.md").read_text()
+
+    with pytest.raises(SystemExit, match="other prompts"):  # answers on disk belong to these prompts
+        kc.write_prompts(out, dict(prompts, length=512))
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install kvpress"):
+            kc.run_theirs_accuracy(out)

@@ -164,6 +164,9 @@ def test_first_seed_and_press_variants_written_as_name_key_value(tok):
     p = build_press(grid.methods[0], ratio=0.75)
     assert (type(p.base).__name__, p.base.ratio, p.normalization, p.scope) == ("KVzipPress", 0.75, "none", "model")
     assert build_press("kvzip:n_sink=4:chunk_size=64", ratio=0.5).n_sink == 4
+    # a base declared in another module than the field's annotation (CalibratedPress's ``os.PathLike``)
+    p = build_press("adakv:base=expected_attention_calibrated:rank=3", ratio=0.75)
+    assert (type(p.base).__name__, p.base.rank, p.base.ratio) == ("ExpectedAttentionPress", 3, 0.75)
     with pytest.raises(ValueError, match="name:key=value"):
         build_press("kvzip:n_sink", ratio=0.5)
     with pytest.raises(ValueError, match="scores each layer as its keys arrive"):
