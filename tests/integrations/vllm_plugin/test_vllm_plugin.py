@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,25 +115,35 @@ def generate(llm, prompts, sampling) -> list[list[int]]:
 def masked_greedy(model, ids: list[int], kept, steps: int) -> list[int]:
     """Greedy tokens of the uncompressed model whose attention hides every pair a compaction evicted: ``kept``
     is layer -> (kv_heads, K) positions kept after the prefill, or the plugin's history of compactions
-    ``[(tokens in the cache then, kept positions by layer), ...]``; tokens that came later stay visible."""
+    ``[(tokens in the cache then, kept positions by layer), ...]`` (after each prefill chunk, and past a
+    decoding budget). The prompt is fed in the chunks between compactions; each call sees the pairs of the
+    last compaction before it and every token that came after it."""
     history = [(len(ids), kept)] if isinstance(kept, dict) else kept
     from transformers import DynamicCache
 
     from helpers import REFERENCE, MaskedReference
     from kvpress_like.integrations.transformers import cache_kwargs
 
+    def visible(p: int):  # what a call whose first token sits at position p sees of the cache
+        before = [(e, k) for e, k in history if e <= p]
+        if not before:
+            return None
+        end, last = before[-1]
+        tail = torch.arange(end, p).expand(next(iter(last.values())).shape[0], -1)
+        return {layer: torch.cat([k, tail], dim=-1)[None] for layer, k in last.items()}
+
     ref = MaskedReference()
     model.config._attn_implementation = REFERENCE
     cache = DynamicCache()
+    bounds = [0, *sorted({e for e, _ in history if e < len(ids)}), len(ids)]
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), **cache_kwargs(cache)).logits
+            for first, last in zip(bounds, bounds[1:]):
+                ref.kept = visible(first)
+                logits = model(torch.tensor([ids[first:last]]), **cache_kwargs(cache)).logits
             tokens = [int(logits[0, -1].argmax())]
             for step in range(steps - 1):
-                p = len(ids) + step  # position of the token this step feeds
-                end, last = [(e, k) for e, k in history if e <= p][-1]
-                tail = torch.arange(end, p).expand(last[0].shape[0], -1)
-                ref.kept = {layer: torch.cat([k, tail], dim=-1)[None] for layer, k in last.items()}
+                ref.kept = visible(len(ids) + step)  # the position of the token this step feeds
                 logits = model(torch.tensor([[tokens[-1]]]), **cache_kwargs(cache)).logits
                 tokens.append(int(logits[0, -1].argmax()))
     finally:
@@ -141,16 +152,22 @@ def masked_greedy(model, ids: list[int], kept, steps: int) -> list[int]:
 
 
 def pressed_kept(model, p, ids: list[int]) -> dict[int, torch.Tensor]:
-    """Positions ``press()`` keeps per layer after prefilling ``ids`` in transformers."""
+    """Positions ``press()`` keeps per layer after prefilling ``ids`` in transformers, in chunks of the press's
+    ``prefill_chunk_size`` (pruned after each, as ``generate()`` does) or in one call."""
     from transformers import DynamicCache
 
     from helpers import kept_positions
-    from kvpress_like.integrations.transformers import cache_kwargs
+    from kvpress_like.cache_ops import chunked_prefill
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model, p):
-        model(torch.tensor([ids]), **cache_kwargs(cache))
+        chunked_prefill(model, torch.tensor([ids]), cache, p.policy.prefill_chunk)
     return {layer: pos[0] for layer, pos in kept_positions(cache).items()}
+
+
+def as_tensors(kept: dict) -> dict[int, torch.Tensor]:
+    """A run_engine kept-positions dict (JSON: string layers, lists) as layer -> tensor."""
+    return {int(layer): torch.tensor(k) for layer, k in kept.items()}
 
 
 def test_ratio_zero_and_uncompressed_requests_are_bit_identical_to_stock_vllm(engine, model_dir):
@@ -258,15 +275,70 @@ def test_mixed_batch_matches_each_request_run_alone(engine, filters):
     assert batched == alone
 
 
-def test_chunked_prefill_compresses_once_the_prompt_is_complete(model_dir, hf_model):
-    ids = prompt(7, 192)  # three 64-token chunks
-    run = run_engine(model_dir, [ids], [greedy()], multiprocess=False, max_num_batched_tokens=64,
-                     additional_config={"kvpress_like": {"press": "knorm", "ratio": 0.5}})
-    kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][0].items()}
-    assert all(k.shape == (2, 96) for k in kept.values())
-    for layer, positions in pressed_kept(hf_model, get_press("knorm", ratio=0.5), ids).items():
-        assert torch.equal(kept[layer], positions)
-    assert run["tokens"][0] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
+def test_chunked_prefill_compacts_after_every_chunk_like_press_with_that_chunk_size(model_dir, hf_model, filters):
+    """vLLM prefills a 256-token prompt in four 64-token chunks; the plugin compacts after each one (ratio 0.5
+    drops one more block per chunk), so the request never holds more than its kept pairs plus one chunk (5
+    blocks, against the 8 of its prompt), and its kept sets equal ``press()``'s with ``prefill_chunk_size=64``
+    for every (layer, head); greedy tokens equal the reference that masks chunk by chunk. A window larger than
+    a chunk's target is kept whole, as ``press()`` keeps it."""
+    chunk, n = 64, 256
+    halves = [(64, 128, 192, 256), (32, 64, 96, 128), 5]  # compacted at, pairs kept, most blocks held
+    presses = [({"press": "knorm", "ratio": 0.5}, *halves),
+               ({"press": "qfilters", "ratio": 0.5, "filters": filters}, *halves),
+               ({"press": "streaming_llm", "ratio": 0.5, "n_sink": 4}, *halves),
+               # ratio 0.75 keeps 16, 32, 48, 64 pairs, below the 64-token window: the first chunk is all window
+               ({"press": "knorm", "ratio": 0.75, "window": 64}, (128, 192, 256), (64, 64, 64), 4)]
+    prompts = [prompt(7 + i, n) for i in range(len(presses))]
+    # then two requests side by side, whose chunks vLLM cuts wherever its 64-token budget runs out
+    shared = [prompt(30, 200), prompt(31, 170)]
+    knorm = {"press": "knorm", "ratio": 0.75}
+    rounds = [[i] for i in range(len(presses))] + [[len(presses), len(presses) + 1]]  # alone: 64-token chunks
+    run = run_engine(model_dir, prompts + shared, [greedy(settings=s) for s, *_ in presses] + [greedy(settings=knorm)] * 2,
+                     multiprocess=False, rounds=rounds, max_num_batched_tokens=chunk,
+                     additional_config={"kvpress_like": {}})
+    for i, ((settings, ends, counts, blocks), ids) in enumerate(zip(presses, prompts)):
+        history = [(end, as_tensors(kept)) for end, kept in run["history"][i]]
+        assert [end for end, _ in history] == list(ends)
+        assert [{k.shape for k in kept.values()} for _, kept in history] == [{(2, c)} for c in counts]
+        assert run["peak_blocks"][i] == blocks < n // BLOCK  # at most the last chunk beside the pairs kept before it
+        p = get_press(settings["press"], prefill_chunk_size=chunk, **{k: v for k, v in settings.items() if k != "press"})
+        for layer, positions in pressed_kept(hf_model, p, ids).items():
+            assert torch.equal(history[-1][1][layer], positions), f"{settings} layer {layer}: kept sets differ"
+        assert run["tokens"][i] == masked_greedy(hf_model, ids, history, NEW_TOKENS)
+    once = pressed_kept(hf_model, get_press("knorm", ratio=0.5), prompts[0])
+    assert any(not torch.equal(k, once[layer]) for layer, k in as_tensors(run["kept"][0]).items())  # not one pruning
+
+    def dropped(end: int) -> int:  # ratio 0.75's target of the tokens seen, rounded up to whole dropped blocks
+        return math.floor(0.75 * end) // BLOCK * BLOCK
+
+    ends = []
+    for i, ids in enumerate(shared, start=len(presses)):
+        history = [(end, as_tensors(kept)) for end, kept in run["history"][i]]
+        ends += [end for end, _ in history]
+        assert all(k.shape == (2, end - dropped(end)) for end, kept in history for k in kept.values())
+        assert dropped(history[-1][0]) == dropped(len(ids))  # a last chunk that frees no block is not compacted
+        assert run["tokens"][i] == masked_greedy(hf_model, ids, history, NEW_TOKENS)
+    assert any(end % BLOCK for end in ends)  # some chunks end mid-block
+    assert run["free_blocks"] == run["blocks"]
+
+
+def test_compressed_requests_are_admitted_when_what_they_will_hold_fits(model_dir, hf_model):
+    """23 usable blocks, two 576-token prompts (18 blocks each), 64-token chunks. vLLM admits a request only when
+    its whole prompt fits: stock, the second waits for the first to finish. Compressed (ratio 0.75), a request
+    never holds more than its 160 kept pairs plus one chunk (7 blocks), so the second is admitted beside the
+    first, without preemption; both still equal their masking reference."""
+    prompts = [prompt(40, 576), prompt(41, 576)]
+    engine = dict(multiprocess=False, max_model_len=640, kv_cache_memory_bytes=24 * 64 << 10, max_num_batched_tokens=64)
+    knorm = {"press": "knorm", "ratio": 0.75}
+    stock = run_engine(model_dir, prompts, [greedy()] * 2, additional_config={"kvpress_like": {}}, **engine)
+    run = run_engine(model_dir, prompts, [greedy()] * 2, additional_config={"kvpress_like": knorm}, **engine)
+    assert stock["blocks"] == 23 and stock["peak_running"] == 1
+    assert run["peak_running"] == 2 and run["preemptions"] == 0
+    assert max(run["peak_blocks"]) <= 7
+    for i, ids in enumerate(prompts):
+        history = [(end, as_tensors(kept)) for end, kept in run["history"][i]]
+        assert run["tokens"][i] == masked_greedy(hf_model, ids, history, NEW_TOKENS)
+    assert run["free_blocks"] == run["blocks"]
 
 
 def test_preempted_compressed_requests_are_recomputed_and_leak_no_blocks(model_dir):
@@ -302,7 +374,7 @@ def test_prefix_caching_serves_uncompressed_requests_and_compressed_ones_stay_ou
     assert tokens[hit_a] == tokens[again_a] == tokens[plain_a]
     assert tokens[plain_a] == generate(engine, [a], params(None))[0]  # = no prefix caching (module engine)
     for i, ids in ((compressed_a, a), (compressed_c, c)):
-        kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][i].items()}
+        kept = as_tensors(run["kept"][i])
         for layer, positions in pressed_kept(hf_model, get_press("knorm", ratio=0.5), ids).items():
             assert torch.equal(kept[layer], positions)
         assert tokens[i] == masked_greedy(hf_model, ids, kept, NEW_TOKENS)
@@ -324,7 +396,7 @@ def test_tensor_parallel_ranks_score_their_own_heads_and_keep_the_same_count(eng
     run = run_engine(model_dir, prompts, [greedy(settings=qfilters), greedy(settings=knorm), greedy(settings=None)],
                      multiprocess=False, tensor_parallel_size=2, additional_config={"kvpress_like": {}})
     for i, (settings, ids) in enumerate(zip((qfilters, knorm), prompts)):
-        kept = {int(layer): torch.tensor(k) for layer, k in run["kept"][i].items()}
+        kept = as_tensors(run["kept"][i])
         p = get_press(settings["press"], **{k: v for k, v in settings.items() if k != "press"})
         for layer, positions in pressed_kept(hf_model, p, ids).items():
             assert kept[layer].shape == (2, N_PROMPT // 2)  # rank 0's head, then rank 1's, the same count
@@ -356,6 +428,8 @@ def test_query_dependent_and_unsupported_settings_are_refused():
         press_from_settings({"press": "snapkv", "ratio": 0.5})
     with pytest.raises(ValueError, match="skip_layers"):
         press_from_settings({"press": "knorm", "ratio": 0.5, "skip_layers": [0]})
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        press_from_settings({"press": "knorm", "ratio": 0.5, "prefill_chunk_size": 64})
     with pytest.raises(KeyError, match="unknown press"):
         press_from_settings({"press": "nope"})
     assert press_from_settings({}) is None
