@@ -239,14 +239,37 @@ def summarize(result: dict) -> dict:
                 per["mean"] = dict(n=total, mean=mean, **dict(zip(("lo", "hi"), stats.wilson(mean * total, total))))
                 cell["methods"][method] = per
                 if method != "no_press":
-                    d = stratified_mean(diffs)
-                    flat = [v for x in diffs for v in x]
-                    p = stats.mcnemar_p(sum(v > 0 for v in flat), sum(v < 0 for v in flat))  # sign test over prompts
-                    verdict = stats.verdict(d["lo"], d["hi"]) if p < 0.05 else "no difference shown"
-                    vs["mean"] = dict(diff=d["mean"], lo=d["lo"], hi=d["hi"], n=d["n"], p=p, verdict=verdict)
+                    vs["mean"] = _paired_mean(diffs)
                     cell["vs_no_press"][method] = vs
+            for base in result.get("versus", []):  # press against press, on the prompts both answered
+                cell.setdefault("versus", {})[base] = {
+                    method: _paired_mean(diffs) for method in s["methods"] if method != base
+                    and (diffs := _diffs(rows, length, factor, tasks, method, base)) is not None
+                }
             cells.append(cell)
     return dict(cells=cells)
+
+
+def _diffs(rows, length, factor, tasks, a: str, b: str) -> list[list[float]] | None:
+    """Per task, ``a - b`` on the prompts both answered (``None`` unless both answered every task)."""
+    out = []
+    for t in tasks:
+        x, y = _scores(rows, length, a, factor, t), _scores(rows, length, b, factor, t)
+        common = sorted(set(x) & set(y))
+        if not common:
+            return None
+        out.append([x[k] - y[k] for k in common])
+    return out
+
+
+def _paired_mean(diffs: list[list[float]]) -> dict:
+    """The mean over tasks of paired differences: stratified bootstrap interval and a sign test over prompts."""
+    d = stratified_mean(diffs)
+    flat = [v for x in diffs for v in x]
+    p = stats.mcnemar_p(sum(v > 0 for v in flat), sum(v < 0 for v in flat))
+    verdict = stats.verdict(d["lo"], d["hi"]) if p < 0.05 else "no difference shown"
+    return dict(diff=d["mean"], lo=d["lo"], hi=d["hi"], n=d["n"], p=p, verdict=verdict,
+                wins=sum(v > 0 for v in flat), losses=sum(v < 0 for v in flat))
 
 
 def merge(parts: list[dict]) -> dict:
@@ -328,6 +351,14 @@ def markdown(result: dict) -> str:
                 factor = "x1" if method == "no_press" else f"x{c['factor']:g}"
                 md.append(f"| {factor} | {method} | **{fmt(per['mean'])}** | {cmp} | " + " | ".join(fmt(per[t]) for t in tasks) + " |")
             first = False
+        for base in result.get("versus", []):
+            md += ["", f"Paired against `{base}` ({length} tokens; mean over tasks, points, on the prompts both answered):", "",
+                   "| factor | press | minus " + base + " | wins / losses |", "|---|---|---|---|"]
+            for c in rows:
+                for method, d in c.get("versus", {}).get(base, {}).items():
+                    verdict = f" **{d['verdict']}**" if d["verdict"] != "no difference shown" else ""
+                    md.append(f"| x{c['factor']:g} | {method} | {100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}], "
+                              f"p={d['p']:.2g}{verdict} | {d['wins']} / {d['losses']} |")
     return "\n".join(md + markdown_footer(result))
 
 
@@ -388,6 +419,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "partial), or re-render <name>.json when no worker files are left")
     parser.add_argument("--name", default=None, help="basename of the result files (default ruler / ruler.quick); "
                                                      "rerunning the same command resumes from <name>.checkpoint.json")
+    parser.add_argument("--versus", action="append", default=[], metavar="PRESS",
+                        help="also pair every press against PRESS (repeatable), e.g. --versus kvzip")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULT",
                         help="write one result (--name) from finished results (<name>.json) of the same prompts with other "
                              "presses; rows both hold must agree")
@@ -423,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
     if args.merge is not None:
         result = merge([json.loads(path.read_text()) for path in args.merge])
         result["environment"] = environment()
-        return _write(args.out, name, result)
+        return _write(args.out, name, result, versus=args.versus)
     shard = _parse_shard(args.shard)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
@@ -441,7 +474,7 @@ def main(args: argparse.Namespace) -> int:
     result = run_grid(model, tokenizer, grid, checkpoint=checkpoint)
     result.update(model=args.model, environment=env)
     checkpoint.unlink(missing_ok=True)
-    return _write(args.out, name, result, figures=shard is None)
+    return _write(args.out, name, result, figures=shard is None, versus=args.versus)
 
 
 def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
@@ -467,7 +500,7 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     for n in names:  # a finished shard's result, else (--summarize) its checkpoint
         path = next((p for p in (args.out / f"{n}.json", args.out / f"{n}.checkpoint.json") if p.exists()), None)
         if path is None and args.summarize and (args.out / f"{name}.json").exists() and not parts:
-            return _write(args.out, name, json.loads((args.out / f"{name}.json").read_text()))  # re-render a result
+            return _write(args.out, name, json.loads((args.out / f"{name}.json").read_text()), versus=args.versus)  # re-render
         if path is None:
             raise SystemExit(f"no result or checkpoint of {n} in {args.out}: run the command without --summarize first")
         parts.append(json.loads(path.read_text()))
@@ -477,7 +510,7 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
         environment=dict(environment(), torch_threads=1, jobs=args.jobs),
         elapsed_s=max(p["elapsed_s"] for p in parts) if args.summarize else time.time() - start,
     )
-    code = _write(args.out, name, result)
+    code = _write(args.out, name, result, versus=args.versus)
     if not args.summarize:
         for n in names:
             for suffix in (".json", ".md"):
@@ -485,8 +518,13 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     return code
 
 
-def _write(out: Path, name: str, result: dict, figures: bool = True) -> int:
+def _write(out: Path, name: str, result: dict, figures: bool = True, versus: list[str] | None = None) -> int:
     s = result["settings"]
+    if versus:
+        missing = [v for v in versus if v not in s["methods"]]
+        if missing:
+            raise SystemExit(f"--versus {', '.join(missing)}: not a press of this run ({', '.join(s['methods'])})")
+        result["versus"] = list(versus)
     result["prompts"] = len({(r["seed"], r["length"], r["task"]) for r in result["rows"]})
     result["planned"] = len(prompt_order(Grid(**dict(s, shard=None))))
     result["partial"] = s["shard"] is None and result["prompts"] < result["planned"]

@@ -128,6 +128,12 @@ def test_intervals_and_paired_summary():
     assert cell["vs_no_press"]["m"]["a"]["only_b"] == 2  # McNemar counts for 0/1 tasks
     assert cell["vs_no_press"]["m"]["mean"]["p"] == pytest.approx(ruler.stats.mcnemar_p(0, 4))  # sign test, 4 of 6 worse
     assert cell["vs_no_press"]["m"]["mean"]["verdict"] == "no difference shown"  # p = 0.125: too few prompts
+    # --versus: press against press on the same prompts (here m2 wins where m lost, on seeds 1 and 2 of task a)
+    rows += [dict(seed=i, length=8, task=t, method="m2", factor=2.0, score=float(t == "a" or i == 0)) for t in ("a", "b") for i in range(3)]
+    (cell,) = ruler.summarize(dict(settings=dict(settings, methods=["m", "m2"]), rows=rows, versus=["m"]))["cells"]
+    vs = cell["versus"]["m"]["m2"]
+    assert (vs["wins"], vs["losses"], vs["diff"]) == (2, 0, pytest.approx(1 / 3))
+    assert "m" not in cell["versus"]["m"]
 
 
 def _tiny():
