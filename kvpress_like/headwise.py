@@ -378,13 +378,27 @@ class HeadwisePressedLayer(PressedLayer):
         return kv_length, max(0, self.tokens_given + query_length - kv_length)
 
     # -- batch operations ---------------------------------------------------------------------------------
-    def _refuse_batch_ops(self, *args) -> None:
-        raise NotImplementedError(
-            "a head-wise compressed cache stores its rows flattened and cannot be reordered or repeated by row "
-            "(beam search, batch expansion); use num_beams=1, or a uniform press."
-        )
+    def _rows_op(self, fn) -> None:
+        """Repeat or select rows (``fn`` on dimension 0), re-laying the kept pairs out: the pipeline's batched
+        questions and generate()'s ``num_return_sequences`` expand one compressed row."""
+        if self._k is not None:
+            pos, score = self.positions, self.scores
+            self._keep(fn(self.keys), fn(self.values), fn(pos), None if score is None else fn(score), fn(pos) >= 0)
+        self.rows = self.rows.map(fn)
+        if self.shares is not None:
+            self.shares = fn(torch.tensor(self.shares)).tolist()
 
-    reorder_cache = batch_repeat_interleave = batch_select_indices = _refuse_batch_ops
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows_op(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows_op(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError(
+            "beam search reorders a head-wise compressed cache at every step, which it does not support; use "
+            "num_beams=1, or a uniform press."
+        )
 
     def _map_buffers(self, fn) -> None:  # device moves (offload/prefetch) only
         for name in ("_k", "_v", "_pos", "_score", "lengths", "starts", "caps"):

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from kvpress_like.methods.adaptive import AdaptivePress
+from kvpress_like.methods.kvzip import KVzipPress
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, pipeline
 
@@ -176,6 +177,19 @@ def test_questions_of_different_lengths_share_one_padded_batch(pipe):
     alone = pipe(CONTEXT, questions=questions, press=KnormPress(ratio=0.75), question_batch_size=1, **GREEDY)
     assert len(calls) == 1 and not bool(calls[0].all()), "one left-padded batch for the three questions"
     assert batched["answers"] == alone["answers"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: AdaptivePress(KnormPress(ratio=0.75)),
+    lambda: AdaptivePress(KVzipPress(prompt_ids=(5, 6, 7), ratio=0.75), normalization="none", scope="model"),
+], ids=["adakv", "kvzip-model-wide"])
+def test_headwise_cache_answers_a_padded_batch_of_questions_like_one_by_one(pipe, make):
+    """A head-wise compressed context (ragged heads, one flat buffer per layer) is repeated per question and
+    answers a left-padded batch exactly as each question alone."""
+    questions = ["Who?", "What is this text about?", "Which keyword is described first, and why is it there?"]
+    batched = pipe(CONTEXT, questions=questions, press=make(), **GREEDY)
+    alone = pipe(CONTEXT, questions=questions, press=make(), question_batch_size=1, **GREEDY)
+    assert batched["answers"] == alone["answers"] and batched["kv_bytes"] == alone["kv_bytes"]
 
 
 def test_press_by_name_with_settings_equals_instance(pipe):
