@@ -256,7 +256,7 @@ class AdaptivePress(Press):
 
 def _model_totals(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
     """Per head-wise layer, each row's pairs when the rows' budgets summed over ``layers`` go to the best
-    (layer, head, token) triples of all of them (``{}`` when a row is under budget or uncompressed)."""
+    (layer, head, token) triples of all of them (``{}`` when a layer is not compressing this call)."""
     ranked = [layer.ranked_rows(scores[layer]) for layer in layers]
     if any(targets is None for _, targets in ranked):
         return {}
@@ -266,7 +266,8 @@ def _model_totals(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
         budget = sum(targets[r] * value.shape[1] for value, targets in ranked)
         flat = torch.cat(values)
         n_keep = min(budget, int((flat > float("-inf")).sum()))
-        owner = torch.repeat_interleave(torch.arange(len(values)), torch.tensor([v.numel() for v in values]))
+        sizes = torch.tensor([v.numel() for v in values], device=flat.device)
+        owner = torch.repeat_interleave(torch.arange(len(values), device=flat.device), sizes)
         counts = torch.bincount(owner[flat.topk(n_keep, sorted=False).indices], minlength=len(values))
         for layer, count in zip(layers, counts.tolist()):
             totals[layer].append(count)

@@ -69,7 +69,8 @@ def test_ask_without_press_says_so_and_shows_prefill_progress(tiny_model_dir, tm
 def test_ask_help_shows_defaults_and_version_is_printed(capsys):
     assert cli.main(["ask", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "(default: streaming_llm," in out and "(default: 0.5)" in out and "(default: smollm2-135m)" in out
+    assert "(default: adakv:base=kvzip:normalization=none:scope=model," in out and "(default: 0.75)" in out
+    assert "(default: smollm2-135m)" in out
     with pytest.raises(SystemExit) as exit:
         cli.main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out.startswith("kvpress-like 0.1")
@@ -100,4 +101,7 @@ def test_benchmark_note_states_the_measured_cell_or_says_it_was_not_measured():
     assert note.startswith("offline RULER-style benchmark (smollm2-135m, 2048 tokens): qfilters x8 scored ")
     assert re.search(r"scored \d+% \[\d+, \d+\] vs \d+% with no press \(n=\d+ prompts", note), note
     assert "was not measured" in benchmark_note("smollm2-135m", "qfilters", 0.6)
+    from kvpress_like.cli.ask import DEFAULT_PRESS, DEFAULT_RATIO  # ask's default is a measured cell
+
+    assert " scored " in benchmark_note("smollm2-135m", DEFAULT_PRESS, DEFAULT_RATIO)
     assert benchmark_note("some/other-model", "qfilters", 0.875) is None
