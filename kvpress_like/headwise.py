@@ -208,16 +208,11 @@ class HeadwisePressedLayer(PressedLayer):
             fresh = torch.full(where.shape, float("inf"), device=where.device) if score is None else score.reshape(-1).float()
             self._score.index_copy_(0, where, fresh)
 
-    def _allocate_rows(self, scores, pos, reading, targets: list[int], head_dim: int,
-                       totals: list[int] | None = None) -> torch.Tensor:
-        """The kept mask: each row's layer budget (``totals``, else ``target x kv_heads``) shared across its
-        heads by the press."""
-        rows = []
-        for r, target in enumerate(targets):
-            total = None if totals is None else totals[r]
-            rows.append(self.press.allocate(scores[r : r + 1], pos[r : r + 1], self._row_seen(reading, r), target,
-                                            head_dim, total))
-        return torch.cat(rows, dim=0)
+    def _allocate_rows(self, scores, pos, reading, targets: list[int], head_dim: int, budgets: list[int]) -> torch.Tensor:
+        """The kept mask: each row's layer budget (``budgets`` pairs) shared across its heads by the press, each
+        head's floor taken from its row's per-head ``targets``."""
+        return torch.cat([self.press.allocate(scores[r : r + 1], pos[r : r + 1], self._row_seen(reading, r), target,
+                                              head_dim, budgets[r]) for r, target in enumerate(targets)], dim=0)
 
     def _row_seen(self, reading, r: int):
         return reading[r : r + 1] if self.rows.padded else int(reading[r])
@@ -338,19 +333,20 @@ class HeadwisePressedLayer(PressedLayer):
                   for r, t in enumerate(targets)]
         return torch.cat(values, dim=0), targets
 
-    def prune_by(self, scores: torch.Tensor, totals: list[int] | None = None) -> None:
+    def prune_by(self, scores: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Re-allocate across heads now, ranking the kept pairs by ``scores`` ``(batch, kv_heads, W)`` (higher
-        kept; they become the stored scores): for presses that score after a call (KVzip). ``totals``: each
-        row's pairs in this layer as a budget shared across layers decided (kept as the row's share)."""
+        kept; they become the stored scores): for presses that score after a call (KVzip). ``keep``: the pairs a
+        budget shared across layers chose here; each row's count is kept as its share of this layer's budget."""
         reading, live, scores = self._ranking_inputs(scores)
-        targets, keep, d = self._row_targets(reading, decoding=False), live >= 0, self._k.shape[-1]
-        if targets is not None:
-            if totals is not None:
-                self.shares = [total / (t * self.lengths.shape[1]) for total, t in zip(totals, targets)]
-            budget = self._budgets(targets) if totals is None else totals
-            if any(int(n) > m for n, m in zip(self.lengths.sum(-1), budget)):
-                keep = self._allocate_rows(scores, live, reading, targets, d, budget)
-        self._keep(self.keys, self.values, live, scores, keep)
+        targets = self._row_targets(reading, decoding=False)
+        if targets is not None and keep is not None:
+            heads = self.lengths.shape[1]
+            self.shares = [int(n) / (t * heads) for n, t in zip(keep.sum((1, 2)), targets)]
+        elif targets is not None:
+            budgets = self._budgets(targets)
+            if any(n > m for n, m in zip(self._row_totals(), budgets)):
+                keep = self._allocate_rows(scores, live, reading, targets, self._k.shape[-1], budgets)
+        self._keep(self.keys, self.values, live, scores, live >= 0 if keep is None else keep)
 
     def wants_own_mask(self, attention_mask, key) -> bool:
         return True  # heads hold different tokens: only a per-head mask from true positions describes them
@@ -382,8 +378,8 @@ class HeadwisePressedLayer(PressedLayer):
         """Repeat or select rows (``fn`` on dimension 0), re-laying the kept pairs out: the pipeline's batched
         questions and generate()'s ``num_return_sequences`` expand one compressed row."""
         if self._k is not None:
-            pos, score = self.positions, self.scores
-            self._keep(fn(self.keys), fn(self.values), fn(pos), None if score is None else fn(score), fn(pos) >= 0)
+            pos, score = fn(self.positions), self.scores
+            self._keep(fn(self.keys), fn(self.values), pos, None if score is None else fn(score), pos >= 0)
         self.rows = self.rows.map(fn)
         if self.shares is not None:
             self.shares = fn(torch.tensor(self.shares)).tolist()

@@ -190,7 +190,7 @@ def accepted_settings(p: Press | str | None) -> set[str]:
     ``**settings`` (AdaKV) accepts those of every registered press."""
     if p is None:
         return set()
-    cls = press_class(p.split(":")[0].strip()) if isinstance(p, str) else type(p)
+    cls = press_class(_split_spec(p)[0]) if isinstance(p, str) else type(p)
     if not _forwards_settings(cls):
         return press_settings(cls)
     return press_settings(cls).union(*(press_settings(press_class(name)) for name in list_presses()))

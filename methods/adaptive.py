@@ -243,32 +243,30 @@ class AdaptivePress(Press):
 
     def prune_layers(self, layers: list, scores: dict) -> None:
         """Prune every pressed layer of one cache by the scores a press gave after a call (``scores[layer]``,
-        KVzip's reconstruction): each head-wise layer across its heads, or with ``scope="model"`` every
-        head-wise layer's share first decided by ranking all of them together (module docstring)."""
+        KVzip's reconstruction): each head-wise layer across its heads, or with ``scope="model"`` the best
+        (layer, head, token) triples of all head-wise layers together (module docstring)."""
         headwise = [layer for layer in layers if isinstance(layer, HeadwisePressedLayer)]
-        totals = _model_totals(headwise, scores) if self.scope == "model" and headwise else {}
+        chosen = _model_keep(headwise, scores) if self.scope == "model" and headwise else {}
         for layer in layers:
-            if layer in totals:
-                layer.prune_by(scores[layer], totals[layer])
+            if layer in chosen:
+                layer.prune_by(scores[layer], keep=chosen[layer])
             else:
                 layer.prune_by(scores[layer])
 
 
-def _model_totals(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
-    """Per head-wise layer, each row's pairs when the rows' budgets summed over ``layers`` go to the best
-    (layer, head, token) triples of all of them (``{}`` when a layer is not compressing this call)."""
+def _model_keep(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
+    """Per head-wise layer, the kept mask ``(batch, kv_heads, W)`` when each row's budgets summed over ``layers``
+    go to the best (layer, head, token) triples of all of them, ranked once (``{}`` when a layer is not
+    compressing this call)."""
     ranked = [layer.ranked_rows(scores[layer]) for layer in layers]
     if any(targets is None for _, targets in ranked):
         return {}
-    totals: dict = {layer: [] for layer in layers}
-    for r in range(ranked[0][0].shape[0]):
-        values = [value[r].flatten() for value, _ in ranked]
+    keeps = [torch.zeros_like(value, dtype=torch.bool) for value, _ in ranked]
+    for r in range(keeps[0].shape[0]):
+        flat = torch.cat([value[r].flatten() for value, _ in ranked])
         budget = sum(targets[r] * value.shape[1] for value, targets in ranked)
-        flat = torch.cat(values)
-        n_keep = min(budget, int((flat > float("-inf")).sum()))
-        sizes = torch.tensor([v.numel() for v in values], device=flat.device)
-        owner = torch.repeat_interleave(torch.arange(len(values), device=flat.device), sizes)
-        counts = torch.bincount(owner[flat.topk(n_keep, sorted=False).indices], minlength=len(values))
-        for layer, count in zip(layers, counts.tolist()):
-            totals[layer].append(count)
-    return totals
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[flat.topk(min(budget, int((flat > float("-inf")).sum())), sorted=False).indices] = True
+        for keep, piece in zip(keeps, chosen.split([k[r].numel() for k in keeps])):
+            keep[r] = piece.view_as(keep[r])
+    return dict(zip(layers, keeps))
