@@ -195,7 +195,7 @@ def parse_list(text: str, kind=str) -> list:
 @contextmanager
 def one_reconstruction_per_prompt() -> Iterator[None]:
     """Inside this block KVzip's reconstruction pass runs once per distinct (tokens, cache length, pressed
-    layers, repeat prompt, chunk size) and its scores are reused.
+    layers, :meth:`~kvpress_like.methods.kvzip.KVzipPress.framing`) and its scores are reused.
 
     An evaluation compresses copies of one shared full prefill for every ratio; KVzip's scores depend on the
     full cache and the re-read tokens only (the ratio changes the selection, not the scores), so one pass per
@@ -207,9 +207,11 @@ def one_reconstruction_per_prompt() -> Iterator[None]:
 
     original, memo = kvzip.reconstruction_scores, {}
 
-    def shared(model, cache, ids: torch.Tensor, p):
+    def shared(model, cache, ids: torch.Tensor, p, row=None, mask=None):
+        if mask is not None:  # a padded batch's row: not an evaluation's shared prefill
+            return original(model, cache, ids, p, row, mask)
         pressed = tuple(i for i, layer in enumerate(cache.layers) if isinstance(layer, PressedLayer))  # skip_layers
-        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), cache.get_seq_length(), pressed, p._ids, p.chunk_size)
+        key = (tuple(ids.flatten().tolist()), tuple(ids.shape), cache.get_seq_length(), pressed, p.framing())
         if key not in memo:
             memo[key] = original(model, cache, ids, p)
         return memo[key]

@@ -51,6 +51,7 @@ from kvpress_like.base import Press
 from kvpress_like.cache import PressedLayer
 from kvpress_like.cache_ops import fork_cache
 from kvpress_like.data import passkey_sample
+from kvpress_like.models import chat_frame
 from kvpress_like.integrations.context import adopt_layer
 from kvpress_like.integrations.transformers import attention_layers, cache_kwargs, patched_attention
 from kvpress_like.methods import AdaptivePress, KVzipPress
@@ -236,11 +237,10 @@ def sample(tokenizer, length: int, depth: float, key: int, haystack: str, templa
         return passkey_sample(tokenizer, length, depth, seed=key, haystack=HAYSTACKS[haystack])
     if template != "chat":
         raise ValueError(f"unknown template {template!r}; use {', '.join(TEMPLATES)}")
-    if not getattr(tokenizer, "chat_template", None):
+    frame = chat_frame(tokenizer)
+    if frame is None:
         raise ValueError("--template chat needs a tokenizer with a chat template; use --template plain for this model")
-    mark = "\x00passkey\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True)
-    head, tail = text.split(mark)
+    head, tail = frame
     ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     head_ids = ids(head)
     s = passkey_sample(tokenizer, length - len(head_ids) + 1, depth, seed=key, haystack=HAYSTACKS[haystack])

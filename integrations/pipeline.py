@@ -42,7 +42,7 @@ from kvpress_like.cache_api import cache_kwargs
 from kvpress_like.cache_ops import cache_presses, chunked_prefill, fork_cache
 from kvpress_like.integrations.context import press as press_model
 from kvpress_like.filters import expected_shape
-from kvpress_like.models import model_identity
+from kvpress_like.models import chat_frame, model_identity
 from kvpress_like.registry import accepted_settings, resolve_press
 
 __all__ = ["KVPressQAPipeline", "register", "fork", "resolve_press", "cache_press", "model_key", "TASK", "KVPRESS_TASK"]
@@ -56,7 +56,6 @@ PROMPT_ATTR = "kvpress_like_prompt_ids"
 CONTEXT_ATTR = "kvpress_like_context"
 #: Attribute under which it remembers the model that made it (:func:`model_key`): only that model continues it.
 MODEL_ATTR = "kvpress_like_model"
-_SLOT = "\u2063kvpress-like-context\u2063"  # placeholder that splits the chat template around the user text
 
 
 def model_key(model) -> tuple[str, str]:
@@ -214,9 +213,9 @@ class KVPressQAPipeline(Pipeline):
         them, else after the rest of the context tokenized alone (the same text, as the cache was split).
         """
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            rendered = tok.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True, tokenize=False)
-            head, tail = rendered.split(_SLOT)
+        frame = chat_frame(tok)
+        if frame is not None:
+            head, tail = frame
             context_text, specials = (None if context is None else head + context), False
             question_texts = [f"\n\n{q}{tail}{answer_prefix}" for q in questions]
         else:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDED_MODELS", "DEFAULT_MODEL", "cache_dir", "check_model_name", "load_model", "model_path", "model_identity",
-    "head_dim", "kv_heads",
+    "head_dim", "kv_heads", "chat_frame",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,3 +188,14 @@ _head_dim = head_dim  # the name the filter store and presses import
 def kv_heads(cfg) -> int:
     """KV heads per layer: ``num_key_value_heads``, or one per query head in configs without GQA (GPT-NeoX)."""
     return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+
+
+def chat_frame(tokenizer) -> tuple[str, str] | None:
+    """``(head, tail)`` of one user turn in ``tokenizer``'s chat template: what comes before the user's text
+    and what follows it up to the assistant's reply; ``None`` without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    slot = "\x00user-text\x00"
+    head, tail = tokenizer.apply_chat_template([{"role": "user", "content": slot}], tokenize=False,
+                                               add_generation_prompt=True).split(slot)
+    return head, tail

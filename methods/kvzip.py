@@ -8,6 +8,11 @@ query head of its KV-head group, the softmax running over the cached keys and th
 causal keys (as in the paper). Each layer then keeps its ``target`` best pairs per KV head (sinks and
 window protected, as every :class:`~kvpress_like.base.ScorerPress`).
 
+With ``chat=True`` (the paper's framing, as in its code and kvpress) the repeat instruction closes the user's
+turn and opens the assistant's in the tokenizer's chat template, so an instruct model re-reads the context as
+its own answer, and a chunk after the first asks to continue "starting with" the previous chunk's last
+8 tokens. ``chat=False`` re-reads every chunk after the bare ``prompt``.
+
 The reconstruction runs in chunks of ``chunk_size`` tokens, each ``prompt + chunk`` attending to the whole
 cache and to itself (never to another chunk's tokens, which are not cached), so its peak memory is the
 chunk's attention weights, ``query heads x (prompt + chunk) x (cached + prompt + chunk)`` floats per layer,
@@ -24,8 +29,9 @@ Rules beyond the paper (which scores one context and does not evict while decodi
   the least-needed context first and then the oldest decoded tokens (StreamingLLM among them);
 * sliding-window layers keep what their window keeps (their window bounds them already).
 
-It needs :func:`kvpress_like.press` (the reconstruction is a model call), the tokens' ids (not
-``inputs_embeds``) and rows that are not padded; the static cache is refused.
+Left-padded batches are re-read row by row, each row's real tokens at its own positions over its own cached
+pairs (the pads hidden), so a row keeps what it would keep alone. It needs :func:`kvpress_like.press` (the
+reconstruction is a model call) and the tokens' ids (not ``inputs_embeds``); the static cache is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from transformers.cache_utils import Cache
 from kvpress_like.base import ScorerPress
 from kvpress_like.cache import PressedLayer
 from kvpress_like.cache_api import cache_argument, cache_kwargs
+from kvpress_like.models import chat_frame
 from kvpress_like.static import StaticPressedCache
 
 from .adaptive import AdaptivePress
@@ -57,8 +64,11 @@ class KVzipPress(ScorerPress):
 
     Args:
         prompt: the repeat instruction the re-read tokens follow (tokenized with the model's tokenizer).
-        prompt_ids: its token ids, for a model whose tokenizer cannot be found from its ``name_or_path``.
+        prompt_ids: its token ids, for a model whose tokenizer cannot be found from its ``name_or_path``
+            (used as given for every chunk: no chat framing).
         chunk_size: re-read tokens per reconstruction chunk (bounds the pass's memory).
+        chat: frame the instruction in the chat template and start later chunks from the previous one's
+            last tokens (see the module docstring); ignored for a tokenizer without a chat template.
     """
 
     name = "kvzip"
@@ -66,6 +76,9 @@ class KVzipPress(ScorerPress):
     prompt: str = "\n\nRepeat the previous context exactly.\n"
     prompt_ids: tuple[int, ...] | None = None
     chunk_size: int = 512
+    chat: bool = False
+    continuation: ClassVar[str] = "\n\nRepeat the part of the previous context exactly, starting with"
+    overlap: ClassVar[int] = 8  # previous-chunk tokens a later chunk's instruction quotes
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,10 +91,11 @@ class KVzipPress(ScorerPress):
                 raise ValueError(f"KVzipPress(prompt_ids=...) must be a sequence of token ids, got {self.prompt_ids!r}.")
             self.prompt_ids = tuple(self.prompt_ids)
         self._ids: tuple[int, ...] | None = self.prompt_ids
+        self._next: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # later chunks: (instruction, turn end)
         self._attached = 0
         self._deferring = False  # a multi-token call is going in uncompressed; it is scored after the call
         self._replaying = False  # the reconstruction pass is running
-        self._pending: tuple[torch.Tensor, Cache] | None = None
+        self._pending: tuple[torch.Tensor, Cache, torch.Tensor | None] | None = None
 
     # -- the press contract ------------------------------------------------------------------------------
     def prepare(self, model) -> None:
@@ -100,7 +114,18 @@ class KVzipPress(ScorerPress):
                 f"({type(err).__name__}); pass KVzipPress(prompt_ids=tokenizer(prompt, add_special_tokens=False)"
                 ".input_ids)."
             ) from None
-        self._ids = tuple(tokenizer(self.prompt, add_special_tokens=False)["input_ids"])
+        encode = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        frame = chat_frame(tokenizer) if self.chat else None
+        if frame is None:
+            self._ids = encode(self.prompt)
+            return
+        turn_end = encode(frame[1])
+        self._ids = encode(self.prompt.rstrip("\n")) + turn_end
+        self._next = (encode(self.continuation), turn_end)
+
+    def framing(self) -> tuple:
+        """Everything besides the cache and the tokens that the reconstruction's scores depend on."""
+        return self._ids, self._next, self.chunk_size
 
     def target_size(self, seen: int, decoding: bool) -> int | None:
         return None if self._deferring else super().target_size(seen, decoding)
@@ -149,16 +174,18 @@ class KVzipPress(ScorerPress):
         if not isinstance(ids, torch.Tensor):
             raise ValueError("KVzipPress re-reads the context's token ids; call the model with input_ids, not inputs_embeds.")
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            raise ValueError("KVzipPress re-reads each prompt after a repeat instruction and does not re-read padded "
-                             "batches; run padded prompts one at a time.")
-        self._deferring, self._pending = True, (ids, cache)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask.all()):
+            mask = None
+        elif mask.shape[1] != cache.get_seq_length() + tokens:
+            raise ValueError("KVzipPress re-reads a padded batch row by row and needs its attention mask over the "
+                             f"cached and new tokens ({cache.get_seq_length() + tokens} columns, got {mask.shape[1]}).")
+        self._deferring, self._pending = True, (ids, cache, mask)
 
     def _after_call(self, model, args: tuple, kwargs: dict, output) -> None:
         if self._replaying or self._pending is None:
             return
-        (ids, cache), self._pending, self._deferring = self._pending, None, False
-        self.compress(model, cache, ids)
+        (ids, cache, mask), self._pending, self._deferring = self._pending, None, False
+        self.compress(model, cache, ids, mask)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -170,16 +197,26 @@ class KVzipPress(ScorerPress):
         finally:
             self._deferring = before
 
-    def compress(self, model, cache: Cache, ids: torch.Tensor) -> None:
+    def compress(self, model, cache: Cache, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Score the last ``ids.shape[1]`` tokens of ``cache`` (whose ids are ``ids``) by reconstruction and
-        prune every pressed layer to its target; inside ``press(model, self)``. Earlier tokens keep their scores."""
+        prune every pressed layer to its target; inside ``press(model, self)``. Earlier tokens keep their scores.
+        ``mask``: a left-padded batch's 2-D attention mask over the cached tokens (re-read row by row)."""
         layers = [layer for layer in cache.layers if isinstance(layer, PressedLayer)]
         if not layers:
             return
-        scores = reconstruction_scores(model, cache, ids, self)
         q = ids.shape[1]
-        merged = {layer: torch.where(layer.positions >= layer.seen - q, scores[layer.layer_idx], layer.scores)
-                  for layer in layers}
+        if mask is None:
+            scores, new = reconstruction_scores(model, cache, ids, self), q
+        else:
+            real = mask[:, -q:].bool()
+            rows = [reconstruction_scores(model, cache, ids[r : r + 1, real[r]], self, row=r, mask=mask[r : r + 1])
+                    for r in range(ids.shape[0])]
+            scores = {idx: torch.cat([row[idx] for row in rows]) for idx in rows[0]}
+            new = real.sum(-1).view(-1, 1, 1)
+        merged = {}
+        for layer in layers:
+            called = layer.positions >= layer.rows.reading_position(layer) - new  # this call's tokens
+            merged[layer] = torch.where(called, scores[layer.layer_idx], layer.scores)
         owner = layers[0].press
         if isinstance(owner, AdaptivePress):  # head-wise (and maybe model-wide) budgets: the wrapper decides
             owner.prune_layers(layers, merged)
@@ -188,35 +225,48 @@ class KVzipPress(ScorerPress):
                 layer.prune_by(merged[layer])
 
 
-def reconstruction_scores(model, cache: Cache, ids: torch.Tensor, p: KVzipPress) -> dict[int, torch.Tensor]:
+def reconstruction_scores(model, cache: Cache, ids: torch.Tensor, p: KVzipPress, row: int | None = None,
+                          mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Per pressed layer of ``cache``: ``(batch, kv_heads, slots)`` maximum attention each cached pair gets
-    while the model re-reads ``ids`` (the last ``ids.shape[1]`` tokens of the cache) after ``p``'s prompt, in
-    chunks of ``p.chunk_size`` (see the module docstring). ``cache`` is read, never written."""
+    while the model re-reads ``ids`` (the last real tokens of the cache) after ``p``'s prompt, in chunks of
+    ``p.chunk_size`` (see the module docstring). ``cache`` is read, never written.
+
+    ``row``: re-read one row of a padded batch (``ids`` its real tokens, ``mask`` its ``(1, cached)`` attention
+    mask), which continues at its own position, the count of its real tokens."""
     if p._ids is None:
         raise ValueError("KVzipPress has no prompt ids yet: call prepare(model) (press() does) first.")
     best: dict[int, torch.Tensor] = {}
-    batch, start = ids.shape[0], cache.get_seq_length()
-    prompt = torch.tensor(p._ids, dtype=ids.dtype, device=ids.device).expand(batch, -1)
+    batch = ids.shape[0]
+    start = cache.get_seq_length() if mask is None else int(mask.sum())
+    as_ids = lambda seq: torch.tensor(seq, dtype=ids.dtype, device=ids.device).expand(batch, -1)  # noqa: E731
+    first = as_ids(p._ids)
     replaying, p._replaying = p._replaying, True
     try:
         with torch.no_grad():
             for lo in range(0, ids.shape[1], p.chunk_size):
+                prompt = first
+                if lo and p._next is not None:
+                    prompt = torch.cat([as_ids(p._next[0]), ids[:, max(0, lo - p.overlap) : lo], as_ids(p._next[1])], dim=1)
                 chunk = torch.cat([prompt, ids[:, lo : lo + p.chunk_size]], dim=1)
                 positions = torch.arange(start, start + chunk.shape[1], device=ids.device).expand(batch, -1)
-                replay = _ReplayCache(cache, prompt.shape[1], best)
-                model(chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(replay))
+                replay = _ReplayCache(cache, prompt.shape[1], best, row, start)
+                padded = {} if mask is None else dict(attention_mask=torch.cat([mask, torch.ones_like(chunk)], dim=1))
+                model(chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **padded, **cache_kwargs(replay))
     finally:
         p._replaying = replaying
     return best
 
 
 class _ScoringView(PressedLayer):
-    """A pressed layer read for the reconstruction: its keys plus the chunk's, nothing stored; computes the
-    chunk's attention itself (``own_attention``) to record each cached key's largest weight."""
+    """A pressed layer (or one row of it) read for the reconstruction: its keys plus the chunk's, nothing
+    stored; computes the chunk's attention itself (``own_attention``) to record each cached key's largest
+    weight. ``start``: the true position of the chunk's first token."""
 
-    def __init__(self, source: PressedLayer, n_prompt: int, best: dict[int, torch.Tensor]):
+    def __init__(self, source: PressedLayer, n_prompt: int, best: dict[int, torch.Tensor], rows: slice, start: int):
         super().__init__(source.press, source.layer_idx, source.sliding_window)
-        self.source, self.n_prompt, self.best = source, n_prompt, best
+        self.source, self.n_prompt, self.best, self.start = source, n_prompt, best, start
+        self.old_keys, self.old_values = source.keys[rows], source.values[rows]
+        self.old_positions = source.positions[rows]
         self.is_initialized = True
 
     def begin_call(self, valid) -> None:
@@ -229,7 +279,7 @@ class _ScoringView(PressedLayer):
         return self.source.n + query_length, self.source.seen - self.source.n
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.source.keys, key_states], dim=-2), torch.cat([self.source.values, value_states], dim=-2)
+        return torch.cat([self.old_keys, key_states], dim=-2), torch.cat([self.old_values, value_states], dim=-2)
 
     def own_attention(self, module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
         b, hq, q, d = query.shape
@@ -242,14 +292,14 @@ class _ScoringView(PressedLayer):
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         # Masks are applied in place and only where needed: the chunk's own causal block always, cached slots
-        # only when some are empty (padding rows are refused) or outside a sliding window.
+        # only when some are empty (padding, evicted) or outside a sliding window.
         qpos = torch.arange(q, device=query.device)
         hidden_own = qpos[None, :] > qpos[:, None]  # (q, q) the chunk's later tokens
-        kpos = self.source.positions[:, :, None, None, :]  # (b, hkv, 1, 1, n)
+        kpos = self.old_positions[:, :, None, None, :]  # (b, hkv, 1, 1, n)
         hidden_old = kpos < 0
         window = self.sliding_window
         if window is not None:
-            reading = self.source.seen + qpos[:, None]  # (q, 1)
+            reading = self.start + qpos[:, None]  # (q, 1)
             hidden_old = hidden_old | (kpos <= reading - window)
             hidden_own = hidden_own | (qpos[None, :] <= qpos[:, None] - window)
         logits[..., n:].masked_fill_(hidden_own, float("-inf"))
@@ -265,13 +315,21 @@ class _ScoringView(PressedLayer):
 
 
 class _ReplayCache(Cache):
-    """The user's cache as the reconstruction sees it: pressed layers through :class:`_ScoringView`, plain
-    ones (skipped, or sliding layers bounded by their window) as shallow copies whose updates rebind new
-    tensors, leaving the originals as they were."""
+    """The user's cache (or one ``row`` of it) as the reconstruction sees it: pressed layers through
+    :class:`_ScoringView`, plain ones (skipped, or sliding layers bounded by their window) as shallow copies
+    whose updates rebind new tensors, leaving the originals as they were."""
 
-    def __init__(self, source: Cache, n_prompt: int, best: dict[int, torch.Tensor]):
+    def __init__(self, source: Cache, n_prompt: int, best: dict[int, torch.Tensor], row: int | None, start: int):
+        rows = slice(None) if row is None else slice(row, row + 1)
         layers = [
-            _ScoringView(layer, n_prompt, best) if isinstance(layer, PressedLayer) else copy(layer)
+            _ScoringView(layer, n_prompt, best, rows, start) if isinstance(layer, PressedLayer) else _row_copy(layer, rows)
             for layer in source.layers
         ]
         super().__init__(layers=layers)
+
+
+def _row_copy(layer, rows: slice):
+    out = copy(layer)
+    if getattr(layer, "keys", None) is not None and layer.keys.numel():
+        out.keys, out.values = layer.keys[rows], layer.values[rows]
+    return out

@@ -7,6 +7,7 @@ from transformers import DynamicCache
 
 from kvpress_like import KVzipPress, PressedCache, PressedLayer, get_press, press
 from kvpress_like.integrations.transformers import cache_kwargs
+from kvpress_like.methods import AdaptivePress
 from kvpress_like.methods.kvzip import reconstruction_scores
 from tiny import tiny_model
 
@@ -17,18 +18,18 @@ def _ids(batch, length, seed=0):
     return torch.randint(8, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _by_hand(model, ids, chunk):
+def _by_hand(model, ids, chunk, prompt=lambda lo: torch.tensor([PROMPT])):
     """Max attention weight per (layer, KV head, context token), from plain eager forwards of
-    ``context + prompt + chunk`` (no press, no cache), over the chunk's rows, the group's heads and the chunks."""
+    ``context + prompt(lo) + chunk`` (no press, no cache), over the chunk's rows, the group's heads and the chunks."""
     n, hkv = ids.shape[1], model.config.num_key_value_heads
     best = {}
     for lo in range(0, n, chunk):
-        part = ids[:, lo : lo + chunk]
-        seq = torch.cat([ids, torch.tensor([PROMPT]).expand(ids.shape[0], -1), part], dim=1)
+        part, head = ids[:, lo : lo + chunk], prompt(lo).expand(ids.shape[0], -1)
+        seq = torch.cat([ids, head, part], dim=1)
         with torch.no_grad():
             attentions = model(seq, output_attentions=True, use_cache=False).attentions
         for layer, att in enumerate(attentions):  # (batch, query heads, tokens, tokens)
-            rows = att[:, :, n + len(PROMPT) :, :n]
+            rows = att[:, :, n + head.shape[1] :, :n]
             got = rows.reshape(ids.shape[0], hkv, -1, n).amax(2)
             best[layer] = got if layer not in best else torch.maximum(best[layer], got)
     return best
@@ -50,6 +51,37 @@ def test_scores_are_the_largest_reconstruction_attention_computed_by_hand(chunk)
     assert set(got) == set(want)
     for layer in want:
         torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-6)
+
+
+def test_chat_framing_rereads_the_context_as_the_assistants_reply(tiny_model_dir):
+    """chat=True: the instruction ends the user's turn in the chat template and opens the assistant's; a later
+    chunk's instruction quotes the previous chunk's last 8 tokens. Scores equal plain forwards of those texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    p = KVzipPress(chat=True, chunk_size=12)
+    p.prepare(model)
+    encode = lambda text: tok(text, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
+    end = "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(p._ids) == "\n\nRepeat the previous context exactly." + end
+    ids = _ids(1, 30)
+
+    def framed(lo):
+        if lo == 0:
+            return encode("\n\nRepeat the previous context exactly." + end)
+        return torch.cat([encode(KVzipPress.continuation), ids[:, lo - 8 : lo], encode(end)], dim=1)
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model, p):
+        model(ids, **cache_kwargs(cache))
+        got = reconstruction_scores(model, cache, ids, p)
+    want = _by_hand(model, ids, 12, framed)
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-4, atol=1e-6)
+    plain = KVzipPress(chunk_size=12)
+    plain.prepare(model)
+    assert plain.framing() != p.framing() and tok.decode(plain._ids) == plain.prompt
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
@@ -134,13 +166,43 @@ def test_reconstruction_leaves_model_and_cache_untouched(arch, settings):
     assert "PressedLayer" in kinds and (arch == "gemma3") == ("DynamicSlidingWindowLayer" in kinds)
 
 
+@pytest.mark.parametrize(
+    "arch, make",
+    [
+        ("llama", lambda: KVzipPress(ratio=0.5, prompt_ids=PROMPT, chunk_size=6)),
+        ("llama", lambda: KVzipPress(max_cache_tokens=7, n_sink=1, prompt_ids=PROMPT)),  # decoding budget
+        ("llama", lambda: KVzipPress(ratio=0.5, decoding=True, window=2, skip_layers=(1,), prompt_ids=PROMPT)),
+        ("gemma3", lambda: KVzipPress(ratio=0.75, prompt_ids=PROMPT)),  # sliding layers beside full ones
+        ("llama", lambda: AdaptivePress(KVzipPress(ratio=0.75, prompt_ids=PROMPT), normalization="none", scope="model")),
+    ],
+    ids=["ratio-chunks", "budget", "ratio-decoding-skip", "gemma3-sliding", "model-wide"],
+)
+def test_left_padded_batch_equals_each_row_alone(arch, make):
+    """Each row of a left-padded batch is re-read alone at its own positions: same logits at every step as
+    that prompt generated alone (which obeys pruning == masking, above)."""
+    model = tiny_model(arch, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(8, 100, (n,), generator=g) for n in (20, 13, 9)]
+    ids, mask = torch.zeros(3, 20, dtype=torch.long), torch.zeros(3, 20, dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, 20 - len(prompt) :], mask[r, 20 - len(prompt) :] = prompt, 1
+    gen = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad(), press(model, make()):
+        batched = model.generate(ids, attention_mask=mask, **gen)
+        for r, prompt in enumerate(prompts):
+            alone = model.generate(prompt[None], **gen)
+            for step, (b_logits, a_logits) in enumerate(zip(batched.logits, alone.logits)):
+                torch.testing.assert_close(b_logits[r], a_logits[0], atol=2e-5, rtol=1e-4, msg=f"row {r} step {step}")
+
+
 def test_refusals_are_clear():
     model = tiny_model("llama")
-    ids, mask = _ids(2, 12), torch.ones(2, 12, dtype=torch.long)
-    mask[1, :4] = 0
+    ids = _ids(2, 12)
     with torch.no_grad(), press(model, KVzipPress(ratio=0.5, prompt_ids=PROMPT)):
-        with pytest.raises(ValueError, match="one at a time"):
-            model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+        with pytest.raises(ValueError, match="over the cached and new tokens"):
+            short = torch.ones(2, 10, dtype=torch.long)
+            short[1, :3] = 0
+            model(ids, attention_mask=short, **cache_kwargs(DynamicCache(config=model.config)))
         with pytest.raises(ValueError, match="input_ids, not inputs_embeds"):
             model(inputs_embeds=model.get_input_embeddings()(ids), **cache_kwargs(DynamicCache(config=model.config)))
     with pytest.raises(ValueError, match="static=False"):
