@@ -214,6 +214,23 @@ class HeadwisePressedLayer(PressedLayer):
         return torch.cat([self.press.allocate(scores[r : r + 1], pos[r : r + 1], self._row_seen(reading, r), target,
                                               head_dim, budgets[r]) for r, target in enumerate(targets)], dim=0)
 
+    def _overwrite_rows(self, keep: torch.Tensor, scores, pos, seen, total: list[int], budget: list[int]):
+        """In a decoding step that prunes, the rows that alone would overwrite (``0 < pairs <= budget``): they
+        keep every pair but, when the new token puts them over budget, each head's lowest-scored one, evicted
+        before attention as the overwrite plan does. Returns the kept mask and the pairs attention must not see
+        (``None``: none)."""
+        heads, w = pos.shape[1], pos.shape[-1] - 1
+        alone = torch.tensor([0 < n <= m for n, m in zip(total, budget)], device=pos.device)
+        if not bool(alone.any()):
+            return keep, None
+        full = torch.tensor([n + heads > m for n, m in zip(total, budget)], device=pos.device) & alone
+        old = pos[..., :w]
+        victim = self.press.victims(scores[..., :w].masked_fill(old < 0, float("inf")), old, seen)
+        hidden = torch.zeros_like(pos, dtype=torch.bool)
+        hidden[..., :w].scatter_(-1, victim[..., None], True)
+        hidden &= full.view(-1, 1, 1)
+        return torch.where(alone.view(-1, 1, 1), (pos >= 0) & ~hidden, keep), hidden
+
     def _row_seen(self, reading, r: int):
         return reading[r : r + 1] if self.rows.padded else int(reading[r])
 
@@ -298,14 +315,17 @@ class HeadwisePressedLayer(PressedLayer):
             pos = torch.cat([self.positions, positions], dim=-1)
             stored = self.scores
             cand_score = None if score is None or stored is None else torch.cat([stored, score.float()], dim=-1)
+            hidden = None
             if targets is None or all(n + q * h <= m for n, m in zip(total, budget)):
                 keep = pos >= 0  # a padded call under budget: keep every real token
             else:
                 scores = current_scores(self.press, self.layer_idx, lambda: k, lambda: v, pos, cand_score, reading)
                 keep = self._allocate_rows(scores, pos, reading, targets, d, budget)
+                if q == 1:  # rows another row forced into this prune evict as they would alone (overwrite)
+                    keep, hidden = self._overwrite_rows(keep, scores, pos, seen, total, budget)
             self._keep(k, v, pos, cand_score, keep)
             out = k, v
-            self._attn_positions = pos
+            self._attn_positions = pos if hidden is None else pos.masked_fill(hidden, -1)
         else:
             out = self.keys, self.values
             self._attn_positions = self.positions if live is None else live

@@ -236,9 +236,9 @@ class AdaptivePress(Press):
         best ones."""
         value = self.ranked(scores, positions, seen, target, head_dim)
         n_keep = min(target * scores.shape[1] if total is None else total, int((scores > float("-inf")).sum()))
-        flat = value.flatten(1)
-        kept = flat.topk(n_keep, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, kept, True)
+        heads = torch.arange(scores.shape[1], device=scores.device)[:, None].expand_as(positions[0])
+        keep = torch.zeros(value.numel(), dtype=torch.bool, device=value.device)
+        keep[best_pairs(value.flatten(), _tie_order(positions[0], heads).flatten(), n_keep)] = True
         return keep.view_as(scores)
 
     def prune_layers(self, layers: list, scores: dict) -> None:
@@ -264,9 +264,25 @@ def _model_keep(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
     keeps = [torch.zeros_like(value, dtype=torch.bool) for value, _ in ranked]
     for r in range(keeps[0].shape[0]):
         flat = torch.cat([value[r].flatten() for value, _ in ranked])
+        heads = [torch.arange(value.shape[1], device=flat.device)[:, None].expand_as(value[r]) for value, _ in ranked]
+        order = torch.cat([_tie_order(layer.positions[r], h * len(layers) + i).flatten()
+                           for i, (layer, h) in enumerate(zip(layers, heads))])
         budget = sum(targets[r] * value.shape[1] for value, targets in ranked)
         chosen = torch.zeros_like(flat, dtype=torch.bool)
-        chosen[flat.topk(min(budget, int((flat > float("-inf")).sum())), sorted=False).indices] = True
+        chosen[best_pairs(flat, order, min(budget, int((flat > float("-inf")).sum())))] = True
         for keep, piece in zip(keeps, chosen.split([k[r].numel() for k in keeps])):
             keep[r] = piece.view_as(keep[r])
     return dict(zip(layers, keeps))
+
+
+def _tie_order(positions: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Tie-break key of each candidate: later positions first, then lower ``where`` (head, or head and layer)
+    indices; it depends on what a pair is, not on the slot it sits in."""
+    return positions.long() * (int(where.max()) + 1 if where.numel() else 1) - where.long()
+
+
+def best_pairs(values: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``values`` (1-D), equal values ranked by ``order`` (larger first): the same
+    pairs whatever the layout of the slots (a padded row and the row alone hold them in different slots)."""
+    by_order = order.argsort(descending=True)
+    return by_order[values[by_order].argsort(descending=True, stable=True)[:k]]
