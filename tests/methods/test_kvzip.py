@@ -8,6 +8,7 @@ from transformers import DynamicCache
 from kvpress_like import KVzipPress, PressedCache, PressedLayer, get_press, press
 from kvpress_like.integrations.transformers import cache_kwargs
 from kvpress_like.methods import AdaptivePress
+from kvpress_like.methods import kvzip
 from kvpress_like.methods.kvzip import reconstruction_scores
 from tiny import tiny_model
 
@@ -35,11 +36,13 @@ def _by_hand(model, ids, chunk, prompt=lambda lo: torch.tensor([PROMPT])):
     return best
 
 
+@pytest.mark.parametrize("block", [128, 2], ids=["query-rows-at-once", "query-blocks-of-2"])
 @pytest.mark.parametrize("chunk", [64, 24, 7], ids=["one-chunk", "exact-chunk", "chunks-of-7"])
-def test_scores_are_the_largest_reconstruction_attention_computed_by_hand(chunk):
+def test_scores_are_the_largest_reconstruction_attention_computed_by_hand(chunk, block, monkeypatch):
     """Chunks re-read independently (the paper's chunked scoring): each sees the cache and itself only, so
     chunks of 7 give the maximum over three separate forwards, and a chunk as long as the context the
-    unchunked scores."""
+    unchunked scores. Query rows computed in blocks (the first holding only the instruction's) change nothing."""
+    monkeypatch.setattr(kvzip, "QUERY_BLOCK", block)
     model = tiny_model("llama", attn_implementation="eager")
     ids = _ids(2, 24)
     p = KVzipPress(prompt_ids=PROMPT, chunk_size=chunk)  # ratio 0: the prefill keeps everything
