@@ -213,7 +213,9 @@ class KVzipPress(ScorerPress):
             real = mask[:, -q:].bool()
             rows = [reconstruction_scores(model, cache, ids[r : r + 1, real[r]], self, row=r, mask=mask[r : r + 1])
                     for r in range(ids.shape[0])]
-            scores = {idx: torch.cat([row[idx] for row in rows]) for idx in rows[0]}
+            # a row with no real token in this call (all pads) re-reads nothing and keeps its scores
+            scores = {layer.layer_idx: torch.cat([row.get(layer.layer_idx, layer.scores[r : r + 1])
+                                                  for r, row in enumerate(rows)]) for layer in layers}
             new = real.sum(-1).view(-1, 1, 1)
         merged = {}
         for layer in layers:
