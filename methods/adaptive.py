@@ -238,7 +238,7 @@ class AdaptivePress(Press):
         n_keep = min(target * scores.shape[1] if total is None else total, int((scores > float("-inf")).sum()))
         heads = torch.arange(scores.shape[1], device=scores.device)[:, None].expand_as(positions[0])
         keep = torch.zeros(value.numel(), dtype=torch.bool, device=value.device)
-        keep[best_pairs(value.flatten(), _tie_order(positions[0], heads).flatten(), n_keep)] = True
+        keep[best_pairs(value.flatten(), _tie_order(positions[0].flatten(), heads.flatten()), n_keep)] = True
         return keep.view_as(scores)
 
     def prune_layers(self, layers: list, scores: dict) -> None:
@@ -264,9 +264,10 @@ def _model_keep(layers: list[HeadwisePressedLayer], scores: dict) -> dict:
     keeps = [torch.zeros_like(value, dtype=torch.bool) for value, _ in ranked]
     for r in range(keeps[0].shape[0]):
         flat = torch.cat([value[r].flatten() for value, _ in ranked])
-        heads = [torch.arange(value.shape[1], device=flat.device)[:, None].expand_as(value[r]) for value, _ in ranked]
-        order = torch.cat([_tie_order(layer.positions[r], h * len(layers) + i).flatten()
-                           for i, (layer, h) in enumerate(zip(layers, heads))])
+        positions = torch.cat([layer.positions[r].flatten() for layer in layers])
+        where = torch.cat([(torch.arange(value.shape[1], device=flat.device)[:, None] * len(layers) + i)
+                           .expand_as(value[r]).flatten() for i, (value, _) in enumerate(ranked)])
+        order = _tie_order(positions, where)
         budget = sum(targets[r] * value.shape[1] for value, targets in ranked)
         chosen = torch.zeros_like(flat, dtype=torch.bool)
         chosen[best_pairs(flat, order, min(budget, int((flat > float("-inf")).sum())))] = True
