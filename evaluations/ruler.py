@@ -273,12 +273,14 @@ def _paired_mean(diffs: list[list[float]]) -> dict:
 
 
 def merge(parts: list[dict]) -> dict:
-    """One result from runs of the same prompts with different presses (e.g. presses added later).
+    """One result from runs of one grid with other presses (presses added later) or other seeds (more prompts).
 
-    Lengths, factors and tasks must agree; presses are the union in order of appearance; a prompt's rows
-    come from every run that answered it. Rows two runs both hold (no press, a press run twice) must give
-    the same output, which checks that the prompts and the model are the same; otherwise the runs disagree
-    and are refused. ``parts`` keep their own environments under ``merged_from``.
+    Model, lengths, factors and tasks must agree, and the runs' seed ranges must join (overlap or touch);
+    presses are the union in order of appearance; a prompt's rows come from every run that answered it, so
+    a press run on fewer seeds is paired with no press on its own prompts. Rows two runs both hold (no
+    press, a press run twice) must give the same output, which checks that the prompts and the model are
+    the same; otherwise the runs disagree and are refused. ``parts`` keep their own environments under
+    ``merged_from``.
     """
     if len(parts) < 2:
         raise SystemExit("--merge needs at least two results")
@@ -287,6 +289,14 @@ def merge(parts: list[dict]) -> dict:
         for key in ("lengths", "factors", "tasks"):
             if list(p["settings"][key]) != list(first[key]):
                 raise SystemExit(f"--merge: the runs differ in {key} ({first[key]} vs {p['settings'][key]}); merge runs of one grid")
+        if p["model"] != parts[0]["model"]:
+            raise SystemExit(f"--merge: the runs used other models ({parts[0]['model']} vs {p['model']}); merge runs of one model")
+    spans = sorted((p["settings"].get("first_seed", 0), p["settings"].get("first_seed", 0) + p["settings"]["samples"]) for p in parts)
+    end = spans[0][1]
+    for lo, hi in spans[1:]:
+        if lo > end:
+            raise SystemExit(f"--merge: no run holds seeds {end}..{lo - 1}; merge runs whose seed ranges join")
+        end = max(end, hi)
     rows: dict[tuple, dict] = {}
     for p in parts:
         for r in p["rows"]:
@@ -296,7 +306,7 @@ def merge(parts: list[dict]) -> dict:
                                  "(other prompts, model or code); merge runs of the same prompts")
             rows.setdefault(key, r)
     methods = list(dict.fromkeys(m for p in parts for m in p["settings"]["methods"]))
-    settings = dict(first, methods=methods, samples=max(p["settings"]["samples"] for p in parts), shard=None)
+    settings = dict(first, methods=methods, first_seed=spans[0][0], samples=end - spans[0][0], shard=None)
     return dict(settings=settings, rows=list(rows.values()), prefill_s=[x for p in parts for x in p["prefill_s"]],
                 model=parts[0]["model"], elapsed_s=sum(p["elapsed_s"] for p in parts),
                 merged_from=[dict(environment=p["environment"], methods=p["settings"]["methods"], elapsed_s=p["elapsed_s"],
@@ -422,8 +432,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--versus", action="append", default=[], metavar="PRESS",
                         help="also pair every press against PRESS (repeatable), e.g. --versus kvzip")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULT",
-                        help="write one result (--name) from finished results (<name>.json) of the same prompts with other "
-                             "presses; rows both hold must agree")
+                        help="write one result (--name) from finished results (<name>.json) of one grid with other presses "
+                             "or other seeds; rows both hold must agree")
 
 
 def _grid(args: argparse.Namespace, shard: tuple[int, int] | None) -> Grid:

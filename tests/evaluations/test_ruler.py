@@ -248,10 +248,12 @@ def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(mon
 
 
 def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
-    """Runs of the same prompts with other presses merge into one table (each press paired with the no-press
-    rows both runs share); a run whose shared rows differ, or whose grid differs, is refused."""
+    """Runs of the same prompts with other presses, or of later seeds, merge into one table (each press paired
+    with the no-press rows of its own prompts); a run whose shared rows differ, whose grid or model differs,
+    or whose seeds leave a gap, is refused."""
     def run(method, seeds, score_of, output="x"):
-        settings = dict(lengths=[8], factors=[2.0], samples=3, tasks=["a", "b"], methods=[method], quick=False, shard=None)
+        settings = dict(lengths=[8], factors=[2.0], samples=len(seeds), first_seed=seeds[0], tasks=["a", "b"], methods=[method],
+                        quick=False, shard=None)
         rows = [dict(seed=i, length=8, task=t, tokens=8, answers=["x"], method=meth, factor=f, score=sc, output=out)
                 for t in ("a", "b") for i in seeds
                 for meth, f, sc, out in (("no_press", 1.0, 1.0, output), (method, 2.0, score_of(i), "y"))]
@@ -273,3 +275,20 @@ def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
     other["settings"]["tasks"] = ["a"]
     with pytest.raises(SystemExit, match="differ in tasks"):
         ruler.merge([old, other])
+    other = run("k", range(2), lambda i: 1.0)
+    other["model"] = "other"
+    with pytest.raises(SystemExit, match="other models"):
+        ruler.merge([old, other])
+
+    later = run("m", range(3, 5), lambda i: 1.0)  # seeds 3-4 of press m: n grows, k stays on seeds 0-1
+    merged = ruler.merge([new, later, old])
+    assert (merged["settings"]["first_seed"], merged["settings"]["samples"]) == (0, 5)
+    merged["environment"] = ruler.environment()
+    assert ruler._write(tmp_path, "more", merged, figures=False) == 0
+    result = json.loads((tmp_path / "more.json").read_text())
+    assert result["prompts"] == result["planned"] == 10 and not result["partial"]
+    (cell,) = result["summary"]["cells"]
+    assert cell["methods"]["m"]["mean"]["n"] == 10 and cell["methods"]["k"]["mean"]["n"] == 4
+    assert cell["vs_no_press"]["m"]["mean"]["diff"] == pytest.approx(-0.6)
+    with pytest.raises(SystemExit, match="no run holds seeds 3..4"):
+        ruler.merge([old, run("m", range(5, 7), lambda i: 1.0)])
