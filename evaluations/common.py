@@ -210,7 +210,8 @@ def one_reconstruction_per_prompt() -> Iterator[None]:
     def shared(model, cache, ids: torch.Tensor, p, row=None, mask=None):
         if mask is not None:  # a padded batch's row: not an evaluation's shared prefill
             return original(model, cache, ids, p, row, mask)
-        pressed = tuple(i for i, layer in enumerate(cache.layers) if isinstance(layer, PressedLayer))  # skip_layers
+        # skip_layers, and each pressed layer's slots: a compressed copy (a question fed later) is another cache
+        pressed = tuple((i, tuple(layer.positions.shape)) for i, layer in enumerate(cache.layers) if isinstance(layer, PressedLayer))
         key = (tuple(ids.flatten().tolist()), tuple(ids.shape), cache.get_seq_length(), pressed, p.framing())
         if key not in memo:
             memo[key] = original(model, cache, ids, p)

@@ -31,7 +31,7 @@ from .common import (
     one_reconstruction_per_prompt, parse_list, set_threads, write_result,
 )
 from .passkey import compress_prefilled, prefill
-from .ruler import generate_rows
+from .ruler import answer_cell, generate_rows
 from .ruler_tasks import ruler_sample, score
 
 NEEDLE_TASKS = ("niah_single_prose", "niah_single_noise", "niah_multikey_prose")
@@ -131,8 +131,8 @@ def run(model, tokenizer, task: str, length: int, seeds: list[int], methods: lis
                     p = build_press(method, ratio=factor_to_ratio(factor))
                     with press(model, p):
                         cache = compress_prefilled(model, shared, p)
-                        kept = kept_fraction(cache, needle)
-                        (said,) = generate_rows(model, tokenizer, cache, 1, feed, s, None)
+                    kept = kept_fraction(cache, needle)
+                    (said,) = answer_cell(model, tokenizer, [p], [cache], feed, s, start)  # as eval ruler answers
                     rows.append(dict(seed=seed, method=method, factor=factor, score=score(said, s.answers), output=said,
                                      kept=kept.tolist()))
                 keep = round(len(s.context_ids) / factor)

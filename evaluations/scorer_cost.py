@@ -77,10 +77,10 @@ def scoring_overhead(model, ids: torch.Tensor, presses: dict, budget: int, repea
     pressed = {}
     for name, p in presses.items():  # full caches: every further step evicts
         pressed[name] = PressedCache(p, model.config)
-        model(ids[:, :budget], past_key_values=pressed[name], logits_to_keep=1)
+        model(ids[:, :budget], **cache_kwargs(pressed[name]), logits_to_keep=1)
 
     def pressed_step(name: str) -> None:
-        model(step_ids, past_key_values=pressed[name], logits_to_keep=1)
+        model(step_ids, **cache_kwargs(pressed[name]), logits_to_keep=1)
 
     out = dict(tokens=n, budget=budget, prefill_seconds=prefill, presses={})
     b, h = keys[layers[0].layer_idx].shape[:2]

@@ -37,3 +37,23 @@ def test_kept_share_per_layer_and_head_follows_what_the_press_keeps(tok):  # noq
         torch.testing.assert_close(kept, torch.full_like(kept, expected), atol=1 / len(needle), rtol=0)
     cells = {(c["method"], c["factor"]) for c in needle_trace.summarize(result["rows"])}
     assert cells == {("no_press", 1.0), ("streaming_llm", 2.0), ("oracle", 2.0)}
+
+
+def test_answers_are_the_benchmarks_at_every_ratio(tok):  # noqa: F811
+    """KVzip at two ratios of one prompt (one reconstruction pass shared): each answer is the one ``eval ruler``
+    gives on the same prompt (question fed uncompressed after the compressed context), and each kept share is
+    that of the cache the benchmark answers from."""
+    from kvpress_like.evaluations import ruler
+
+    model = _tiny()
+    model.config._name_or_path = "smollm2-135m"  # KVzip reads its repeat prompt with this model's tokenizer (``tok``)
+    methods, factors = ["kvzip", "adakv:base=kvzip:normalization=none:scope=model"], [2.0, 4.0]
+    result = needle_trace.run(model, tok, "niah_single_prose", 768, [1], methods, factors)
+    grid = ruler.Grid(lengths=(768,), factors=tuple(factors), samples=1, first_seed=1, tasks=("niah_single_prose",),
+                      methods=tuple(methods))
+    bench = {(r["method"], r["factor"]): r["output"] for r in ruler.run_grid(model, tok, grid, progress=False)["rows"]}
+    traced = {(r["method"], r["factor"]): r["output"] for r in result["rows"] if r["method"] != "oracle"}
+    assert traced == bench and len(traced) == 1 + len(methods) * len(factors)
+    kept = {(r["method"], r["factor"]): torch.tensor(r["kept"]) for r in result["rows"] if r["kept"] is not None}
+    assert all(((k >= 0) & (k <= 1)).all() for k in kept.values())
+    assert kept["kvzip", 4.0].mean() <= kept["kvzip", 2.0].mean()  # x4 keeps a subset of x2's pairs (same scores)

@@ -247,6 +247,36 @@ def test_one_reconstruction_per_prompt_keeps_the_same_entries_at_every_ratio(mon
     assert not torch.equal(alone[0][0.5, ()][0], alone[1][0.5, ()][0])  # the prompts' kept sets differ: the key is the prompt
 
 
+def test_one_reconstruction_per_prompt_scores_each_compressed_copy_on_its_own():
+    """Tokens fed under KVzip to compressed copies of one prefill (x2 and x4: other slots, the same ids and
+    length) are each scored on their own copy inside the block, as outside it."""
+    from kvpress_like import press
+    from kvpress_like.evaluations.common import one_reconstruction_per_prompt
+    from kvpress_like.evaluations.passkey import compress_prefilled, prefill
+    from kvpress_like.cache_api import cache_kwargs
+    from kvpress_like.methods import KVzipPress
+    from tiny import tiny_byte_model
+
+    model = tiny_byte_model()
+    prompt, more = tuple(b"\n\nRepeat the previous context exactly.\n"), torch.tensor([list(b"Then a question?")])
+    shared = prefill(model, torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3)))
+
+    def kept_after_more() -> list[list[torch.Tensor]]:
+        out = []
+        for ratio in (0.5, 0.75):
+            p = KVzipPress(ratio=ratio, prompt_ids=prompt, chunk_size=96)
+            with press(model, p):
+                cache = compress_prefilled(model, shared, p)
+                model(more, **cache_kwargs(cache), use_cache=True)  # KVzip scores these 16 tokens on this copy
+            out.append([layer.positions.clone() for layer in cache.layers])
+        return out
+
+    alone = kept_after_more()
+    with one_reconstruction_per_prompt():
+        memo = kept_after_more()
+    assert all(torch.equal(a, b) for x, y in zip(alone, memo) for a, b in zip(x, y))
+
+
 def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
     """Runs of the same prompts with other presses, or of later seeds, merge into one table (each press paired
     with the no-press rows of its own prompts); a run whose shared rows differ, whose grid or model differs,
