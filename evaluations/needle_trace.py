@@ -15,6 +15,7 @@ least, and a heat-map per press (layers x KV heads) of the kept fraction at the 
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
 
@@ -150,8 +151,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (method, factor), rs in cells.items():
         kept = [torch.tensor(r["kept"]) for r in rs if r["kept"] is not None]
         mean = torch.stack(kept).nanmean(0) if kept else None
+        whole = None if not kept else sum(float((k == 1).sum()) for k in kept) / len(kept)  # nan == 1 is False
         out.append(dict(method=method, factor=factor, n=len(rs), answered=sum(r["score"] for r in rs),
-                        kept_mean=None if mean is None else float(mean.nanmean()),
+                        kept_mean=None if mean is None else float(mean.nanmean()), whole_heads=whole,
+                        heads=None if mean is None else int((~mean.isnan()).sum()),
                         kept_per_layer=None if mean is None else mean.nanmean(-1).tolist(),
                         kept_map=None if mean is None else mean.tolist()))
     return out
@@ -162,15 +165,18 @@ def markdown(report: dict) -> str:
     md = [f"## Where the needle is lost: {s['task']}, {s['length']} tokens, seeds {s['seeds'][0]}..{s['seeds'][-1]}", "",
           "Kept: fraction of the answer's tokens a press's cache still holds, mean over prompts, layers and KV heads "
           "(uncompressed layers left out). Oracle: every head holds 4 sink tokens, the needle's sentence and the most "
-          "recent tokens, as many per head as the presses keep at that ratio.", "",
-          "| press | factor | answered | needle tokens kept | 3 layers keeping least (layer: kept) |", "|---|---|---|---|---|"]
+          "recent tokens, as many per head as the presses keep at that ratio. Whole: (layer, KV head) pairs holding every "
+          "token of the answer, mean over prompts, of the compressed ones.", "",
+          "| press | factor | answered | needle tokens kept | heads holding it whole | 3 layers keeping least (layer: kept) |",
+          "|---|---|---|---|---|---|"]
     for c in report["cells"]:
         worst = ""
         if c["kept_per_layer"] is not None:
             ranked = sorted((v, i) for i, v in enumerate(c["kept_per_layer"]) if v == v)[:3]
             worst = ", ".join(f"{i}: {v:.0%}" for v, i in ranked)
         kept = "" if c["kept_mean"] is None else f"{c['kept_mean']:.0%}"
-        md.append(f"| {c['method']} | x{c['factor']:g} | {c['answered']:g}/{c['n']} | {kept} | {worst} |")
+        whole = "" if c.get("whole_heads") is None else f"{c['whole_heads']:.1f} of {c['heads']}"
+        md.append(f"| {c['method']} | x{c['factor']:g} | {c['answered']:g}/{c['n']} | {kept} | {whole} | {worst} |")
     return "\n".join(md + [""] + markdown_footer(report))
 
 
@@ -186,7 +192,8 @@ def figure(report: dict):
     fig, axes = plt.subplots(1, len(cells), figsize=(2.2 * len(cells) + 1, 5), squeeze=False)
     for ax, c in zip(axes[0], cells):
         im = ax.imshow(torch.tensor(c["kept_map"]).numpy(), vmin=0, vmax=1, aspect="auto", cmap="viridis")
-        ax.set_title(f"{c['method'][:22]}\nx{c['factor']:g}: {c['answered']:g}/{c['n']}", fontsize=7)
+        name = "\n".join(textwrap.wrap(c["method"].replace(":", ": "), 22))  # variants spelled name:key=value
+        ax.set_title(f"{name}\nx{c['factor']:g}: {c['answered']:g}/{c['n']}", fontsize=7)
         ax.set_xlabel("KV head")
     axes[0][0].set_ylabel("layer")
     fig.colorbar(im, ax=axes[0].tolist(), label="needle tokens kept")
