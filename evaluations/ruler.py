@@ -394,7 +394,9 @@ def figure(result: dict):
             x = [f * 1.03 ** (k - len(s["methods"]) / 2) for f, _ in pts]  # side by side, not on top of each other
             y = [100 * m["mean"] for _, m in pts]
             err = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            n = pts[0][1]["n"] // len(mine[0]["tasks"])  # a press merged from fewer seeds says so
+            label = method if n == base["n"] // len(mine[0]["tasks"]) else f"{method} (n={n}/task)"
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(s["factors"]), [f"x{f:g}" for f in s["factors"]])
         ax.set_ylim(0, 100)

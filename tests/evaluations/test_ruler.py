@@ -320,5 +320,7 @@ def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
     (cell,) = result["summary"]["cells"]
     assert cell["methods"]["m"]["mean"]["n"] == 10 and cell["methods"]["k"]["mean"]["n"] == 4
     assert cell["vs_no_press"]["m"]["mean"]["diff"] == pytest.approx(-0.6)
+    legend = [t.get_text() for t in ruler.figure(result).axes[0].get_legend().get_texts()]
+    assert legend == ["no press", "k (n=2/task)", "m"]  # a press on fewer seeds says so
     with pytest.raises(SystemExit, match="no run holds seeds 3..4"):
         ruler.merge([old, run("m", range(5, 7), lambda i: 1.0)])
