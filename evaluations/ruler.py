@@ -291,7 +291,8 @@ def merge(parts: list[dict]) -> dict:
                 raise SystemExit(f"--merge: the runs differ in {key} ({first[key]} vs {p['settings'][key]}); merge runs of one grid")
         if p["model"] != parts[0]["model"]:
             raise SystemExit(f"--merge: the runs used other models ({parts[0]['model']} vs {p['model']}); merge runs of one model")
-    spans = sorted((p["settings"].get("first_seed", 0), p["settings"].get("first_seed", 0) + p["settings"]["samples"]) for p in parts)
+    firsts = [p["settings"].get("first_seed", 0) for p in parts]
+    spans = sorted((f, f + p["settings"]["samples"]) for f, p in zip(firsts, parts))
     end = spans[0][1]
     for lo, hi in spans[1:]:
         if lo > end:
@@ -394,8 +395,8 @@ def figure(result: dict):
             x = [f * 1.03 ** (k - len(s["methods"]) / 2) for f, _ in pts]  # side by side, not on top of each other
             y = [100 * m["mean"] for _, m in pts]
             err = [[100 * (m["mean"] - m["lo"]) for _, m in pts], [100 * (m["hi"] - m["mean"]) for _, m in pts]]
-            n = pts[0][1]["n"] // len(mine[0]["tasks"])  # a press merged from fewer seeds says so
-            label = method if n == base["n"] // len(mine[0]["tasks"]) else f"{method} (n={n}/task)"
+            n = pts[0][1]["n"]  # a press merged from fewer seeds says so
+            label = method if n == base["n"] else f"{method} (n={n // len(mine[0]['tasks'])}/task)"
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(s["factors"]), [f"x{f:g}" for f in s["factors"]])
