@@ -309,8 +309,8 @@ def _refuse_padding(kwargs: dict) -> None:
 class PressedCache(Cache):
     """A cache whose attention layers are :class:`PressedLayer` s, usable without :func:`press`.
 
-    Pass it as ``past_key_values=`` to ``generate()`` for query-free presses (Q-Filters, K-norm,
-    StreamingLLM): eviction then happens inside the cache. Sliding-window layers (from ``config``) are
+    Pass it as ``cache=`` to ``generate()`` (the old ``past_key_values=`` still works, with transformers'
+    FutureWarning) for query-free presses (Q-Filters, K-norm, StreamingLLM): eviction then happens inside the cache. Sliding-window layers (from ``config``) are
     compressed too when the press keeps fewer tokens than their window; without :func:`press` their kept
     tokens must stay inside the window of each new token (true with a budget below the window), or the
     layer refuses the call. Presses that need queries or leave layers uncompressed need :func:`press`,

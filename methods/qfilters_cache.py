@@ -5,7 +5,7 @@ Users of the original code write::
     cache = QFiltersCache(window_length=64, max_length=128, model=model)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=4096)
 
-and the cache never holds more than ``max_length`` tokens per layer and KV head, the ``window_length``
+(``cache=cache`` on transformers >= 5.24, which warns on the old keyword), and the cache never holds more than ``max_length`` tokens per layer and KV head, the ``window_length``
 most recent of them protected. It is nothing but a :class:`~kvpress_like.cache.PressedCache` driven by a
 :class:`~kvpress_like.methods.qfilters.QFilterPress` with ``max_cache_tokens=max_length``; filters come
 from a path, a tensor or the local filter store, never from a hub download.
