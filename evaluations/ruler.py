@@ -502,6 +502,8 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
     forwarded += ["--quick"] if args.quick else []
     names = [f"{name}.shard{i}of{args.jobs}" for i in range(args.jobs)]
     start, children = time.time(), []
+    earlier = max((json.loads(c.read_text())["elapsed_s"] for c in (args.out / f"{n}.checkpoint.json" for n in names) if c.exists()),
+                  default=0.0)  # a resumed run's wall time so far, as its workers recorded it
     if not args.summarize:
         for i, shard_name in enumerate(names):
             cmd = [sys.executable, "-m", "kvpress_like.cli", "eval", "ruler", *forwarded, "--shard", f"{i}/{args.jobs}", "--name", shard_name]
@@ -521,7 +523,7 @@ def _run_jobs(args: argparse.Namespace, name: str, grid: Grid) -> int:
         settings=dict(asdict(grid)), rows=[r for p in parts for r in p["rows"]],
         prefill_s=[x for p in parts for x in p["prefill_s"]], model=args.model,
         environment=dict(environment(), torch_threads=1, jobs=args.jobs),
-        elapsed_s=max(p["elapsed_s"] for p in parts) if args.summarize else time.time() - start,
+        elapsed_s=max(p["elapsed_s"] for p in parts) if args.summarize else earlier + time.time() - start,
     )
     code = _write(args.out, name, result, versus=args.versus)
     if not args.summarize:

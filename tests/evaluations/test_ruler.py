@@ -1,6 +1,7 @@
 """Offline RULER-style benchmark: deterministic prompts, checkable answers, the scoring rule, the runner and
 the lm-eval tasks."""
 
+import argparse
 import json
 import re
 from collections import Counter
@@ -159,6 +160,47 @@ def test_resume_and_shards_give_the_rows_of_one_run(tok, tmp_path):
     checkpoint.write_text(json.dumps(dict(first, settings=dict(ruler.asdict(grid), samples=9))))
     with pytest.raises(SystemExit, match="other settings"):
         ruler.run_grid(model, tok, grid, progress=False, checkpoint=checkpoint)
+
+
+def test_resumed_jobs_run_reports_the_wall_time_of_both_sessions(tmp_path, monkeypatch):
+    """A stopped ``--jobs`` run, rerun to resume, reports the earlier session's wall time too (it reported the
+    last session's alone). The workers are stand-ins that finish their shard as a resumed worker would."""
+    import subprocess
+
+    parser = argparse.ArgumentParser()
+    ruler.configure(parser)
+    args = parser.parse_args(["--lengths", "8", "--factors", "2", "--samples", "2", "--tasks", "vt", "--methods", "knorm",
+                              "--jobs", "2", "--out", str(tmp_path), "--name", "r"])
+    grid = ruler._grid(args, None)
+
+    def shard_rows(i):
+        return [dict(seed=i, length=8, task="vt", tokens=8, answers=["x"], method=m, factor=f, score=1.0, output="x")
+                for m, f in (("no_press", 1.0), ("knorm", 2.0))]
+
+    for i in range(2):
+        settings = ruler.asdict(ruler.Grid(**{**grid.__dict__, "shard": (i, 2)}))
+        (tmp_path / f"r.shard{i}of2.checkpoint.json").write_text(json.dumps(dict(settings=settings, rows=[], prefill_s=[], elapsed_s=3600.0)))
+
+    real_popen = subprocess.Popen
+
+    class Worker:
+        def __new__(cls, cmd, **kwargs):  # other commands (git, for the environment) run for real
+            return super().__new__(cls) if "--shard" in cmd else real_popen(cmd, **kwargs)
+
+        def __init__(self, cmd, **kwargs):
+            name = cmd[cmd.index("--name") + 1]
+            i = int(cmd[cmd.index("--shard") + 1].split("/")[0])
+            saved = json.loads((tmp_path / f"{name}.checkpoint.json").read_text())
+            (tmp_path / f"{name}.json").write_text(json.dumps(dict(saved, rows=shard_rows(i), prefill_s=[1.0], elapsed_s=saved["elapsed_s"] + 60)))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    assert ruler._run_jobs(args, "r", grid) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["prompts"] == 2 and not result["partial"]
+    assert 3600 <= result["elapsed_s"] < 3660
 
 
 def test_first_seed_and_press_variants_written_as_name_key_value(tok):
