@@ -1,9 +1,9 @@
 """What the offline RULER-style benchmark says about a press and ratio, for the commands to print beside answers.
 
-``kvpress-like ask`` and the demo pick their defaults from ``results/ruler.json`` (``kvpress-like eval ruler``)
-and tell a user who asks for another press or ratio how that cell scored against no press, so nobody reads an
-x8 answer without knowing what x8 costs on the embedded model. Reads the committed results of a source
-checkout or editable install; prints nothing where they are absent.
+``kvpress-like ask`` tells a user how the chosen press and ratio scored against no press in the committed
+``kvpress-like eval ruler`` results (``ruler.json`` at 2k, ``ruler.4k.json`` at 4k), at the length nearest their
+context, so nobody reads an x8 answer without knowing what x8 costs on the embedded model. Reads the committed
+results of a source checkout or editable install; prints nothing where they are absent.
 """
 
 from __future__ import annotations
@@ -14,33 +14,38 @@ from pathlib import Path
 
 __all__ = ["benchmark_note"]
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ruler.json"
+RESULTS = tuple(Path(__file__).resolve().parent / "results" / name for name in ("ruler.json", "ruler.4k.json"))
 
 
 @lru_cache(maxsize=1)
-def _summary() -> dict | None:
-    try:
-        result = json.loads(RESULTS.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return result
+def _cells() -> tuple[dict, ...]:
+    """The summary cells of every committed result, each with its model."""
+    cells = []
+    for path in RESULTS:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        cells += [dict(cell, model=result.get("model"), file=path.name) for cell in result["summary"]["cells"]]
+    return tuple(cells)
 
 
-def benchmark_note(model: str, press: str | None, ratio: float) -> str | None:
-    """One line: the benchmark's mean for ``press`` at ``ratio`` on ``model`` next to no press (``None``: no
-    results for that model)."""
-    result = _summary()
-    if result is None or result.get("model") != model or press is None:
+def benchmark_note(model: str, press: str | None, ratio: float, tokens: int | None = None) -> str | None:
+    """One line: the benchmark's mean for ``press`` at ``ratio`` on ``model`` next to no press, at the measured
+    length nearest ``tokens`` (the user's context; ``None``: the shortest). ``None``: no results for that model."""
+    ours = [c for c in _cells() if c["model"] == model]
+    if not ours or press is None:
         return None
     factor = 1 / (1 - ratio) if ratio < 1 else float("inf")
-    cells = [c for c in result["summary"]["cells"] if abs(c["factor"] - factor) < 1e-6]
-    where = f"offline RULER-style benchmark ({model}, {', '.join(str(c['length']) for c in cells) or 'no cell at this ratio'} tokens)"
-    for cell in cells:
-        if press in cell["methods"] and "no_press" in cell["methods"]:
-            ours, base = cell["methods"][press]["mean"], cell["methods"]["no_press"]["mean"]
-            vs = cell["vs_no_press"].get(press, {}).get("mean", {})
-            verdict = f", {vs['diff'] * 100:+.0f} points [{vs['lo'] * 100:+.0f}, {vs['hi'] * 100:+.0f}], {vs['verdict']}" if vs else ""
-            return (f"{where}: {press} x{factor:g} scored {ours['mean'] * 100:.0f}% [{ours['lo'] * 100:.0f}, "
-                    f"{ours['hi'] * 100:.0f}] vs {base['mean'] * 100:.0f}% with no press (n={ours['n']} prompts{verdict}); "
-                    "see evaluations/results/ruler.md")
-    return f"{where}: {press} x{factor:g} was not measured; see evaluations/results/ruler.md for what was"
+    cells = [c for c in ours if abs(c["factor"] - factor) < 1e-6 and press in c["methods"] and "no_press" in c["methods"]]
+    if not cells:
+        return (f"offline RULER-style benchmark ({model}): {press} x{factor:g} was not measured; "
+                "see evaluations/results/ruler.md for what was")
+    cell = min(cells, key=lambda c: (abs(c["length"] - (tokens or 0)), c["length"]))
+    got, base = cell["methods"][press]["mean"], cell["methods"]["no_press"]["mean"]
+    vs = cell["vs_no_press"].get(press, {}).get("mean", {})
+    verdict = f", {vs['diff'] * 100:+.0f} points [{vs['lo'] * 100:+.0f}, {vs['hi'] * 100:+.0f}], {vs['verdict']}" if vs else ""
+    report = cell["file"].replace(".json", ".md")
+    return (f"offline RULER-style benchmark ({model}, {cell['length']} tokens): {press} x{factor:g} scored "
+            f"{got['mean'] * 100:.0f}% [{got['lo'] * 100:.0f}, {got['hi'] * 100:.0f}] vs {base['mean'] * 100:.0f}% "
+            f"with no press (n={got['n']} prompts{verdict}); see evaluations/results/{report}")

@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
     label = "no press" if p is None else f"{args.press} " + ", ".join(f"{k}={v}" for k, v in settings.items())
     done = "prefilled once (full cache, no press)" if p is None else "prefilled and compressed once"
     print(f"model {args.model} | {label} | torch threads {torch.get_num_threads()}")
-    note = None if p is None else benchmark_note(args.model, args.press, settings.get("ratio", 0.0))
+    note = None if p is None else benchmark_note(args.model, args.press, settings.get("ratio", 0.0), out["context_tokens"])
     if note:
         print(note)
     print(f"context: {out['context_tokens']} tokens, {done} in {out['prefill_seconds']:.2f} s, "

@@ -104,4 +104,9 @@ def test_benchmark_note_states_the_measured_cell_or_says_it_was_not_measured():
     from kvpress_like.cli.ask import DEFAULT_PRESS, DEFAULT_RATIO  # ask's default is a measured cell
 
     assert " scored " in benchmark_note("smollm2-135m", DEFAULT_PRESS, DEFAULT_RATIO)
+    # a 3.7k-token document is told the 4k cell, with the 4k report
+    long = benchmark_note("smollm2-135m", "qfilters", 0.875, tokens=3700)
+    assert long.startswith("offline RULER-style benchmark (smollm2-135m, 4096 tokens): qfilters x8 scored ")
+    assert long.endswith("see evaluations/results/ruler.4k.md") and long != note
+    assert benchmark_note("smollm2-135m", "qfilters", 0.875, tokens=1500) == note
     assert benchmark_note("some/other-model", "qfilters", 0.875) is None
