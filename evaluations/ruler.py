@@ -310,8 +310,13 @@ def merge(parts: list[dict]) -> dict:
     settings = dict(first, methods=methods, first_seed=spans[0][0], samples=end - spans[0][0], shard=None)
     return dict(settings=settings, rows=list(rows.values()), prefill_s=[x for p in parts for x in p["prefill_s"]],
                 model=parts[0]["model"], elapsed_s=sum(p["elapsed_s"] for p in parts),
-                merged_from=[dict(environment=p["environment"], methods=p["settings"]["methods"], elapsed_s=p["elapsed_s"],
-                                  prompts=len({(r["seed"], r["task"]) for r in p["rows"]})) for p in parts])
+                merged_from=[entry for p in parts for entry in _provenance(p)])
+
+
+def _provenance(part: dict) -> list[dict]:
+    """The runs behind ``part``: its own ``merged_from`` when it is itself a merge, so re-merging keeps every command."""
+    return part.get("merged_from") or [dict(environment=part["environment"], methods=part["settings"]["methods"],
+                                            elapsed_s=part["elapsed_s"], prompts=len({(r["seed"], r["task"]) for r in part["rows"]}))]
 
 
 # -- report -----------------------------------------------------------------------------------------------

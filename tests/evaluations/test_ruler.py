@@ -366,3 +366,6 @@ def test_merge_adds_presses_run_later_and_refuses_runs_that_disagree(tmp_path):
     assert legend == ["no press", "k (n=2/task)", "m"]  # a press on fewer seeds says so
     with pytest.raises(SystemExit, match="no run holds seeds 3..4"):
         ruler.merge([old, run("m", range(5, 7), lambda i: 1.0)])
+    again = ruler.merge([result, run("m", range(5, 7), lambda i: 1.0)])  # a merge merged again keeps every run
+    assert [e["prompts"] for e in again["merged_from"]] == [4, 4, 6, 4]
+    assert again["elapsed_s"] == 4 * 60.0 and again["settings"]["samples"] == 7
