@@ -5,7 +5,8 @@ environments and meet through files in ``--out``:
 
 1. main environment: ``kvpress-like bench kvpress --out /tmp/kvcmp`` writes the inputs (token ids, model
    folder, Q-Filters) and kvpress_like's measurements (``ours.json``), then says what to run next;
-2. kvpress environment (``python -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install kvpress``):
+2. kvpress environment (``python -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install kvpress==0.5.5
+   transformers==5.2.0``, the versions checked here):
    ``/tmp/kvpress-venv/bin/python evaluations/kvpress_compare.py --side kvpress --out /tmp/kvcmp`` runs
    kvpress's presses on the same inputs (``theirs.json``); this file then imports neither kvpress_like nor
    anything newer than kvpress allows;
@@ -59,7 +60,7 @@ PAIRS = {
 }
 MISSING = (
     "kvpress is not importable here. It pins transformers<5.3, so install it in its own environment:\n"
-    "  python -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install kvpress\n"
+    "  python -m venv /tmp/kvpress-venv && /tmp/kvpress-venv/bin/pip install kvpress==0.5.5 transformers==5.2.0\n"
     "then run its side on the inputs written by `kvpress-like bench kvpress --out DIR`:\n"
     "  /tmp/kvpress-venv/bin/python evaluations/kvpress_compare.py --side kvpress --out DIR"
 )
@@ -209,14 +210,15 @@ def _wanted(settings: dict) -> list[tuple[str, float]]:
 
 
 def write_prompts(out: Path, prompts: dict) -> None:
-    """``prompts.json`` for both sides; refuses other prompts over rows already answered (factors and methods
-    may change: rows of the same prompts are reused)."""
+    """``prompts.json`` for both sides; refuses other prompts over rows already answered. Factors and methods
+    may change and more seeds or tasks may be added: rows of the prompts kept are reused, so a run grows."""
     path = out / "prompts.json"
-    if path.exists():
+    if path.exists() and (out / "ours_accuracy.json").exists():
         old = json.loads(path.read_text())
-        same = ("model", "length", "prompts")
-        if any(old[k] != prompts[k] for k in same) and (out / "ours_accuracy.json").exists():
-            raise SystemExit(f"{out} holds answers to other prompts (model, length, tasks or seeds differ); use another --out")
+        new = {(p["seed"], p["task"]): p for p in prompts["prompts"]}
+        if any(old[k] != prompts[k] for k in ("model", "length")) or any(new.get((p["seed"], p["task"])) != p for p in old["prompts"]):
+            raise SystemExit(f"{out} holds answers to other prompts (model, length, tasks or seeds differ, or a prompt "
+                             "changed); use another --out")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prompts))
 
@@ -365,6 +367,7 @@ def run_theirs_accuracy(out: Path, separate_prefills: bool = False) -> list[dict
     path = out / "theirs_accuracy.json"
     rows = _load_rows(path)
     done = {_row_key(r) for r in rows}
+    spent = json.loads(path.read_text()).get("elapsed_s", 0.0) if path.exists() else 0.0  # a resumed run adds up
     load, began = os.getloadavg()[0], time.time()
 
     def answer(prompt, method, factor, cache, masks, prefill_s):
@@ -408,7 +411,7 @@ def run_theirs_accuracy(out: Path, separate_prefills: bool = False) -> list[dict
             cache, prefill_s = pressed_prefill(p, ids)
             answer(prompt, method, factor, cache, [getattr(m, "masked_key_indices", None) for m in attention], prefill_s)
         _save_rows(path, rows, kvpress=version("kvpress"), transformers=transformers.__version__, torch=torch.__version__,
-                   threads=torch.get_num_threads(), load_average_1min=load, elapsed_s=time.time() - began,
+                   threads=torch.get_num_threads(), load_average_1min=load, elapsed_s=spent + time.time() - began,
                    separate_prefills=separate_prefills)
         print(f"kvpress: seed {prompt['seed']} {prompt['task']} done ({(time.time() - began) / 60:.1f} min)", flush=True)
     return rows

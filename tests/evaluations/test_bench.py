@@ -170,6 +170,14 @@ def test_kvpress_accuracy_exchange_and_scoring_without_kvpress(tiny_model_dir, t
 
     with pytest.raises(SystemExit, match="other prompts"):  # answers on disk belong to these prompts
         kc.write_prompts(out, dict(prompts, length=512))
+    with pytest.raises(SystemExit, match="other prompts"):  # fewer seeds or tasks would orphan answered rows
+        kc.write_prompts(out, dict(prompts, prompts=prompts["prompts"][:1]))
+    changed = dict(prompts["prompts"][0], answers=["another"])
+    with pytest.raises(SystemExit, match="a prompt changed"):
+        kc.write_prompts(out, dict(prompts, prompts=[changed, *prompts["prompts"][1:]]))
+    more = dict(prompts, prompts=[*prompts["prompts"], dict(prompts["prompts"][0], seed=99)])
+    kc.write_prompts(out, more)  # another seed extends the run
+    assert json.loads((out / "prompts.json").read_text())["prompts"] == more["prompts"]
     try:
         import kvpress  # noqa: F401
     except ImportError:
