@@ -365,9 +365,9 @@ def run_theirs_accuracy(out: Path, separate_prefills: bool = False) -> list[dict
     filters = load_file(str(out / "filters.safetensors"))["q_filters"] if "qfilters" in settings["methods"] else None
     attention = [layer.self_attn for layer in model.model.layers]
     path = out / "theirs_accuracy.json"
-    rows = _load_rows(path)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    rows, spent = saved.get("rows", []), saved.get("elapsed_s", 0.0)  # a resumed run adds up its time
     done = {_row_key(r) for r in rows}
-    spent = json.loads(path.read_text()).get("elapsed_s", 0.0) if path.exists() else 0.0  # a resumed run adds up
     load, began = os.getloadavg()[0], time.time()
 
     def answer(prompt, method, factor, cache, masks, prefill_s):
